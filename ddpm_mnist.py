@@ -1,0 +1,465 @@
+"""DDPM on MNIST: train a noise-prediction UNet, sample with DDPM (Ho et al., 2020) and DDIM
+(Song et al., 2021).
+
+Forward process, closed form (t = 0..T-1 is an integer step; t = 0 is the first noising step):
+    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),  alpha_bar_t = prod_{s<=t} (1 - beta_s)
+Training (Algorithm 1): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, and
+    L = || eps - eps_theta(x_t, t) ||^2,  t ~ U{0..T-1}, eps ~ N(0, I)
+DDPM sampling (Algorithm 2), from x_T ~ N(0, I), for t = T-1..0:
+    x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) + sigma_t z
+    with sigma_t^2 = beta_t or the posterior variance (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t.
+DDIM sampling on a strided subsequence tau_1 > ... > tau_S of real timesteps:
+    x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)
+    x_prev = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z
+    sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)
+    and the last step lands on clean data: alpha_bar_prev = 1 after tau_S (no off-by-one).
+Images live in [-1, 1] inside the model.
+
+Run:
+    python ddpm_mnist.py                      # train (default epochs), then all figures
+    python ddpm_mnist.py --epochs 100 --schedule cosine
+    python ddpm_mnist.py --sample-only        # figures from runs/ddpm_mnist/ckpt.pt, no training
+    python ddpm_mnist.py --resume             # continue an interrupted run
+    python ddpm_mnist.py --dataset cifar10    # pixel-space CIFAR-10 with the wider UNet preset
+    python ddpm_mnist.py --dataset PATH       # your own images, PATH/<class>/<image>.png
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Config:
+    dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder"})
+    data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
+    download: bool = field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
+    image_size: int = field(default=0, metadata={"help": "image folders only: resize to this (0 = 32)"})
+    channels: int = field(default=3, metadata={"help": "image folders only: 1 (gray) or 3 (RGB)"})
+    preset: str = field(default="auto", metadata={"help": "UNet size", "choices": ["auto", "tiny", "mnist", "cifar"]})
+    schedule: str = field(default="linear", metadata={"choices": ["linear", "cosine", "sigmoid"]})
+    T: int = field(default=1000, metadata={"help": "number of diffusion steps"})
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 5e-4
+    warmup_steps: int = 500
+    ema_decay: float = 0.999
+    sigma: str = field(default="posterior", metadata={"help": "DDPM sigma_t^2", "choices": ["beta", "posterior"]})
+    ddim_steps: int = 50
+    eta: float = field(default=0.0, metadata={"help": "DDIM noise: 0 deterministic, 1 DDPM-like"})
+    n_samples: int = field(default=64, metadata={"help": "images per sample grid"})
+    sample_every: int = field(default=5, metadata={"help": "epochs between progress grids"})
+    out: str = "runs/ddpm_mnist"
+    ckpt: str = field(default="", metadata={"help": "checkpoint path (default OUT/ckpt.pt)"})
+    resume: bool = False
+    sample_only: bool = field(default=False, metadata={"help": "load --ckpt and make figures, no training"})
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
+
+
+# ----------------------------------------------------------------------------- network
+
+
+PRESETS = {  # base channels, channel multiplier per resolution level, residual blocks per level
+    "tiny": dict(base=16, mults=(1, 2), num_res=1),
+    "mnist": dict(base=64, mults=(1, 2, 2), num_res=2),    # 28 -> 14 -> 7
+    "cifar": dict(base=128, mults=(1, 2, 2, 2), num_res=2),  # 32 -> 16 -> 8 -> 4
+}
+
+
+def norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, c), c)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map, with a residual."""
+
+    def __init__(self, c: int, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(N, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)        # each (N, heads, HW, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)      # (N, heads, HW, C/heads)
+        return x + self.proj(h.transpose(-1, -2).reshape(N, C, H, W))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice; the time embedding, projected by a linear layer, is *added* to
+    the feature maps in between. Optional self-attention after the residual."""
+
+    def __init__(self, c_in: int, c_out: int, t_dim: int, dropout: float, attn: bool = False):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.t_proj = nn.Linear(t_dim, c_out)
+        self.norm2, self.drop, self.conv2 = norm(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.attn = SelfAttention(c_out) if attn else nn.Identity()
+
+    def forward(self, x, emb):                           # x (N, c_in, H, W), emb (N, t_dim)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.t_proj(emb)[:, :, None, None]       # time enters every block
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.attn(self.skip(x) + h)               # (N, c_out, H, W)
+
+
+class Level(nn.Module):
+    """One resolution of the UNet: residual blocks, then a resampling layer (or none)."""
+
+    def __init__(self, blocks: list[nn.Module], resample: nn.Module):
+        super().__init__()
+        self.blocks, self.resample = nn.ModuleList(blocks), resample
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t): encoder, bottleneck and decoder with skip connections; self-attention at
+    the lowest resolution. `encode`/`decode` are separate so ControlNet and DeepCache can reach in."""
+
+    def __init__(self, image_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, dropout=0.1):
+        super().__init__()
+        common.check(image_size % 2 ** (len(mults) - 1) == 0,
+                     f"image size {image_size} is not divisible by 2^{len(mults) - 1}; use fewer levels")
+        self.config = dict(image_size=image_size, channels=channels, base=base, mults=tuple(mults),
+                           num_res=num_res, dropout=dropout)
+        t_dim, last = 4 * base, len(mults) - 1
+        self.base = base
+        self.time_mlp = nn.Sequential(nn.Linear(base, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.inc = nn.Conv2d(channels, base, 3, padding=1)
+        self.downs, skip_c, c = nn.ModuleList(), [], base
+        for i, m in enumerate(mults):
+            blocks = []
+            for _ in range(num_res):
+                blocks.append(ResBlock(c, base * m, t_dim, dropout, attn=i == last))
+                c = base * m
+                skip_c.append(c)
+            down = nn.Conv2d(c, c, 3, stride=2, padding=1) if i < last else nn.Identity()
+            self.downs.append(Level(blocks, down))
+        self.mid = nn.ModuleList([ResBlock(c, c, t_dim, dropout, attn=True), ResBlock(c, c, t_dim, dropout)])
+        self.ups = nn.ModuleList()
+        for i, m in reversed(list(enumerate(mults))):
+            blocks = []
+            for _ in range(num_res):
+                blocks.append(ResBlock(c + skip_c.pop(), base * m, t_dim, dropout, attn=i == last))
+                c = base * m
+            up = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)) if i > 0 else nn.Identity()
+            self.ups.append(Level(blocks, up))
+        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)  # start by predicting eps = 0
+        nn.init.zeros_(self.out[-1].bias)
+
+    def embed_time(self, t):                             # t (N,) integer steps -> (N, t_dim)
+        return self.time_mlp(common.timestep_embedding(t, self.base))
+
+    def encode(self, x, emb):
+        """-> bottleneck features h and the list of skip activations, shallowest first."""
+        h, hs = self.inc(x), []
+        for level in self.downs:
+            for block in level.blocks:
+                h = block(h, emb)
+                hs.append(h)
+            h = level.resample(h)
+        for block in self.mid:
+            h = block(h, emb)
+        return h, hs
+
+    def decode(self, h, hs, emb):
+        hs = list(hs)
+        for level in self.ups:
+            for block in level.blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            h = level.resample(h)
+        return self.out(h)
+
+    def forward(self, x, t):                             # x (N, C, H, W), t (N,) -> eps (N, C, H, W)
+        emb = self.embed_time(t)
+        return self.decode(*self.encode(x, emb), emb)
+
+
+def build_unet(cfg: Config, image_size: int, channels: int) -> UNet:
+    preset = cfg.preset
+    if preset == "auto":
+        preset = "cifar" if (image_size, channels) == (32, 3) else "mnist"
+    return UNet(image_size, channels, **PRESETS[preset])
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+class DDPM(nn.Module):
+    """The diffusion process: schedule buffers named after the paper's symbols, the training loss,
+    and the two samplers. Samplers take the noise predictor `model(x_t, t)` as an argument."""
+
+    def __init__(self, T: int = 1000, schedule: str = "linear"):
+        super().__init__()
+        self.T = T
+        beta = common.make_beta_schedule(schedule, T)                    # beta_t, float64
+        alpha = 1 - beta                                                 # alpha_t = 1 - beta_t
+        alpha_bar = torch.cumprod(alpha, 0)                              # alpha_bar_t = prod_{s<=t} alpha_s
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=beta.dtype), alpha_bar[:-1]])
+        posterior_var = beta * (1 - alpha_bar_prev) / (1 - alpha_bar)    # beta~_t, q(x_{t-1} | x_t, x_0)
+        for name, v in dict(beta=beta, alpha=alpha, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+                            posterior_var=posterior_var).items():
+            self.register_buffer(name, v.float())
+
+    @staticmethod
+    def _bc(v, t):  # gather v[t] and broadcast over (C, H, W)
+        return v[t][:, None, None, None]
+
+    def q_sample(self, x0, t, eps):
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps"""
+        ab = self._bc(self.alpha_bar, t)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    def loss(self, model, x0):
+        """Simple DDPM loss: MSE between the true and the predicted noise at a random step."""
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        return F.mse_loss(model(self.q_sample(x0, t, eps), t).float(), eps)
+
+    def _noise(self, shape, generator, device):
+        return torch.randn(shape, generator=generator, device=device)
+
+    @torch.no_grad()
+    def ddpm_sample(self, model, shape, sigma="posterior", x_T=None, generator=None):
+        """Ancestral sampling through all T steps (Algorithm 2)."""
+        device = self.beta.device
+        x = x_T if x_T is not None else self._noise(shape, generator, device)
+        var = self.beta if sigma == "beta" else self.posterior_var
+        for i in reversed(range(self.T)):
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            eps = model(x, t).float()
+            mean = (x - self.beta[i] / (1 - self.alpha_bar[i]).sqrt() * eps) / self.alpha[i].sqrt()
+            x = mean + var[i].sqrt() * self._noise(shape, generator, device) if i > 0 else mean
+        return x
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """S real, strided, descending timesteps from T-1 down to (about) 0."""
+        common.check(1 <= steps <= self.T, f"DDIM steps must be in 1..{self.T}, got {steps}")
+        return torch.linspace(self.T - 1, 0, steps).round().long().tolist()
+
+    @torch.no_grad()
+    def ddim_sample(self, model, shape, steps=50, eta=0.0, x_T=None, generator=None):
+        """DDIM: deterministic for eta = 0; the last step goes to alpha_bar_prev = 1 (clean data)."""
+        common.check(eta >= 0, f"--eta must be >= 0, got {eta}")
+        device = self.beta.device
+        x = x_T if x_T is not None else self._noise(shape, generator, device)
+        taus = self.ddim_timesteps(steps)
+        for i, tau in enumerate(taus):
+            ab = self.alpha_bar[tau]
+            ab_prev = self.alpha_bar[taus[i + 1]] if i + 1 < len(taus) else torch.ones_like(ab)
+            eps = model(x, torch.full((shape[0],), tau, device=device, dtype=torch.long)).float()
+            x0_hat = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+            sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+            x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+            if eta > 0 and i + 1 < len(taus):
+                x = x + sigma * self._noise(shape, generator, device)
+        return x
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def load_data(cfg: Config, device, train: bool = True):
+    return common.load_images(cfg.dataset, cfg.data_dir, train=train, download=cfg.download,
+                              image_size=cfg.image_size or None, channels=cfg.channels, device=device)
+
+
+def train(cfg: Config, device) -> tuple[UNet, DDPM]:
+    """Flat training loop: AdamW with warm-up, EMA, one atomic checkpoint per epoch."""
+    ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    x_train, y_train = load_data(cfg, device)
+    model = build_unet(cfg, x_train.shape[-1], x_train.shape[1]).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ddpm = DDPM(cfg.T, cfg.schedule).to(device)
+    ema = common.make_ema(model, cfg.ema_decay)
+    opt = common.make_optimizer(model, cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    step, start_epoch, losses = 0, 0, []
+    if cfg.resume:
+        state = common.load_checkpoint(ckpt, device, hint="there is nothing to resume; drop --resume")
+        common.load_weights(model, state["model"], ckpt)
+        ema.module.load_state_dict(state["ema"])
+        ema.n_averaged.fill_(state["step"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, start_epoch, losses = state["step"], state["epoch"], state["losses"]
+        print(f"resumed from {ckpt} at epoch {start_epoch}, step {step}")
+    net = torch.compile(model) if cfg.compile else model
+    print(f"UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(x_train)} training images on {device}")
+    gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0, epoch_losses = time.perf_counter(), []
+        for x0, _ in common.batches(x_train, y_train, cfg.batch_size, generator=gen):
+            with common.autocast(device, cfg.amp):
+                loss = ddpm.loss(net, x0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            ema.update_parameters(model)
+            epoch_losses.append(loss.detach())
+            step += 1
+        mean_loss = torch.stack(epoch_losses).mean()
+        common.check_finite(mean_loss, step, ckpt)      # before saving: the last good one stays
+        common.sync(device)
+        seconds = time.perf_counter() - t0
+        losses += torch.stack(epoch_losses).tolist()
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean_loss.item():.4f}  {seconds:.1f}s  "
+              f"{len(epoch_losses) * cfg.batch_size / seconds:.0f} img/s")
+        common.save_checkpoint(ckpt, model=model.state_dict(), ema=ema.module.state_dict(),
+                               opt=opt.state_dict(), sched=sched.state_dict(), step=step,
+                               epoch=epoch + 1, losses=losses, config=asdict(cfg),
+                               unet=model.config)
+        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
+            x = ddpm.ddim_sample(ema.module.eval(), (cfg.n_samples, *x_train.shape[1:]), cfg.ddim_steps,
+                                 generator=torch.Generator(device).manual_seed(cfg.seed))
+            common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
+            common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
+    return ema.module.eval(), ddpm
+
+
+def load_trained(path: str, device) -> tuple[UNet, DDPM, dict]:
+    """The EMA network and diffusion process of a checkpoint written by `train` (for sampling,
+    and for the scripts that build on this one)."""
+    state = common.load_checkpoint(path, device, hint="train with `python ddpm_mnist.py` first, or pass --ckpt")
+    common.check("unet" in state and "ema" in state, f"'{path}' is not a ddpm_mnist.py checkpoint")
+    model = UNet(**state["unet"]).to(device)
+    common.load_weights(model, state["ema"], path)
+    cfg = state["config"]
+    return model.eval(), DDPM(cfg["T"], cfg["schedule"]).to(device), state
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+@torch.no_grad()
+def test_loss_per_timestep(model, ddpm: DDPM, x_test, bins: int = 20, max_images: int = 2000, seed: int = 0):
+    """Test loss with one random t per image, averaged overall and within `bins` bins of t."""
+    g = torch.Generator(x_test.device).manual_seed(seed)
+    x0 = x_test[:max_images]
+    t = torch.randint(0, ddpm.T, (len(x0),), device=x0.device, generator=g)
+    eps = torch.randn(x0.shape, device=x0.device, generator=g)
+    per_image = torch.cat([((model(ddpm.q_sample(a, b, c), b).float() - c) ** 2).flatten(1).mean(1)
+                           for a, b, c in zip(x0.split(256), t.split(256), eps.split(256))])
+    idx = (t * bins // ddpm.T)
+    curve = [((i + 0.5) * ddpm.T / bins, per_image[idx == i].mean().item()) for i in range(bins) if (idx == i).any()]
+    return per_image.mean().item(), curve
+
+
+def slerp(z0, z1, alpha):
+    """Spherical interpolation: keeps interpolated Gaussian noise at the norm the model expects."""
+    omega = torch.acos((z0.flatten() @ z1.flatten() / (z0.norm() * z1.norm())).clamp(-1, 1))
+    return (torch.sin((1 - alpha) * omega) * z0 + torch.sin(alpha * omega) * z1) / torch.sin(omega)
+
+
+def make_figures(cfg: Config, model, ddpm: DDPM, device, shape) -> None:
+    """DDPM and DDIM grids, loss per timestep, noise interpolation and the DDIM step sweep."""
+    out, n = cfg.out, cfg.n_samples
+    gen = lambda: torch.Generator(device).manual_seed(cfg.seed)  # noqa: E731 (same noise for every figure)
+    x_T = torch.randn((n, *shape), device=device, generator=gen())
+    x_test, _ = load_data(cfg, device, train=False)
+    test_loss, per_t = test_loss_per_timestep(model, ddpm, x_test, seed=cfg.seed)
+    print(f"test loss {test_loss:.4f} ({min(len(x_test), 2000)} test images)")
+    common.plot_curves(os.path.join(out, "loss_per_timestep.png"), {"test loss": per_t}, xlabel="t",
+                       title=f"test loss per timestep (mean {test_loss:.4f})")
+
+    x = ddpm.ddpm_sample(model, x_T.shape, cfg.sigma, x_T=x_T, generator=gen())
+    common.save_grid(x[:16], os.path.join(out, "ddpm_4x4.png"), nrow=4)
+    common.save_grid(x, os.path.join(out, "ddpm_8x8.png"), nrow=8)
+    x = ddpm.ddim_sample(model, x_T.shape, cfg.ddim_steps, cfg.eta, x_T=x_T, generator=gen())
+    common.save_grid(x[:16], os.path.join(out, f"ddim{cfg.ddim_steps}_4x4.png"), nrow=4)
+    common.save_grid(x, os.path.join(out, f"ddim{cfg.ddim_steps}_8x8.png"), nrow=8)
+
+    alphas = torch.linspace(0, 1, 10, device=device)
+    z = torch.stack([slerp(x_T[0], x_T[1], a) for a in alphas])
+    x = ddpm.ddim_sample(model, z.shape, cfg.ddim_steps, x_T=z)
+    common.save_grid(x, os.path.join(out, "interpolation.png"), nrow=10)
+
+    rows, times = [], []
+    for steps in sorted({s for s in (10, 20, 50, 100, 1000) if s <= ddpm.T} | {ddpm.T}):
+        common.sync(device)
+        t0 = time.perf_counter()
+        x = ddpm.ddim_sample(model, x_T.shape, steps, x_T=x_T)
+        common.sync(device)
+        times.append((steps, time.perf_counter() - t0))
+        rows.append(x[:8])
+        print(f"DDIM {steps:4d} steps: {times[-1][1]:.2f}s per batch of {n}")
+    common.save_grid(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), nrow=8)
+    common.plot_curves(os.path.join(out, "ddim_sweep_time.png"), {f"batch of {n}": times},
+                       xlabel="DDIM steps", ylabel="seconds per batch", title="DDIM: steps vs wall time")
+
+
+def main(argv=None) -> None:
+    cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    common.check(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
+    common.check(cfg.T >= 1 and 1 <= cfg.ddim_steps <= cfg.T, f"--ddim-steps must be in 1..--T ({cfg.T}), got {cfg.ddim_steps}")
+    common.check(cfg.eta >= 0, f"--eta must be >= 0, got {cfg.eta}")
+    common.check(cfg.n_samples >= 2, f"--n-samples must be >= 2, got {cfg.n_samples}")
+    common.seed_everything(cfg.seed)
+    device = common.get_device(cfg.device)
+    common.setup_speed(device)
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.sample_only:
+        model, ddpm, _ = load_trained(cfg.ckpt or os.path.join(cfg.out, "ckpt.pt"), device)
+    else:
+        model, ddpm = train(cfg, device)
+    c = model.config
+    make_figures(cfg, model, ddpm, device, (c["channels"], c["image_size"], c["image_size"]))
+    print(f"figures in {cfg.out}/")
+
+
+# ----------------------------------------------------------------------------- assignment interface
+
+
+class DiffusionModel(UNet):
+    """The network, as course assignments name it: model(x, t) -> eps, x's shape, t in [0, 1000)."""
+
+    def __init__(self, image_size: int = 28, channels: int = 1, preset: str = "mnist"):
+        super().__init__(image_size, channels, **PRESETS[preset])
+
+
+class DiffusionProcess:
+    """The process, as course assignments name it: add_noise(x, t) -> (x_t, eps); train_step(x) -> loss."""
+
+    def __init__(self, image_size=28, channels=1, noise_steps=1000, schedule="linear", model=None, lr=2e-4):
+        self.model = model if model is not None else DiffusionModel(image_size, channels)
+        device = next(self.model.parameters()).device
+        self.ddpm = DDPM(noise_steps, schedule).to(device)
+        self.opt = common.make_optimizer(self.model, lr)
+
+    def add_noise(self, x, t):
+        eps = torch.randn_like(x)
+        return self.ddpm.q_sample(x, t, eps), eps
+
+    def train_step(self, x) -> float:
+        loss = self.ddpm.loss(self.model, x)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def sample(self, n: int, steps: int | None = None):
+        shape = (n, self.model.config["channels"], self.model.config["image_size"], self.model.config["image_size"])
+        if steps is None:
+            return self.ddpm.ddpm_sample(self.model.eval(), shape)
+        return self.ddpm.ddim_sample(self.model.eval(), shape, steps)
+
+
+if __name__ == "__main__":
+    main()
