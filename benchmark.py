@@ -1,0 +1,105 @@
+"""Speed of ddpm_mnist.py's UNet: training images/s and sampling time, measured the careful way.
+
+Every timing synchronises the GPU before reading the clock, runs warm-up iterations first (cuDNN
+autotuning, torch.compile) and reports the median of repeated runs. Inputs are random tensors of
+the training shape, so no dataset is needed; the numbers are the model's, not the data loader's
+(ddpm_mnist.py keeps the dataset on the GPU, so there is no loader to wait for).
+
+Run:  python benchmark.py                       # MNIST preset, bf16 autocast + channels_last on CUDA
+      python benchmark.py --compile             # with torch.compile
+      python benchmark.py --preset cifar --image-size 32 --channels 3
+Goal on one H100 (issue 2): an MNIST epoch (60,000 images) of the default UNet in at most 3 s.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import common
+import ddpm_mnist
+
+
+@dataclass
+class Config:
+    preset: str = field(default="mnist", metadata={"choices": list(ddpm_mnist.PRESETS)})
+    image_size: int = 28
+    channels: int = 1
+    batch_size: int = field(default=128, metadata={"help": "training batch"})
+    train_steps: int = field(default=50, metadata={"help": "timed training steps per repeat"})
+    sample_batch: int = field(default=64, metadata={"help": "images per sampling batch"})
+    ddim_steps: int = 50
+    T: int = 1000
+    warmup: int = 10
+    repeats: int = 3
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` runs, with the device synchronised around each."""
+    times = []
+    for _ in range(repeats):
+        common.sync(device)
+        t0 = time.perf_counter()
+        fn()
+        common.sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    device = common.get_device(cfg.device)
+    common.setup_speed(device)
+    torch.manual_seed(0)
+    model = ddpm_mnist.UNet(cfg.image_size, cfg.channels, **ddpm_mnist.PRESETS[cfg.preset]).to(device)
+    fmt = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    net = torch.compile(model) if cfg.compile else model
+    ddpm = ddpm_mnist.DDPM(cfg.T).to(device)
+    opt = common.make_optimizer(model, 1e-4)
+    x0 = torch.randn(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, device=device).clamp(-1, 1)
+    x0 = x0.contiguous(memory_format=fmt)
+
+    def train_steps(n):
+        for _ in range(n):
+            with common.autocast(device, cfg.amp):
+                loss = ddpm.loss(net, x0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    train_steps(cfg.warmup)
+    sec = timed(lambda: train_steps(cfg.train_steps), device, cfg.repeats)
+    ips = cfg.train_steps * cfg.batch_size / sec
+
+    model.eval()
+    def eps(x, t):
+        with common.autocast(device, cfg.amp):
+            return net(x, t)
+    shape = (cfg.sample_batch, cfg.channels, cfg.image_size, cfg.image_size)
+    ddpm.ddim_sample(eps, shape, 5)  # warm-up of the sampling shapes
+    ddim = timed(lambda: ddpm.ddim_sample(eps, shape, cfg.ddim_steps), device, cfg.repeats)
+    ddpm_sec = timed(lambda: ddpm.ddpm_sample(eps, shape), device, max(1, cfg.repeats // 2))
+
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {name}, torch {torch.__version__}, UNet '{cfg.preset}' {params:.2f}M params, "
+          f"amp={cfg.amp and device.type == 'cuda'} channels_last={fmt == torch.channels_last} compile={cfg.compile}")
+    print(f"{'what':34s} {'value':>12s}")
+    rows = {f"train images/s (batch {cfg.batch_size})": f"{ips:,.0f}",
+            "60,000-image epoch (s)": f"{60000 / ips:.2f}",
+            f"DDIM-{cfg.ddim_steps} sampling, batch {cfg.sample_batch} (s)": f"{ddim:.3f}",
+            f"DDPM-{cfg.T} sampling, batch {cfg.sample_batch} (s)": f"{ddpm_sec:.3f}"}
+    for k, v in rows.items():
+        print(f"{k:34s} {v:>12s}")
+    return {"images_per_s": ips, "ddim_s": ddim, "ddpm_s": ddpm_sec}
+
+
+if __name__ == "__main__":
+    main()
