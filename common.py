@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import math
 import os
 import random
@@ -38,14 +39,21 @@ def check(ok: bool, msg: str) -> None:
         die(msg)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag or value (`--w abc`) is one line, not a usage block."""
+
+    def error(self, message):
+        die(f"{message} (see --help)")
+
+
 def parse_config(cls, argv=None, description: str | None = None):
     """Build an argparse parser from a config dataclass and return a filled-in instance.
 
     Each field becomes `--field-name`; its default is the dataclass default, its help text is
     `field(metadata={"help": ...})`, and `metadata={"choices": [...]}` restricts the values.
+    `metadata={"positional": True}` makes a field a positional argument instead (`cmd VALUE`).
     """
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -63,7 +71,10 @@ def parse_config(cls, argv=None, description: str | None = None):
             kw["type"] = next(a for a in args if a is not type(None))
         else:
             kw["type"] = typ
-        parser.add_argument(flag, **kw)
+        if f.metadata.get("positional"):  # e.g. `evaluate.py SAMPLES.pt`: optional, default kept
+            parser.add_argument(f.name, nargs="?", **kw)
+        else:
+            parser.add_argument(flag, **kw)
     ns = parser.parse_args(argv)
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(ns).items()}
     return cls(**values)
@@ -128,7 +139,7 @@ def make_beta_schedule(name: str, T: int) -> torch.Tensor:
              (Jabri et al., 2022): slow at both ends, fast in the middle.
     """
     scale = 1000 / T
-    lo, hi = scale * 1e-4, scale * 0.02
+    lo, hi = scale * 1e-4, min(scale * 0.02, 0.999)  # T <= 20 would reach beta = 1: alpha_bar_T = 0
     if name == "linear":
         return torch.linspace(lo, hi, T, dtype=torch.float64)
     if name == "cosine":
@@ -151,6 +162,19 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def clip_x0(eps_fn, alpha_bar: torch.Tensor):
+    """Wrap a noise predictor eps_fn(x_t, t) so that the clean image it implies,
+        x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t),
+    is clipped to the data range [-1, 1] and eps recomputed from it. DDPM and DDIM steps are
+    functions of x0_hat, so they stop aiming outside the data (guided and undertrained models
+    overshoot: "clip_denoised" in Dhariwal & Nichol's code). alpha_bar: (T,), t: (N,) integer steps."""
+    def eps(x_t, t):
+        ab = alpha_bar[t].view(-1, *([1] * (x_t.dim() - 1)))
+        x0_hat = ((x_t - (1 - ab).sqrt() * eps_fn(x_t, t).float()) / ab.sqrt()).clamp(-1, 1)
+        return (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+    return eps
 
 
 # ----------------------------------------------------------------------------- data
@@ -229,6 +253,66 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = T
         yield x[j], y[j]
 
 
+# ----------------------------------------------------------------------------- distributed (torchrun)
+
+
+def init_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
+    """-> (rank, world_size, device). Under `torchrun --nproc_per_node=N` (which sets RANK,
+    LOCAL_RANK and WORLD_SIZE) join the process group: NCCL with one GPU per process, gloo on CPU.
+    Started plainly it is (0, 1, get_device(device_name)) and no process group is made. The 30-min
+    timeout lets the other ranks wait at a barrier while rank 0 does one-off work (e.g. a VAE)."""
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), get_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        check(local_rank < torch.cuda.device_count(), f"--nproc_per_node is {world} but only "
+              f"{torch.cuda.device_count()} GPUs are visible; start one process per GPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(minutes=30))
+    return rank, world, device
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (if any), so torchrun's processes exit cleanly."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only (always, without a process group): one log per torchrun job."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def shard_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, epoch: int, seed: int = 0,
+                  rank: int = 0, world: int = 1):
+    """`batches` for one rank of `world`: a DistributedSampler shuffles the indices identically on
+    every rank (seed + epoch) and hands each rank a disjoint 1/world of them; `batch_size` is per
+    rank, and the tensors stay on the device. With world = 1 it is one shuffled pass over the data."""
+    sampler = torch.utils.data.DistributedSampler(range(len(x)), num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    idx = torch.tensor(list(sampler), device=x.device)     # this rank's indices: one copy per epoch
+    batch_size = max(1, min(batch_size, len(idx)))
+    for i in range(0, len(idx) - batch_size + 1, batch_size):  # drops the last incomplete batch
+        j = idx[i:i + batch_size]
+        yield x[j], y[j]
+
+
+def replicas_in_sync(model: torch.nn.Module) -> bool:
+    """True when every rank holds exactly rank 0's parameters, as DistributedDataParallel promises
+    (it all-reduces the gradients, so identical starts and identical steps stay identical)."""
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    ref = flat.clone()
+    torch.distributed.broadcast(ref, src=0)
+    same = torch.tensor(float(torch.equal(flat, ref)), device=flat.device)
+    torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
+    return bool(same.item())
+
+
 # ----------------------------------------------------------------------------- EMA
 
 
@@ -280,11 +364,87 @@ def load_weights(model: torch.nn.Module, state_dict: dict, path: str) -> None:
             "sample with the settings it was trained with, or train a new one")
 
 
+def checkpoint_or_train(path: str, default: str, train_fn, what: str = "base model") -> str:
+    """The checkpoint that a script builds on. A `path` given on the command line must exist
+    (one-line error otherwise); with none given, `default` is used, and `train_fn()` writes it
+    first when it is missing."""
+    if path:
+        check(os.path.isfile(path), f"{what} checkpoint '{path}' not found; train it first, "
+              "or leave the flag out to use (and, when missing, train) the default one")
+        return path
+    if not os.path.isfile(default):
+        print(f"no {what} at '{default}': training it first")
+        train_fn()
+    return default
+
+
 def check_finite(loss: torch.Tensor, step: int, ckpt: str) -> None:
     """Stop training with a message on a NaN/inf loss; the last good checkpoint stays on disk."""
     if not torch.isfinite(loss):
         die(f"loss became {loss.item()} at step {step}; lower --lr and restart "
             f"(the last good checkpoint is '{ckpt}', use --resume)")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def fit(model: torch.nn.Module, loss_fn, batches_fn, *, epochs: int, ckpt: str,
+        device: torch.device, lr: float, warmup_steps: int = 0, ema_decay: float = 0.0,
+        resume: bool = False, amp: bool = True, compile: bool = False, on_epoch=None, **extra):
+    """The flat training loop that scripts share when their lesson is not the loop itself.
+
+    AdamW with a linear warm-up, EMA when ema_decay > 0, bf16 autocast on CUDA, a NaN guard, the
+    epoch time and throughput printed, and one atomic checkpoint per epoch,
+    `{model, ema, opt, sched, step, epoch, losses, **extra}` (`ema` = the weights to sample with).
+    loss_fn(net, batch) -> scalar loss; batches_fn(epoch) -> iterable of tuples whose first entry
+    is a batch of N examples; on_epoch(epoch, net) runs after each save (progress figures).
+    resume: continue from `ckpt` (a finished run just returns its model).
+    Returns the network to sample with (the EMA copy, in eval mode) and the per-step losses.
+    """
+    import time
+
+    ema = make_ema(model, ema_decay) if ema_decay > 0 else None
+    final = ema.module if ema is not None else model
+    opt = make_optimizer(model, lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+    step, start, losses = 0, 0, []
+    if resume:
+        state = load_checkpoint(ckpt, device, hint="there is nothing to resume; drop --resume")
+        load_weights(model, state["model"], ckpt)
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+            ema.n_averaged.fill_(state["step"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, start, losses = state["step"], state["epoch"], state["losses"]
+        print(f"resumed from {ckpt} at epoch {start}, step {step}")
+    net = torch.compile(model) if compile else model
+    for epoch in range(start, epochs):
+        model.train()
+        t0, epoch_losses, n = time.perf_counter(), [], 0
+        for batch in batches_fn(epoch):
+            with autocast(device, amp):
+                loss = loss_fn(net, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            epoch_losses.append(loss.detach())
+            n, step = n + len(batch[0]), step + 1
+        mean_loss = torch.stack(epoch_losses).mean()
+        check_finite(mean_loss, step, ckpt)  # before saving: the last good checkpoint stays
+        sync(device)
+        seconds = time.perf_counter() - t0
+        losses += torch.stack(epoch_losses).tolist()
+        print(f"epoch {epoch + 1:3d}/{epochs}  loss {mean_loss.item():.4f}  {seconds:.1f}s  "
+              f"{n / seconds:.0f} img/s")
+        save_checkpoint(ckpt, model=model.state_dict(), ema=final.state_dict(), opt=opt.state_dict(),
+                        sched=sched.state_dict(), step=step, epoch=epoch + 1, losses=losses, **extra)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, final.eval())
+    return final.eval(), losses
 
 
 # ----------------------------------------------------------------------------- figures
@@ -333,3 +493,23 @@ def smooth(values: list[float], k: int = 50) -> list[tuple[int, float]]:
         return list(enumerate(values))
     v = np.convolve(np.asarray(values, dtype=np.float64), np.ones(k) / k, mode="valid")
     return list(zip(range(k - 1, len(values)), v.tolist()))
+
+
+def within_class_diversity(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean pairwise L2 distance between images of the same class, averaged over the classes that
+    have at least two images: a diversity number that needs no classifier (it falls when guidance
+    pulls every sample of a class onto the same few typical images). x (N, C, H, W), y (N,)."""
+    d = [torch.pdist(x[y == k].flatten(1).float()).mean() for k in y.unique() if (y == k).sum() > 1]
+    check(len(d) > 0, "diversity needs at least two images of one class")
+    return torch.stack(d).mean().item()
+
+
+def write_table(path: str, header: list[str], rows: list[list]) -> str:
+    """Write rows as a markdown table (floats with 3 decimals) to `path` and return its text."""
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)

@@ -12,7 +12,7 @@ import common
 import ddpm_mnist
 import toy_2d
 
-TINY = ["--preset", "tiny", "--T", "50", "--batch-size", "16", "--n-samples", "4", "--ddim-steps", "10",
+TINY = ["--preset", "tiny", "--T", "20", "--batch-size", "16", "--n-samples", "4", "--ddim-steps", "10",
         "--device", "cpu", "--no-download"]
 
 
@@ -69,7 +69,7 @@ def test_nan_loss_stops_training_without_writing_a_checkpoint(mnist_dir, tmp_pat
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--data-dir", "/nonexistent"], "could not be downloaded"),
     (["--epochs", "0"], "--epochs must be >= 1"),
-    (["--ddim-steps", "51"], "--ddim-steps must be in 1..--T"),
+    (["--ddim-steps", "21"], "--ddim-steps must be in 1..--T"),
     (["--eta", "-1"], "--eta must be >= 0"),
     (["--sample-only", "--ckpt", "/nonexistent/ckpt.pt"], "not found"),
 ])
