@@ -19,6 +19,7 @@ Run:
     python ddpm_mnist.py                      # train (default epochs), then all figures
     python ddpm_mnist.py --epochs 100 --schedule cosine
     python ddpm_mnist.py --sample-only        # figures from runs/ddpm_mnist/ckpt.pt, no training
+    python ddpm_mnist.py --sample-only --eval 10000   # + FD-LeNet of DDPM and the DDIM sweep (evaluate.py)
     python ddpm_mnist.py --resume             # continue an interrupted run
     python ddpm_mnist.py --dataset cifar10    # pixel-space CIFAR-10 with the wider UNet preset
     python ddpm_mnist.py --dataset PATH       # your own images, PATH/<class>/<image>.png
@@ -57,6 +58,8 @@ class Config:
     eta: float = field(default=0.0, metadata={"help": "DDIM noise: 0 deterministic, 1 DDPM-like"})
     n_samples: int = field(default=64, metadata={"help": "images per sample grid"})
     sample_every: int = field(default=5, metadata={"help": "epochs between progress grids"})
+    eval: int = field(default=0, metadata={"help": "score N samples from DDPM and from each DDIM sweep step "
+                      "count with evaluate.py into OUT/eval.md; 0 = off; costs N x (T + sweep steps) UNet calls"})
     out: str = "runs/ddpm_mnist"
     ckpt: str = field(default="", metadata={"help": "checkpoint path (default OUT/ckpt.pt)"})
     resume: bool = False
@@ -391,8 +394,8 @@ def make_figures(cfg: Config, model, ddpm: DDPM, device, shape) -> None:
     x = ddpm.ddim_sample(model, z.shape, cfg.ddim_steps, x_T=z)
     common.save_grid(x, os.path.join(out, "interpolation.png"), nrow=10)
 
-    rows, times = [], []
-    for steps in sorted({s for s in (10, 20, 50, 100, 1000) if s <= ddpm.T} | {ddpm.T}):
+    rows, times, sweep = [], [], sorted({s for s in (10, 20, 50, 100, 1000) if s <= ddpm.T} | {ddpm.T})
+    for steps in sweep:
         common.sync(device)
         t0 = time.perf_counter()
         x = ddpm.ddim_sample(model, x_T.shape, steps, x_T=x_T)
@@ -403,6 +406,14 @@ def make_figures(cfg: Config, model, ddpm: DDPM, device, shape) -> None:
     common.save_grid(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), nrow=8)
     common.plot_curves(os.path.join(out, "ddim_sweep_time.png"), {f"batch of {n}": times},
                        xlabel="DDIM steps", ylabel="seconds per batch", title="DDIM: steps vs wall time")
+    if cfg.eval:  # opt-in: the same sweep, measured (FD in a cached classifier's features, see evaluate.py)
+        import evaluate
+        ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device,
+                                image_size=cfg.image_size or None, channels=cfg.channels)
+        samplers = {("DDPM", ddpm.T): lambda z, g: ddpm.ddpm_sample(model, z.shape, cfg.sigma, x_T=z, generator=g)}
+        samplers |= {("DDIM", s): lambda z, g, s=s: ddpm.ddim_sample(model, z.shape, s, cfg.eta, x_T=z, generator=g)
+                     for s in sweep}
+        evaluate.score_sweep(ev, samplers, cfg.eval, shape, device, os.path.join(out, "eval.md"), cfg.seed, amp=cfg.amp)
 
 
 def main(argv=None) -> None:
@@ -411,6 +422,7 @@ def main(argv=None) -> None:
     common.check(cfg.T >= 1 and 1 <= cfg.ddim_steps <= cfg.T, f"--ddim-steps must be in 1..--T ({cfg.T}), got {cfg.ddim_steps}")
     common.check(cfg.eta >= 0, f"--eta must be >= 0, got {cfg.eta}")
     common.check(cfg.n_samples >= 2, f"--n-samples must be >= 2, got {cfg.n_samples}")
+    common.check(cfg.eval == 0 or cfg.eval >= 2, f"--eval must be 0 (off) or >= 2 samples, got {cfg.eval}")
     common.seed_everything(cfg.seed)
     device = common.get_device(cfg.device)
     common.setup_speed(device)

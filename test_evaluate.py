@@ -1,0 +1,118 @@
+"""Tests of evaluate.py on tiny data: the Frechet distance behaves like a distance, the classifier
+is trained once and then reused, the command line works and fails in one line, and
+`ddpm_mnist.py --eval N` writes its table."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import evaluate
+
+
+@pytest.fixture(scope="module")
+def ev(mnist_dir, tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("fd_cache"))
+    return evaluate.Evaluator("mnist", mnist_dir, download=False, cache_dir=cache, classifier_epochs=3)
+
+
+@pytest.fixture(scope="module")
+def real_train(mnist_dir):
+    import common
+
+    return common.load_images("mnist", mnist_dir, train=True, download=False)  # disjoint from the test split
+
+
+def test_distance_of_a_set_to_itself_is_zero(ev):
+    scale = ev.fd(torch.zeros_like(ev.x_test).uniform_(-1, 1))   # noise: a clearly bad set
+    assert abs(ev.fd(ev.x_test)) < 1e-6 * scale
+    assert ev.name == "FD-LeNet" and ev.shape == (1, 28, 28)
+
+
+def test_shifted_and_blurred_sets_score_worse_than_real(ev, real_train):
+    x, _ = real_train
+    real = ev.fd(x)
+    assert ev.fd(evaluate.blur(x, 1.5)) > real
+    assert ev.fd(torch.roll(x, shifts=(5, 5), dims=(2, 3))) > real
+    cal = ev.calibration()
+    assert set(cal) == {"real halves", "train vs test", "blurred (sigma 1 px)"}
+    assert cal["real halves"] < cal["blurred (sigma 1 px)"]
+
+
+def test_distance_is_symmetric(ev, real_train):
+    x, _ = real_train
+    a, b = x[:40], evaluate.blur(x[20:])
+    ab, ba = ev.fd_between(a, b), ev.fd_between(b, a)
+    assert ab > 0 and abs(ab - ba) < 1e-4 * ab
+
+
+def test_accuracy_and_histogram(ev, real_train):
+    x, y = real_train
+    hist = ev.histogram(x)
+    assert len(hist) == 10 and sum(hist) == len(x)
+    assert 0.0 <= ev.accuracy(x, y) <= 1.0
+    with pytest.raises(SystemExit, match="one label per image"):
+        ev.accuracy(x, y[:3])
+
+
+def test_cached_classifier_is_reused(ev, mnist_dir, monkeypatch):
+    mtime = os.path.getmtime(ev.path)
+    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: pytest.fail("retrained"))
+    again = evaluate.Evaluator("mnist", mnist_dir, download=False, cache_dir=os.path.dirname(ev.path))
+    assert os.path.getmtime(ev.path) == mtime
+    assert again.fd(ev.x_test[:16]) == pytest.approx(ev.fd(ev.x_test[:16]), rel=1e-6)
+
+
+def test_cache_key_is_a_safe_name_that_follows_the_data():
+    x = torch.zeros(2, 3, 4, 4)
+    key = evaluate.cache_key("/my data/cats & dogs/", x)
+    assert key.startswith("cats___dogs_") and len(key) == len("cats___dogs_") + 8
+    assert evaluate.cache_key("MNIST", x).startswith("mnist_")
+    assert evaluate.cache_key("mnist", x) != evaluate.cache_key("mnist", x + 1)   # another copy of the data
+
+
+def test_augment_keeps_shape_and_resnet_runs():
+    x, y = torch.rand(8, 3, 32, 32) * 2 - 1, torch.arange(8) % 3     # RGB: the CIFAR-10 path
+    g = torch.Generator().manual_seed(0)
+    assert evaluate.augment(x, 4, True, g).shape == x.shape
+    assert torch.equal(evaluate.augment(x, 0, False, g), x)
+    net = evaluate.ResNet(num_classes=3, width=8)
+    evaluate.train_classifier(net, x, y, epochs=1, device=torch.device("cpu"))
+    assert net.features(x[:2]).shape == (2, net.num_features)
+
+
+def test_cli_scores_a_samples_file(ev, mnist_dir, tmp_path, capsys):
+    path = str(tmp_path / "samples.pt")
+    torch.save({"x": ev.x_test[:20], "y": ev.y_test[:20]}, path)
+    flags = ["--dataset", "mnist", "--data-dir", mnist_dir, "--no-download",
+             "--cache-dir", os.path.dirname(ev.path), "--device", "cpu"]
+    evaluate.main([path, *flags])
+    out = capsys.readouterr().out
+    assert "FD-LeNet" in out and "accuracy" in out and "real halves" in out
+
+    torch.save(torch.zeros(4, 28, 28), path)                      # no channel axis
+    with pytest.raises(SystemExit, match=r"\(N, C, H, W\)"):
+        evaluate.main([path, *flags])
+    torch.save(torch.zeros(4, 3, 28, 28), path)                   # RGB against MNIST
+    with pytest.raises(SystemExit, match="to match mnist"):
+        evaluate.main([path, *flags])
+    for argv, msg in [([str(tmp_path / "missing.pt"), *flags], "not found"), (flags, "give the samples file")]:
+        with pytest.raises(SystemExit, match=msg) as e:
+            evaluate.main(argv)
+        assert "\n" not in str(e.value)
+
+
+def test_ddpm_eval_writes_table(ev, mnist_dir, tmp_path, monkeypatch):
+    import ddpm_mnist
+
+    monkeypatch.setitem(ddpm_mnist.PRESETS, "tiny", dict(base=8, mults=(1, 2, 2), num_res=1))  # attention at 7x7
+    monkeypatch.chdir(tmp_path)                                   # its classifier cache: ./checkpoints
+    os.makedirs("checkpoints")
+    shutil.copy(ev.path, "checkpoints")                           # the tiny classifier, not a default run
+    out = str(tmp_path / "run")
+    ddpm_mnist.main(["--data-dir", mnist_dir, "--no-download", "--out", out, "--preset", "tiny",
+                     "--T", "10", "--schedule", "cosine", "--epochs", "1", "--batch-size", "16",
+                     "--n-samples", "2", "--ddim-steps", "10", "--device", "cpu", "--eval", "4"])
+    table = open(os.path.join(out, "eval.md")).read()                # T = 10: the sweep is DDIM 10 only
+    assert "| DDPM | 10 |" in table and "| DDIM | 10 |" in table and "FD-LeNet" in table
+    assert "real halves" in table and len(table.splitlines()) == 6    # header, rule, 2 rows, blank, note
