@@ -1,0 +1,197 @@
+"""Tests of latent_diffusion.py and rectified_flow.py: smoke runs on the tiny MNIST of conftest.py
+(real idx files, CPU, a few steps), the mathematics, and one-line errors for bad input."""
+import functools
+import os
+
+import pytest
+import torch
+
+import common
+import latent_diffusion as ld
+import rectified_flow as rf
+
+LD_TINY = ["--no-download", "--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1",
+           "--T", "40", "--epochs", "1", "--batch-size", "32", "--n-samples", "2", "--ddim-steps", "2",
+           "--device", "cpu"]
+RF_TINY = ["--no-download", "--preset", "tiny", "--unet-base", "8", "--unet-res", "1", "--epochs", "1",
+           "--reflow-epochs", "2", "--n-pairs", "8", "--pair-steps", "3", "--steps", "1", "2",
+           "--n-samples", "2", "--batch-size", "32", "--device", "cpu"]
+
+
+def one_line_error(excinfo, *words):
+    msg = str(excinfo.value)
+    assert msg.startswith("error:") and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def skip_plots(monkeypatch):
+    """Matplotlib costs ~1 s a plot here; runs after the first one of each script skip it."""
+    monkeypatch.setattr(common, "plot_curves", lambda *a, **k: None)
+
+
+@pytest.fixture
+def quick_eval(monkeypatch, tmp_path):
+    """evaluate.Evaluator with a one-epoch classifier cached under tmp_path (for --eval)."""
+    import evaluate
+    monkeypatch.setattr(evaluate, "Evaluator", functools.partial(
+        evaluate.Evaluator, classifier_epochs=1, cache_dir=str(tmp_path / "eval_cache")))
+
+
+@pytest.fixture(scope="module")
+def ld_out(mnist_dir, tmp_path_factory):
+    """A tiny latent_diffusion.py run: OUT/vae.pt and OUT/ckpt.pt."""
+    out = str(tmp_path_factory.mktemp("ld"))
+    ld.main(["--data-dir", mnist_dir, "--out", out] + LD_TINY)
+    return out
+
+
+# ----------------------------------------------------------------------------- latent_diffusion.py
+
+
+def test_latent_diffusion_smoke_resume_sample_only(ld_out, mnist_dir, quick_eval, monkeypatch):
+    for name in ("vae.pt", "ckpt.pt", "vae_reconstructions.png", "ddim_vs_ddpm.png", "loss.png"):
+        assert os.path.isfile(os.path.join(ld_out, name)), name
+    vae_state = torch.load(os.path.join(ld_out, "vae.pt"), weights_only=True)
+    assert vae_state["config"]["base"] == 8 and vae_state["scale"] > 0
+    state = torch.load(os.path.join(ld_out, "ckpt.pt"), weights_only=True)
+    assert state["epoch"] == 1 and all(map(torch.isfinite, torch.tensor(state["losses"])))
+    vae_mtime = os.path.getmtime(os.path.join(ld_out, "vae.pt"))
+    skip_plots(monkeypatch)
+    ld.main(["--data-dir", mnist_dir, "--out", ld_out] + LD_TINY + ["--resume", "--epochs", "2"])
+    assert torch.load(os.path.join(ld_out, "ckpt.pt"), weights_only=True)["epoch"] == 2
+    ld.main(["--data-dir", mnist_dir, "--out", ld_out] + LD_TINY + ["--sample-only", "--eval", "4"])
+    assert os.path.getmtime(os.path.join(ld_out, "vae.pt")) == vae_mtime   # reused, never retrained
+    assert "| DDPM | 40 |" in open(os.path.join(ld_out, "eval.md")).read()
+
+
+def test_vae_shapes_and_loss():
+    for channels, size, side in ((1, 28, 7), (3, 32, 8)):
+        vae = ld.VAE(channels, latent_channels=4, base=8)
+        x = torch.rand(2, channels, size, size) * 2 - 1
+        x_hat, mu, logvar = vae(x)
+        assert x_hat.shape == x.shape and mu.shape == logvar.shape == (2, 4, side, side)
+        assert vae.decode(mu).shape == x.shape and ld.encode_latents(vae, x, batch_size=1).shape == mu.shape
+    loss, recon, kl = ld.vae_loss(x, x, torch.zeros_like(mu), torch.zeros_like(mu), beta=1.0)
+    assert loss == recon == kl == 0                        # q(z|x) = N(0, I) = the prior: KL = 0
+
+
+def test_scale_factor_gives_unit_variance_test_latents(ld_out, mnist_dir):
+    vae, scale = ld.load_vae(os.path.join(ld_out, "vae.pt"), "cpu")
+    x_train, _ = common.load_images("mnist", mnist_dir, train=True, download=False)
+    x_test, _ = common.load_images("mnist", mnist_dir, train=False, download=False)
+    assert scale == pytest.approx(ld.latent_scale(ld.encode_latents(vae, x_train)), rel=1e-5)
+    assert (ld.encode_latents(vae, x_test) * scale).std().item() == pytest.approx(1.0, abs=0.15)
+
+
+# ----------------------------------------------------------------------------- rectified_flow.py
+
+
+def gaussian_velocity(m: float, s: float):
+    """The exact marginal velocity E[x1 - x0 | x_t = x] for data x1 ~ N(m, s^2), noise x0 ~ N(0, 1):
+    (x1 - x0, x_t) are jointly Gaussian, Cov(x1 - x0, x_t) = t s^2 - (1 - t), Var(x_t) = (1 - t)^2 + t^2 s^2."""
+    def v(x, t):
+        t = t.view(-1, *[1] * (x.dim() - 1))
+        return m + (t * s ** 2 - (1 - t)) / ((1 - t) ** 2 + t ** 2 * s ** 2) * (x - t * m)
+    return v
+
+
+def test_euler_with_exact_velocity_reproduces_gaussian():
+    m, s = 1.5, 0.5
+    x0 = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x1 = rf.euler_sample(gaussian_velocity(m, s), x0, steps=200)
+    assert x1.mean().item() == pytest.approx(m, abs=0.02) and x1.std().item() == pytest.approx(s, abs=0.02)
+    one = rf.euler_sample(gaussian_velocity(m, s), x0, steps=1)  # one step lands on the mean
+    assert torch.allclose(one, torch.full_like(one, m))
+
+
+def test_straightness():
+    x0, x1 = torch.randn(8, 1, 3, 3), torch.randn(8, 1, 3, 3)
+    _, path = rf.euler_sample(lambda x, t: x1 - x0, x0, steps=10, return_path=True)
+    assert path.shape == (11, 8, 1, 3, 3)
+    assert max(rf.straightness(path)) < 1e-10               # a straight line at constant speed
+    _, path = rf.euler_sample(gaussian_velocity(0.0, 0.2), x0, steps=50, return_path=True)
+    assert min(rf.straightness(path)) > 1e-3                # Flow-1 paths bend
+
+
+def test_rf_loss_is_zero_for_the_true_velocity():
+    x0, x1 = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    assert rf.rf_loss(lambda x, t: x1 - x0, x1, x0).item() == 0   # x0 given: reflow's fixed pairs
+
+
+def test_rectified_flow_pixel_pairs_made_once(mnist_dir, ld_out, tmp_path, monkeypatch, quick_eval):
+    calls = []
+    make_pairs = rf.make_pairs
+    monkeypatch.setattr(rf, "make_pairs", lambda *a, **k: calls.append(1) or make_pairs(*a, **k))
+    out = str(tmp_path)
+    rf.main(["--data-dir", mnist_dir, "--out", out] + RF_TINY)
+    assert len(calls) == 1                                  # once, not once per Flow-2 epoch
+    for name in ("flow1.pt", "flow2.pt", "pairs.pt", "steps_comparison.png", "steps_table.md",
+                 "noise_vs_flow-1.png", "noise_vs_flow-2.png", "steps_error.png", "loss.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    flow2 = torch.load(os.path.join(out, "flow2.pt"), weights_only=True)
+    assert flow2["epoch"] == 2 and all(map(torch.isfinite, torch.tensor(flow2["losses"])))
+    pairs_mtime = os.path.getmtime(os.path.join(out, "pairs.pt"))
+    skip_plots(monkeypatch)
+    rf.main(["--data-dir", mnist_dir, "--out", out] + RF_TINY + ["--resume", "--reflow-epochs", "3"])
+    assert len(calls) == 1 and os.path.getmtime(os.path.join(out, "pairs.pt")) == pairs_mtime
+    assert torch.load(os.path.join(out, "flow2.pt"), weights_only=True)["epoch"] == 3
+    rf.main(["--data-dir", mnist_dir, "--out", out] + RF_TINY + ["--sample-only", "--eval", "4"])
+    assert "| Flow-2 | 2 |" in open(os.path.join(out, "eval.md")).read()
+    with pytest.raises(SystemExit) as e:                    # a pixel flow is not a latent one
+        rf.main(["--data-dir", mnist_dir, "--out", out, "--sample-only", "--space", "latent",
+                 "--vae", os.path.join(ld_out, "vae.pt")] + RF_TINY)
+    one_line_error(e, "another space")
+
+
+def test_rectified_flow_latent_reuses_the_vae(mnist_dir, ld_out, tmp_path, monkeypatch):
+    skip_plots(monkeypatch)
+    vae = os.path.join(ld_out, "vae.pt")                    # (trained when missing: see the ld_out run)
+    mtime = os.path.getmtime(vae)
+    rf.main(["--data-dir", mnist_dir, "--out", str(tmp_path), "--space", "latent", "--vae", vae] + RF_TINY)
+    assert os.path.isfile(os.path.join(tmp_path, "steps_comparison.png"))
+    assert os.path.getmtime(vae) == mtime
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_vae_of_another_shape_is_a_one_line_error(mnist_dir, tmp_path):
+    path = str(tmp_path / "rgb_vae.pt")
+    vae = ld.VAE(channels=3, base=8)
+    common.save_checkpoint(path, model=vae.state_dict(), config=vae.config, scale=1.0)
+    with pytest.raises(SystemExit) as e:
+        rf.main(["--data-dir", mnist_dir, "--out", str(tmp_path), "--space", "latent", "--vae", path] + RF_TINY)
+    one_line_error(e, "3-channel", "--vae")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--sample-only"], ["not found"]),
+    (["--resume"], ["nothing to resume"]),
+    (["--steps", "0"], ["--steps"]),
+    (["--n-pairs", "0"], ["--n-pairs"]),
+])
+def test_rectified_flow_bad_input(mnist_dir, tmp_path, argv, words):
+    with pytest.raises(SystemExit) as e:
+        rf.main(["--data-dir", mnist_dir, "--out", str(tmp_path)] + RF_TINY + argv)
+    one_line_error(e, *words)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--sample-only"], ["not found"]),
+    (["--ddim-steps", "50"], ["--ddim-steps"]),
+])
+def test_latent_diffusion_bad_input(mnist_dir, ld_out, tmp_path, argv, words):
+    vae = ["--vae", os.path.join(ld_out, "vae.pt")]
+    with pytest.raises(SystemExit) as e:
+        ld.main(["--data-dir", mnist_dir, "--out", str(tmp_path)] + vae + LD_TINY + argv)
+    one_line_error(e, *words)
+
+
+def test_latent_checkpoint_with_another_vae_is_a_one_line_error(mnist_dir, ld_out, tmp_path):
+    state = torch.load(os.path.join(ld_out, "vae.pt"), weights_only=True)
+    other = str(tmp_path / "other_vae.pt")
+    common.save_checkpoint(other, **{**state, "scale": 2 * state["scale"]})
+    with pytest.raises(SystemExit) as e:
+        ld.main(["--data-dir", mnist_dir, "--out", ld_out, "--vae", other] + LD_TINY + ["--sample-only"])
+    one_line_error(e, "another VAE", "--vae")
