@@ -1,0 +1,334 @@
+"""DeepCache (Ma et al., 2023): faster sampling by reusing a UNet's deep features across steps.
+
+Between two neighbouring sampling steps the *deep* features of a diffusion UNet barely change;
+only the shallow layers near the input and the output have much new to say. DeepCache therefore
+splits the UNet at a skip connection, the branch b (1 = the shallowest skip, up to the number of
+ResBlocks in the encoder):
+    full step:    run the whole UNet, and cache F = the features entering the up-block that
+                  consumes skip b (everything computed below that skip, upsampled),
+    cached step:  run only the shallow branch: the input conv and the first b encoder blocks
+                  (giving skips 1..b), then the decoder from that up-block on, with F from the cache.
+With N = --interval, a full step is followed by N - 1 cached steps. With S sampling steps there are
+K = ceil(S / N) full steps, at i = 0, N, 2N, ... (uniform), or at i_k = S (k / K)^p with p > 1
+(non-uniform: denser near the start, where x_t is noisiest and changes most). If a cached step
+costs a fraction f of a full one (counted with torch's FlopCounterMode), and time went with FLOPs,
+    speedup_theory = S / (K + (S - K) f);
+the measured speedup can differ either way: launch overheads on a GPU make small cached steps cost
+more than their FLOPs, while on a CPU the skipped deep layers (attention) cost more than theirs.
+The cache lives in the `DeepCache` wrapper, which the sampler calls as its network `model(x, t)`;
+`cached_sample` resets it at the start of every run, so no features leak from one run (a previous
+batch of noise) into the next: the "stale cache" bug.
+
+The base network is the UNet of ddpm_mnist.py, sampled with its deterministic DDIM (eta = 0), so
+cached and uncached samples from the same noise can be compared pixel for pixel (MSE, PSNR, SSIM).
+(rectified_flow.py's velocity UNet is the same UNet and could be wrapped the same way, with its
+Euler sampler; future work.)
+
+Run:
+    python deepcache.py                          # uses runs/ddpm_mnist/ckpt.pt (trained first if missing)
+    python deepcache.py --interval 3 --branch 2 --cache-schedule nonuniform
+    python deepcache.py --eval 2000              # + FD-LeNet of evaluate.py per setting (18 x 2000 samples)
+Figures in runs/deepcache/: samples.png (cached) beside samples_plain.png, speedup.png,
+quality.png, tradeoff.png, intervals.png (one row per interval) and the table speed_quality.md.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+import common
+import ddpm_mnist
+
+BASE_CKPT = "runs/ddpm_mnist/ckpt.pt"
+
+
+@dataclass
+class Config:
+    base_ckpt: str = field(default="", metadata={
+        "help": f"ddpm_mnist.py checkpoint (default {BASE_CKPT}, trained first when missing)"})
+    data_dir: str = field(default="data", metadata={"help": "MNIST root (to train the base, and for --eval)"})
+    download: bool = True
+    interval: int = field(default=3, metadata={"help": "N: one full UNet step, then N - 1 cached steps"})
+    branch: int = field(default=1, metadata={
+        "help": "skip connection where the shallow branch rejoins (1 = shallowest, fastest)"})
+    cache_schedule: str = field(default="uniform", metadata={"choices": ["uniform", "nonuniform"]})
+    power: float = field(default=2.0, metadata={"help": "non-uniform: full steps at S (k/K)^power"})
+    steps: int = field(default=50, metadata={"help": "DDIM steps for the sample grids"})
+    n_samples: int = 64
+    analysis: bool = field(default=True, metadata={"help": "the sweep over steps x intervals"})
+    sweep_steps: tuple[int, ...] = (10, 50, 100)
+    sweep_intervals: tuple[int, ...] = (1, 2, 3, 5, 10, 20)
+    batch_size: int = field(default=256, metadata={"help": "images per timed sampling run"})
+    warmup: int = field(default=2, metadata={"help": "untimed rounds before timing"})
+    repeats: int = field(default=7, metadata={"help": "timed rounds (the median is reported)"})
+    eval: int = field(default=0, metadata={"help": "FD of evaluate.py over this many samples per setting (0 = off)"})
+    out: str = "runs/deepcache"
+    seed: int = 0
+    device: str = "auto"
+
+
+# ----------------------------------------------------------------------------- the cached network
+
+
+class DeepCache(nn.Module):
+    """model(x, t) for a sampler: the UNet whole at the full steps, its shallow branch in between.
+
+    `reset(full_steps)` starts a run: step counter 0, empty cache, and the indices of the steps
+    that run the whole UNet. Each call is one sampling step."""
+
+    def __init__(self, unet: ddpm_mnist.UNet, branch: int):
+        super().__init__()
+        n_skips = sum(len(level.blocks) for level in unet.downs)
+        common.check(1 <= branch <= n_skips, f"--branch {branch} is not in this UNet: it has {n_skips} "
+                     f"skip connections, so choose 1 (shallowest) to {n_skips} (deepest)")
+        self.unet, self.branch = unet, branch
+        # the encoder and decoder in execution order, as (module, is_res_block) pairs
+        self.enc = [(m, m is not lv.resample) for lv in unet.downs for m in (*lv.blocks, lv.resample)]
+        self.dec = [(m, m is not lv.resample) for lv in unet.ups for m in (*lv.blocks, lv.resample)]
+        enc_blocks = [i for i, (_, is_block) in enumerate(self.enc) if is_block]
+        dec_blocks = [i for i, (_, is_block) in enumerate(self.dec) if is_block]
+        self.enc_stop = enc_blocks[branch - 1] + 1           # the shallow encoder ends after block b
+        self.dec_start = dec_blocks[n_skips - branch]        # the up-block that consumes skip b
+        self.reset([0])
+
+    def reset(self, full_steps) -> None:
+        self.step, self.cache, self.full_steps = 0, None, set(full_steps)
+
+    def forward(self, x, t):                                 # x (N, C, H, W), t (N,) -> eps
+        u = self.unet
+        full = self.cache is None or self.step in self.full_steps
+        self.step += 1
+        emb = u.embed_time(t)
+        h, hs = u.inc(x), []
+        for m, is_block in (self.enc if full else self.enc[:self.enc_stop]):
+            h = m(h, emb) if is_block else m(h)
+            if is_block:
+                hs.append(h)                                 # skips, shallowest first
+        if full:
+            for block in u.mid:
+                h = block(h, emb)
+            for m, is_block in self.dec[:self.dec_start]:
+                h = m(torch.cat([h, hs.pop()], 1), emb) if is_block else m(h)
+            self.cache = h                                   # F: (N, C_F, H_F, W_F), deep features
+        h = self.cache
+        for m, is_block in self.dec[self.dec_start:]:        # consumes skips b..1
+            h = m(torch.cat([h, hs.pop()], 1), emb) if is_block else m(h)
+        return u.out(h)
+
+
+def full_steps(S: int, interval: int, schedule: str = "uniform", power: float = 2.0) -> list[int]:
+    """Indices 0..S-1 of the sampling steps that run the whole UNet: K = ceil(S / interval) of them."""
+    common.check(interval >= 1, f"--interval must be >= 1 (1 = no caching), got {interval}")
+    if schedule == "uniform":
+        return list(range(0, S, interval))
+    K, idx = math.ceil(S / interval), []
+    for k in range(K):                                        # i_k = S (k/K)^p, kept strictly increasing
+        idx.append(max(int(S * (k / K) ** power), idx[-1] + 1) if idx else 0)
+    return idx
+
+
+@torch.no_grad()
+def cached_sample(ddpm: ddpm_mnist.DDPM, cache: DeepCache, x_T, steps: int, interval: int,
+                  schedule: str = "uniform", power: float = 2.0):
+    """DDIM (eta = 0) with the DeepCache network; the cache is reset first, every run."""
+    cache.reset(full_steps(steps, interval, schedule, power))
+    return ddpm.ddim_sample(cache, x_T.shape, steps, x_T=x_T)
+
+
+@torch.no_grad()
+def flops_fraction(cache: DeepCache, shape, device) -> float:
+    """f = FLOPs of a cached step / FLOPs of a full step (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t, flops = torch.randn(shape, device=device), torch.zeros(shape[0], dtype=torch.long, device=device), []
+    cache.reset([0])                                          # call 1 is full, call 2 cached
+    for _ in range(2):
+        with FlopCounterMode(display=False) as counter:
+            cache(x, t)
+        flops.append(counter.get_total_flops())
+    return flops[1] / flops[0]
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def quality(x, ref) -> dict:
+    """MSE in [-1, 1], and torchmetrics' PSNR and SSIM on [0, 1] images, against the uncached samples."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    a, b = (x.clamp(-1, 1) + 1) / 2, (ref.clamp(-1, 1) + 1) / 2
+    return dict(mse=((x - ref) ** 2).mean().item(),
+                psnr=peak_signal_noise_ratio(a, b, data_range=1.0).item(),
+                ssim=structural_similarity_index_measure(a, b, data_range=1.0).item())
+
+
+def sweep(cfg: Config, unet, ddpm, device, shape) -> list[dict]:
+    """Speed and quality for every (steps, interval). Timings: each round runs every interval once,
+    in alternating order (so slow drifts of the machine, and the position in a round, hit all
+    alike), GPU synchronised around each run, `warmup` rounds discarded, the median of `repeats`
+    rounds kept."""
+    cache = DeepCache(unet, cfg.branch)
+    f = flops_fraction(cache, (cfg.batch_size, *shape), device)
+    print(f"a cached step (branch {cfg.branch}) costs f = {f:.3f} of a full step's FLOPs")
+    x_T = torch.randn((cfg.batch_size, *shape), device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
+    evaluator = None
+    if cfg.eval:
+        try:
+            import evaluate
+        except ImportError:
+            common.die("--eval needs evaluate.py next to this script; run without --eval")
+        evaluator = evaluate.Evaluator("mnist", data_dir=cfg.data_dir, download=cfg.download, device=device)
+    rows = []
+    for S in cfg.sweep_steps:
+        runs = {0: lambda: ddpm.ddim_sample(unet, x_T.shape, S, x_T=x_T)}  # 0 = the plain sampler
+        runs.update({N: (lambda N=N: cached_sample(ddpm, cache, x_T, S, N)) for N in cfg.sweep_intervals})
+        times, out = {k: [] for k in runs}, {}
+        for r in range(cfg.warmup + cfg.repeats):
+            for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                common.sync(device)
+                t0 = time.perf_counter()
+                out[k] = runs[k]()
+                common.sync(device)
+                if r >= cfg.warmup:
+                    times[k].append(time.perf_counter() - t0)
+        t_plain = statistics.median(times[0])
+        for N in cfg.sweep_intervals:
+            K = len(full_steps(S, N))
+            x_nonuniform = cached_sample(ddpm, cache, x_T, S, N, "nonuniform", cfg.power)
+            row = dict(steps=S, interval=N, K=K, ms=1e3 * statistics.median(times[N]),
+                       speedup=t_plain / statistics.median(times[N]), theory=S / (K + (S - K) * f),
+                       **quality(out[N], out[0]), psnr_nonuniform=quality(x_nonuniform, out[0])["psnr"])
+            if evaluator is not None:
+                x = torch.cat([cached_sample(ddpm, cache, z, S, N) for z in eval_noise(cfg, shape, device)])
+                row["fd"] = evaluator.fd(x)
+            rows.append(row)
+            print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    return rows
+
+
+def eval_noise(cfg: Config, shape, device):
+    """The same cfg.eval noise images for every setting, in batches of cfg.batch_size."""
+    g = torch.Generator(device).manual_seed(cfg.seed + 1)
+    return [torch.randn((min(cfg.batch_size, cfg.eval - i), *shape), device=device, generator=g)
+            for i in range(0, cfg.eval, cfg.batch_size)]
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def write_table(rows: list[dict], path: str) -> None:
+    """The sweep as a markdown table (ready for the README)."""
+    cols = ["steps", "interval", "full steps", "ms / run", "speedup", "theory", "MSE", "PSNR dB",
+            "SSIM", "PSNR non-uniform"] + (["FD (evaluate.py)"] if "fd" in rows[0] else [])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        vals = [r["steps"], r["interval"], r["K"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['theory']:.2f}x",
+                f"{r['mse']:.2e}", f"{r['psnr']:.1f}", f"{r['ssim']:.4f}", f"{r['psnr_nonuniform']:.1f}"]
+        vals += [f"{r['fd']:.2f}"] if "fd" in r else []
+        lines.append("| " + " | ".join(map(str, vals)) + " |")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def plot_sweep(rows: list[dict], out: str) -> None:
+    """speedup.png (measured, solid; theory, dashed), quality.png (PSNR, SSIM) and tradeoff.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["steps"] for r in rows})
+    by = {S: [r for r in rows if r["steps"] == S] for S in steps}
+    intervals = sorted({r["interval"] for r in rows})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for j, S in enumerate(steps):
+        ax.plot([r["interval"] for r in by[S]], [r["speedup"] for r in by[S]], "o-", color=f"C{j}", label=f"{S} steps")
+        ax.plot([r["interval"] for r in by[S]], [r["theory"] for r in by[S]], "--", color=f"C{j}", alpha=0.6)
+    ax.set(ylabel="speedup over the plain sampler", title="DeepCache speedup (dashed: if time went with FLOPs)")
+    figure_done(fig, ax, os.path.join(out, "speedup.png"), intervals=intervals)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for j, S in enumerate(steps):
+        finite = [r for r in by[S] if math.isfinite(r["psnr"])]         # interval 1 is exact: PSNR = inf
+        N = [r["interval"] for r in finite]
+        axes[0].plot(N, [r["psnr"] for r in finite], "o-", color=f"C{j}", label=f"{S} steps")
+        axes[0].plot(N, [r["psnr_nonuniform"] for r in finite], "x--", color=f"C{j}", alpha=0.6)
+        axes[1].plot([r["interval"] for r in by[S]], [r["ssim"] for r in by[S]], "o-", color=f"C{j}", label=f"{S} steps")
+    axes[0].set(ylabel="PSNR vs uncached, dB (dashed: non-uniform)")
+    axes[1].set(ylabel="SSIM vs uncached")
+    figure_done(fig, axes, os.path.join(out, "quality.png"), intervals=intervals)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    key, label = ("fd", "FD (lower is better)") if "fd" in rows[0] else ("ssim", "SSIM vs uncached")
+    for j, S in enumerate(steps):
+        ax.scatter([r["speedup"] for r in by[S]], [r[key] for r in by[S]], color=f"C{j}", label=f"{S} steps")
+        for r in by[S]:
+            ax.annotate(f"N={r['interval']}", (r["speedup"], r[key]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set(xlabel="measured speedup", ylabel=label, title="DeepCache: speed vs quality")
+    figure_done(fig, ax, os.path.join(out, "tradeoff.png"))
+
+
+def figure_done(fig, axes, path, intervals=None) -> None:
+    """Grid and legend on every panel (a log x axis labelled with the intervals), then save."""
+    import matplotlib.pyplot as plt
+
+    for a in getattr(axes, "flat", [axes]):
+        if intervals:
+            a.set_xscale("log")
+            a.set_xticks(intervals, [str(i) for i in intervals])
+            a.minorticks_off()
+            a.set_xlabel("cache interval N")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    for name, values in (("--interval", [cfg.interval]), ("--sweep-intervals", cfg.sweep_intervals)):
+        common.check(min(values) >= 1, f"{name} must be >= 1 (1 = no caching), got {min(values)}")
+    common.check(cfg.repeats >= 1 and cfg.warmup >= 0, "--repeats must be >= 1 and --warmup >= 0")
+    common.check(cfg.n_samples >= 1 and cfg.batch_size >= 1, "--n-samples and --batch-size must be >= 1")
+    common.check(cfg.eval == 0 or cfg.eval >= 2, f"--eval must be 0 (off) or >= 2 samples, got {cfg.eval}")
+    device = common.get_device(cfg.device)
+    common.setup_speed(device)
+    common.seed_everything(cfg.seed)
+    base_cfg = ddpm_mnist.Config(data_dir=cfg.data_dir, download=cfg.download, out=os.path.dirname(BASE_CKPT))
+    ckpt = common.checkpoint_or_train(cfg.base_ckpt, BASE_CKPT, lambda: ddpm_mnist.train(base_cfg, device))
+    unet, ddpm, _ = ddpm_mnist.load_trained(ckpt, device)
+    cache = DeepCache(unet, cfg.branch)                        # checks --branch against this UNet
+    for S in (cfg.steps, *(cfg.sweep_steps if cfg.analysis else ())):
+        common.check(1 <= S <= ddpm.T, f"sampling steps must be in 1..T ({ddpm.T}), got {S}")
+    os.makedirs(cfg.out, exist_ok=True)
+    c = unet.config
+    shape = (c["channels"], c["image_size"], c["image_size"])
+
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    x_T = torch.randn((cfg.n_samples, *shape), device=device, generator=gen)
+    plain = ddpm.ddim_sample(unet, x_T.shape, cfg.steps, x_T=x_T)
+    x = cached_sample(ddpm, cache, x_T, cfg.steps, cfg.interval, cfg.cache_schedule, cfg.power)
+    common.save_grid(plain, os.path.join(cfg.out, "samples_plain.png"))
+    common.save_grid(x, os.path.join(cfg.out, "samples.png"))
+    q = quality(x, plain)
+    print(f"DeepCache interval {cfg.interval}, branch {cfg.branch}, {cfg.cache_schedule}, {cfg.steps} DDIM steps: "
+          f"PSNR {q['psnr']:.1f} dB, SSIM {q['ssim']:.4f} against the uncached samples")
+    rows = [cached_sample(ddpm, cache, x_T[:8], cfg.steps, N) for N in cfg.sweep_intervals]
+    common.save_grid(torch.cat(rows), os.path.join(cfg.out, "intervals.png"), nrow=8)
+
+    if cfg.analysis:
+        table = sweep(cfg, unet, ddpm, device, shape)
+        write_table(table, os.path.join(cfg.out, "speed_quality.md"))
+        plot_sweep(table, cfg.out)
+    print(f"figures in {cfg.out}/")
+
+
+if __name__ == "__main__":
+    main()
