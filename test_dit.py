@@ -1,0 +1,131 @@
+"""Tests of dit_cifar.py: a CPU smoke run on a tiny image folder (then --resume and --sample-only
+with --eval), adaLN-Zero at initialisation, patchify/unpatchify, a 2-process torchrun run on the
+gloo backend, and one-line errors for bad input."""
+import functools
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import dit_cifar
+from dit_cifar import DiT, patchify, unpatchify
+from latent_diffusion import VAE, load_vae
+
+
+def tiny(out, *extra):
+    """Flags of a run that takes seconds on CPU: DiT-T/2, a 16-channel VAE, 50 diffusion steps."""
+    return ["--out", str(out), "--model", "DiT-T/2", "--vae-base", "16", "--vae-epochs", "1",
+            "--epochs", "1", "--batch-size", "12", "--T", "50", "--ddim-steps", "2",
+            "--n-per-class", "2", "--no-download", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def torchrun(image_folder, tmp_path_factory):
+    """`torchrun --nproc_per_node=2` of the script on CPU (gloo), started in the background (before
+    `run`, so that the two overlap). Rank 0 trains the VAE while rank 1 waits at the barrier.
+    -> (output folder, process, log file)."""
+    out = tmp_path_factory.mktemp("ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           dit_cifar.__file__, "--dataset", image_folder, *tiny(out, "--ws", "1")]
+    with open(out / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=os.path.dirname(dit_cifar.__file__), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    yield out, proc, out / "log.txt"
+    if proc.poll() is None:                                            # the launcher and its workers
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def run(torchrun, image_folder, tmp_path_factory):
+    """The output folder of one tiny training run: VAE, then one DiT epoch, then the figures
+    (`torchrun` is requested only to start it first)."""
+    out = tmp_path_factory.mktemp("dit")
+    dit_cifar.main(["--dataset", image_folder, *tiny(out)])
+    return out
+
+
+def one_line_error(argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        dit_cifar.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_smoke_resume_and_sample_only(run, image_folder, monkeypatch):
+    names = ["vae.pt", "ckpt.pt", "vae_reconstructions.png", "loss.png", "samples_epoch001_w3.png",
+             "cfg_w1.png", "cfg_w3.png", "cfg_w5.png", "cfg_w7.5.png"]
+    assert all((run / n).is_file() for n in names), sorted(os.listdir(run))
+    state = torch.load(run / "ckpt.pt", weights_only=True)
+    assert {"model", "ema", "opt", "step", "config", "dit", "scale"} <= set(state)
+    assert state["step"] == 3 and torch.isfinite(torch.tensor(state["losses"])).all()
+    model, ddpm, _ = dit_cifar.load_trained(str(run / "ckpt.pt"), "cpu")
+    vae, scale = load_vae(str(run / "vae.pt"), "cpu")
+    x = [dit_cifar.sample(model, ddpm, vae, scale, torch.tensor([0, 1, 2]), 3.0, 2, seed=0) for _ in range(2)]
+    assert x[0].shape == (3, 3, 32, 32) and torch.isfinite(x[0]).all() and torch.equal(x[0], x[1])
+    dit_cifar.main(["--dataset", image_folder, *tiny(run, "--resume", "--epochs", "2", "--ws", "1")])
+    state = torch.load(run / "ckpt.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (2, 6) and len(state["test_losses"]) == 2
+    evaluate = pytest.importorskip("evaluate")
+    monkeypatch.setattr(evaluate, "Evaluator", functools.partial(evaluate.Evaluator, classifier_epochs=1, cache_dir=str(run)))
+    os.remove(run / "cfg_w3.png")
+    dit_cifar.main(["--dataset", image_folder, *tiny(run, "--sample-only", "--ws", "3", "--eval", "6")])
+    assert (run / "cfg_w3.png").is_file() and (run / "eval.md").is_file()
+
+
+def test_adaln_zero_blocks_start_as_identity_and_output_is_zero():
+    torch.manual_seed(0)
+    model = DiT(input_size=8, in_channels=4, num_classes=3, patch=2, hidden=32, depth=3, heads=2)
+    x, c = torch.randn(5, 16, 32), torch.randn(5, 32)                  # tokens (N, T, D), condition (N, D)
+    for block in model.blocks:
+        assert torch.equal(block(x, c), x)
+    z, t, y = torch.randn(5, 4, 8, 8), torch.randint(0, 1000, (5,)), torch.tensor([0, 1, 2, 3, 3])
+    eps = model(z, t, y)
+    assert torch.equal(eps, torch.zeros_like(z))
+    F.mse_loss(eps, torch.randn_like(z)).backward()                     # the zeros still learn
+    assert model.final.linear.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 8])
+def test_patchify_then_unpatchify_is_identity(p):
+    z = torch.randn(3, 4, 8, 8)
+    tokens = patchify(z, p)
+    assert tokens.shape == (3, (8 // p) ** 2, p * p * 4)
+    assert torch.equal(tokens[0, 0], z[0, :, :p, :p].permute(1, 2, 0).flatten())     # top-left patch
+    assert torch.equal(tokens[0, -1], z[0, :, -p:, -p:].permute(1, 2, 0).flatten())  # bottom-right
+    assert torch.equal(unpatchify(tokens, p, 4), z)
+
+
+def test_shard_batches_give_each_rank_a_disjoint_share():
+    x, y = torch.arange(20.0)[:, None], torch.arange(20)
+    seen = [torch.cat([b for _, b in common.shard_batches(x, y, 5, epoch=3, rank=r, world=2)]) for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 10 and len(set(torch.cat(seen).tolist())) == 20
+
+
+def test_torchrun_two_processes_on_gloo_stay_in_sync(torchrun):
+    out, proc, log = torchrun
+    proc.wait(timeout=180)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert "the parameters are identical on all 2 ranks" in text
+    assert text.count("DiT-T/2: ") == 1 and text.count("  test ") == 1   # rank 0 logs alone
+    assert (out / "vae.pt").is_file() and (out / "cfg_w1.png").is_file()
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["step"] == 3                                          # 36 images, 2 ranks x 6 per step
+
+
+def test_bad_input_is_one_line(run, image_folder, tmp_path):
+    assert "unknown model 'DiT-XXL/2'" in one_line_error(tiny(tmp_path, "--model", "DiT-XXL/2"))
+    msg = one_line_error(["--dataset", image_folder, *tiny(tmp_path, "--vae-ckpt", str(run / "vae.pt"),
+                                                              "--model", "DiT-T/3")])
+    assert "patch size 3 does not divide the latent size 8" in msg
+    other = VAE(channels=3, latent_channels=2, base=16)                 # latents (2, 8, 8), not (4, 8, 8)
+    common.save_checkpoint(str(tmp_path / "vae2.pt"), model=other.state_dict(), config=other.config, scale=1.0)
+    msg = one_line_error(["--dataset", image_folder, *tiny(run, "--sample-only", "--vae-ckpt", str(tmp_path / "vae2.pt"))])
+    assert "(4, 8, 8)" in msg and "(2, 8, 8)" in msg
