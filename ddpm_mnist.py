@@ -281,60 +281,33 @@ def load_data(cfg: Config, device, train: bool = True):
 
 
 def train(cfg: Config, device) -> tuple[UNet, DDPM]:
-    """Flat training loop: AdamW with warm-up, EMA, one atomic checkpoint per epoch."""
+    """AdamW with warm-up, EMA weights for sampling, one atomic checkpoint per epoch. The loop
+    itself (autocast, backward, step, EMA update, NaN guard, --resume) is common.fit."""
     ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     x_train, y_train = load_data(cfg, device)
     model = build_unet(cfg, x_train.shape[-1], x_train.shape[1]).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ddpm = DDPM(cfg.T, cfg.schedule).to(device)
-    ema = common.make_ema(model, cfg.ema_decay)
-    opt = common.make_optimizer(model, cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    step, start_epoch, losses = 0, 0, []
-    if cfg.resume:
-        state = common.load_checkpoint(ckpt, device, hint="there is nothing to resume; drop --resume")
-        common.load_weights(model, state["model"], ckpt)
-        ema.module.load_state_dict(state["ema"])
-        ema.n_averaged.fill_(state["step"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step, start_epoch, losses = state["step"], state["epoch"], state["losses"]
-        print(f"resumed from {ckpt} at epoch {start_epoch}, step {step}")
-    net = torch.compile(model) if cfg.compile else model
     print(f"UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(x_train)} training images on {device}")
-    gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        t0, epoch_losses = time.perf_counter(), []
-        for x0, _ in common.batches(x_train, y_train, cfg.batch_size, generator=gen):
-            with common.autocast(device, cfg.amp):
-                loss = ddpm.loss(net, x0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            ema.update_parameters(model)
-            epoch_losses.append(loss.detach())
-            step += 1
-        mean_loss = torch.stack(epoch_losses).mean()
-        common.check_finite(mean_loss, step, ckpt)      # before saving: the last good one stays
-        common.sync(device)
-        seconds = time.perf_counter() - t0
-        losses += torch.stack(epoch_losses).tolist()
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean_loss.item():.4f}  {seconds:.1f}s  "
-              f"{len(epoch_losses) * cfg.batch_size / seconds:.0f} img/s")
-        common.save_checkpoint(ckpt, model=model.state_dict(), ema=ema.module.state_dict(),
-                               opt=opt.state_dict(), sched=sched.state_dict(), step=step,
-                               epoch=epoch + 1, losses=losses, config=asdict(cfg),
-                               unet=model.config)
-        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
-            x = ddpm.ddim_sample(ema.module.eval(), (cfg.n_samples, *x_train.shape[1:]), cfg.ddim_steps,
+
+    def batches(epoch):  # a fresh, seeded shuffle per epoch, so --resume continues the same run
+        return common.batches(x_train, y_train, cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+
+    def progress(epoch, ema_model):  # a cheap sample grid every few epochs
+        if epoch % cfg.sample_every == 0 or epoch == cfg.epochs:
+            x = ddpm.ddim_sample(ema_model, (cfg.n_samples, *x_train.shape[1:]), cfg.ddim_steps,
                                  generator=torch.Generator(device).manual_seed(cfg.seed))
-            common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
-            common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
-    return ema.module.eval(), ddpm
+            common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch:03d}.png"))
+
+    ema_model, losses = common.fit(
+        model, lambda net, batch: ddpm.loss(net, batch[0]), batches, epochs=cfg.epochs, ckpt=ckpt,
+        device=device, lr=cfg.lr, warmup_steps=cfg.warmup_steps, ema_decay=cfg.ema_decay,
+        resume=cfg.resume, amp=cfg.amp, compile=cfg.compile, on_epoch=progress,
+        config=asdict(cfg), unet=model.config)
+    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
+    return ema_model, ddpm
 
 
 def load_trained(path: str, device) -> tuple[UNet, DDPM, dict]:
