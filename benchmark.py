@@ -13,7 +13,6 @@ Goal on one H100 (issue 2): an MNIST epoch (60,000 images) of the default UNet i
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -42,14 +41,7 @@ class Config:
 
 def timed(fn, device, repeats: int) -> float:
     """Median wall time of `fn()` over `repeats` runs, with the device synchronised around each."""
-    times = []
-    for _ in range(repeats):
-        common.sync(device)
-        t0 = time.perf_counter()
-        fn()
-        common.sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(common.timed(device, fn)[1] for _ in range(repeats))
 
 
 def main(argv=None) -> dict:

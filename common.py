@@ -17,6 +17,7 @@ import datetime
 import math
 import os
 import random
+import time
 import typing
 
 import numpy as np
@@ -123,6 +124,15 @@ def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock timings measure the work and not its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn):
+    """-> (fn(), wall seconds), waiting for the GPU before reading the clock each time."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- noise schedules
@@ -401,8 +411,6 @@ def fit(model: torch.nn.Module, loss_fn, batches_fn, *, epochs: int, ckpt: str,
     resume: continue from `ckpt` (a finished run just returns its model).
     Returns the network to sample with (the EMA copy, in eval mode) and the per-step losses.
     """
-    import time
-
     ema = make_ema(model, ema_decay) if ema_decay > 0 else None
     final = ema.module if ema is not None else model
     opt = make_optimizer(model, lr)

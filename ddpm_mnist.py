@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -369,11 +368,8 @@ def make_figures(cfg: Config, model, ddpm: DDPM, device, shape) -> None:
 
     rows, times, sweep = [], [], sorted({s for s in (10, 20, 50, 100, 1000) if s <= ddpm.T} | {ddpm.T})
     for steps in sweep:
-        common.sync(device)
-        t0 = time.perf_counter()
-        x = ddpm.ddim_sample(model, x_T.shape, steps, x_T=x_T)
-        common.sync(device)
-        times.append((steps, time.perf_counter() - t0))
+        x, seconds = common.timed(device, lambda: ddpm.ddim_sample(model, x_T.shape, steps, x_T=x_T))
+        times.append((steps, seconds))
         rows.append(x[:8])
         print(f"DDIM {steps:4d} steps: {times[-1][1]:.2f}s per batch of {n}")
     common.save_grid(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), nrow=8)

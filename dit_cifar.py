@@ -45,7 +45,7 @@ import common
 import latent_diffusion
 from cfg import class_rows, guided_eps, loss as cfg_loss
 from ddpm_mnist import DDPM
-from latent_diffusion import VAE, decode, encode_latents, load_vae, timed
+from latent_diffusion import VAE, decode, encode_latents, load_vae
 
 
 @dataclass
@@ -344,7 +344,7 @@ def make_figures(cfg: Config, model: DiT, ddpm: DDPM, vae: VAE, scale: float, st
                        "test (EMA)": state["test_losses"]}, title=f"{state['config']['model']}: final test loss {final:.4f}")
     y = class_rows(range(model.null), cfg.n_per_class, device)                     # (K * n_per_class,)
     for w in cfg.ws:
-        x, seconds = timed(device, lambda: sample(model, ddpm, vae, scale, y, w, cfg.ddim_steps, cfg.seed, cfg.amp))
+        x, seconds = common.timed(device, lambda: sample(model, ddpm, vae, scale, y, w, cfg.ddim_steps, cfg.seed, cfg.amp))
         common.save_grid(x, os.path.join(cfg.out, f"cfg_w{w:g}.png"), nrow=cfg.n_per_class)
         print(f"w = {w:g}: {len(y)} images ({cfg.ddim_steps} DDIM steps, then the decoder) in {seconds:.2f}s")
     if cfg.eval > 0:

@@ -337,12 +337,10 @@ def score_sweep(ev: Evaluator, samplers: dict, n: int, shape: tuple, device, pat
         xs, seconds = [], 0.0
         for k in range(0, n, batch_size):
             x_T = torch.randn((min(batch_size, n - k), *shape), device=device, generator=g_T)
-            common.sync(device)
-            t0 = time.perf_counter()
             with common.autocast(device, amp):
-                xs.append(sample(x_T, g).float().clamp(-1, 1).cpu())
-            common.sync(device)
-            seconds += time.perf_counter() - t0
+                x, dt = common.timed(device, lambda: sample(x_T, g).float().clamp(-1, 1).cpu())
+            xs.append(x)
+            seconds += dt
         x = torch.cat(xs)
         rows.append(dict(sampler=name, steps=steps, seconds=seconds, fd=ev.fd(x), classes=coverage(ev.histogram(x))))
         print(f"{name} {steps:5d} steps  {seconds:8.1f}s  {ev.name} {rows[-1]['fd']:8.3f}  {rows[-1]['classes']}")

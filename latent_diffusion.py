@@ -27,7 +27,6 @@ samples_epochNNN.png and loss.png; printed: scale factor, test reconstruction er
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -254,15 +253,6 @@ def vae_figure(cfg: Config, vae: VAE, x_test) -> float:
     return mse
 
 
-def timed(device, fn):
-    """-> (fn(), wall seconds), waiting for the GPU before reading the clock."""
-    common.sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    common.sync(device)
-    return out, time.perf_counter() - t0
-
-
 def make_figures(cfg: Config, model, ddpm: DDPM, vae: VAE, scale: float, device) -> None:
     """VAE reconstructions, DDIM (top) against DDPM (bottom) from the same noise, sampling times,
     and (with --eval N) the FD of each sampler."""
@@ -278,8 +268,8 @@ def make_figures(cfg: Config, model, ddpm: DDPM, vae: VAE, scale: float, device)
     rows = []
     for (name, steps), sample in samplers.items():
         g = torch.Generator(device).manual_seed(cfg.seed)
-        z0, seconds = timed(device, lambda: sample(z_T, g))
-        x, decode_seconds = timed(device, lambda: decode(vae, z0, scale))
+        z0, seconds = common.timed(device, lambda: sample(z_T, g))
+        x, decode_seconds = common.timed(device, lambda: decode(vae, z0, scale))
         rows.append(x)
         print(f"{name} {steps} steps: {seconds:.2f}s for {len(x)} latents, + {decode_seconds:.2f}s to decode them")
     common.save_grid(torch.cat(rows), os.path.join(cfg.out, "ddim_vs_ddpm.png"), nrow=8)

@@ -236,7 +236,7 @@ def compare(cfg: Config, flows: dict, space: Space, device) -> None:
         common.save_grid(torch.cat([space.to_images(x0[:8]), space.to_images(x_ref[:8])]),
                          os.path.join(cfg.out, f"noise_vs_{name.lower()}.png"), nrow=8)
         for steps in cfg.steps:
-            x, seconds = ld.timed(device, lambda: euler_sample(model, x0, steps))   # decoding not included
+            x, seconds = common.timed(device, lambda: euler_sample(model, x0, steps))   # decoding not included
             err = (x - x_ref).pow(2).mean().item()
             grid.append(space.to_images(x[:8]))
             curves.setdefault(name, []).append((steps, err))
