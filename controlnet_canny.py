@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -181,34 +180,19 @@ def edge_f1(x, edges, low: int, high: int, tolerance: int) -> dict:
 
 
 def train(cfg: Config, model: ControlledUNet, ddpm, x_train, c_train, device):
-    """Diffusion loss on the control branch only; EMA of the control branch; a checkpoint per epoch."""
+    """Diffusion loss through the frozen UNet, optimising the control branch only (common.fit gets
+    `model.control`, so the optimizer and the EMA never see the UNet's weights); a checkpoint per epoch."""
     ckpt = os.path.join(cfg.out, "ckpt.pt")
-    ema = common.make_ema(model.control, cfg.ema_decay)
-    opt = common.make_optimizer(model.control, cfg.lr)  # only the ControlNet's parameters
     n_train, n_frozen = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (model.control, model.unet))
     print(f"ControlNet: {n_train:.2f}M trainable, UNet {n_frozen:.2f}M frozen; {len(x_train)} digits on {device}")
-    gen, step, losses = torch.Generator().manual_seed(cfg.seed), 0, []
-    for epoch in range(cfg.epochs):
-        model.train()
-        t0, epoch_losses = time.perf_counter(), []
-        for x0, c in common.batches(x_train, c_train, cfg.batch_size, generator=gen):
-            with common.autocast(device, cfg.amp):
-                loss = ddpm.loss(lambda x, t: model(x, t, c), x0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema.update_parameters(model.control)
-            epoch_losses.append(loss.detach())
-            step += 1
-        mean_loss = torch.stack(epoch_losses).mean()
-        common.check_finite(mean_loss, step, ckpt)
-        common.sync(device)
-        losses += torch.stack(epoch_losses).tolist()
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean_loss.item():.4f}  {time.perf_counter() - t0:.1f}s")
-        common.save_checkpoint(ckpt, model=model.control.state_dict(), ema=ema.module.state_dict(),
-                               opt=opt.state_dict(), step=step, losses=losses, config=asdict(cfg))
-        common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
-    return ema.module.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ema_control, losses = common.fit(
+        model.control, lambda net, b: ddpm.loss(lambda x, t: model(x, t, b[1]), b[0]),
+        lambda epoch: common.batches(x_train, c_train, cfg.batch_size, generator=gen),
+        epochs=cfg.epochs, ckpt=ckpt, device=device, lr=cfg.lr, ema_decay=cfg.ema_decay, amp=cfg.amp,
+        config=asdict(cfg))
+    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
+    return ema_control
 
 
 # ----------------------------------------------------------------------------- figures
