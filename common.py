@@ -1,19 +1,20 @@
-"""Small helpers shared by every script: plumbing only, never a method's own math or network.
+"""Tiny helpers shared by every script: plumbing only, never a method's loop, network or math.
 
 Conventions used everywhere (stated once, here):
 - Images are float tensors in [-1, 1] of shape (N, C, H, W) inside every model; `save_grid`
   converts them back to [0, 1] just before writing a PNG.
 - Config is a dataclass at the top of each script; `parse_config` turns every field into a
-  command-line flag (`batch_size` -> `--batch-size`, a bool -> `--flag / --no-flag`).
-- Checkpoints are dicts `{model, ema, opt, step, config}` written atomically and loaded with
-  `weights_only=True`; `config` is a plain dict so that loading stays safe.
+  command-line flag (`batch_size` -> `--batch-size`, a bool -> `--flag / --no-flag`), and
+  `metadata={"min": 1}` makes it refuse smaller values in one line.
+- Checkpoints are dicts written atomically and loaded with `weights_only=True`:
+  `{kind, net, config, model, ema, opt, step, epoch, losses, rng}`; `kind` names the script that
+  wrote it, `net` the constructor arguments of its network, so loaders can say what a file holds.
 - Bad input ends the program with one line, `error: what is wrong; how to fix it` (`die`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import math
 import os
 import random
@@ -24,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
-
 
 # ----------------------------------------------------------------------------- errors, config
 
@@ -41,7 +41,7 @@ def check(ok: bool, msg: str) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag or value (`--w abc`) is one line, not a usage block."""
+    """argparse, but a bad flag or value (`--lr abc`) is one line, not a usage block."""
 
     def error(self, message):
         die(f"{message} (see --help)")
@@ -50,34 +50,34 @@ class _Parser(argparse.ArgumentParser):
 def parse_config(cls, argv=None, description: str | None = None):
     """Build an argparse parser from a config dataclass and return a filled-in instance.
 
-    Each field becomes `--field-name`; its default is the dataclass default, its help text is
-    `field(metadata={"help": ...})`, and `metadata={"choices": [...]}` restricts the values.
-    `metadata={"positional": True}` makes a field a positional argument instead (`cmd VALUE`).
+    Each field becomes `--field-name` with the dataclass default (shown by --help). Field metadata:
+    "help" (text), "choices" (allowed values), "min" (smallest allowed number, for every element
+    of a tuple too) and "positional" (a positional argument instead of a flag: `cmd VALUE`).
     """
     parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(default=default, help=f.metadata.get("help", " "))
+        kw = dict(default=default, help=f.metadata.get("help", "-"))
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
-        typ = hints[f.name]
-        args = typing.get_args(typ)
+        typ, args = hints[f.name], typing.get_args(hints[f.name])
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(typ) in (tuple, list):  # e.g. tuple[int, ...] -> --mults 1 2 2
+        elif typing.get_origin(typ) in (tuple, list):      # tuple[int, ...] -> --steps 1 2 4
             kw.update(nargs="+", type=args[0])
-        elif type(None) in args:  # Optional[X]
-            kw["type"] = next(a for a in args if a is not type(None))
-        else:
-            kw["type"] = typ
-        if f.metadata.get("positional"):  # e.g. `evaluate.py SAMPLES.pt`: optional, default kept
+        else:                                              # X, or X | None
+            kw["type"] = next(a for a in args if a is not type(None)) if type(None) in args else typ
+        if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="?", **kw)
         else:
-            parser.add_argument(flag, **kw)
-    ns = parser.parse_args(argv)
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(ns).items()}
+            parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(parser.parse_args(argv)).items()}
+    for f in dataclasses.fields(cls):
+        lo, v = f.metadata.get("min"), values[f.name]
+        if lo is not None and v is not None:
+            for x in (v if isinstance(v, tuple) else (v,)):
+                check(x >= lo and math.isfinite(x), f"--{f.name.replace('_', '-')} must be >= {lo}, got {x}")
     return cls(**values)
 
 
@@ -85,12 +85,17 @@ def parse_config(cls, argv=None, description: str | None = None):
 
 
 def get_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU; anything else is passed to torch.device."""
+    """'auto' picks CUDA when present, else CPU; 'cpu', 'cuda' or 'cuda:N' otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check(name != "cuda" or torch.cuda.is_available(),
-          "--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        die(f"unknown --device '{name}'; use auto, cpu or cuda")
+    check(device.type in ("cpu", "cuda"), f"unknown --device '{name}'; use auto, cpu or cuda")
+    check(device.type == "cpu" or torch.cuda.is_available(),
+          f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu")
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -110,14 +115,21 @@ def setup_speed(device: torch.device) -> None:
 
 def autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast on CUDA (no loss scaling needed); a no-op on CPU, where bf16 is slow."""
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=enabled and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0):
     """AdamW, with the fused CUDA kernel when the model lives on a GPU."""
     fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float, step: int, warmup_steps: int, total_steps: int) -> None:
+    """The learning rate of step `step`: a linear warm-up to `lr` over w = min(warmup_steps,
+    total_steps // 5) steps (a short run warms up for a fifth of its steps, never all of them)."""
+    w = max(1, min(warmup_steps, total_steps // 5))
+    for group in opt.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / w)
 
 
 def sync(device: torch.device) -> None:
@@ -135,21 +147,28 @@ def timed(device: torch.device, fn):
     return out, time.perf_counter() - t0
 
 
+def progress(iterable, desc: str = "", total: int | None = None):
+    """A tqdm progress bar, shown only on a terminal (tests and CI logs stay short)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=None, leave=False, dynamic_ncols=True)
+
+
 # ----------------------------------------------------------------------------- noise schedules
 
 
 def make_beta_schedule(name: str, T: int) -> torch.Tensor:
-    """beta_1..beta_T (float64) for T steps.
+    """beta_t for the integer steps t = 0..T-1 (float64).
 
-    linear:  beta_t from 1e-4 to 0.02, scaled by 1000/T so other T keep the same total noise
+    linear:  beta from 1e-4 to 0.02, scaled by 1000/T so other T keep the same total noise
              (Ho et al., 2020).
     cosine:  alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), s = 0.008, and
-             beta_t = 1 - alpha_bar(t) / alpha_bar(t-1) clipped at 0.999 (Nichol & Dhariwal, 2021).
+             beta_t = 1 - alpha_bar(t+1) / alpha_bar(t) clipped at 0.999 (Nichol & Dhariwal, 2021).
     sigmoid: beta_t = sigmoid(linspace(-6, 6)) rescaled to the linear schedule's range
              (Jabri et al., 2022): slow at both ends, fast in the middle.
     """
     scale = 1000 / T
-    lo, hi = scale * 1e-4, min(scale * 0.02, 0.999)  # T <= 20 would reach beta = 1: alpha_bar_T = 0
+    lo, hi = scale * 1e-4, min(scale * 0.02, 0.999)  # T <= 20 would reach beta = 1: alpha_bar = 0
     if name == "linear":
         return torch.linspace(lo, hi, T, dtype=torch.float64)
     if name == "cosine":
@@ -164,15 +183,251 @@ def make_beta_schedule(name: str, T: int) -> torch.Tensor:
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, as in the Transformer.
-
-    emb[:, i] = sin(t * w_i), emb[:, dim/2 + i] = cos(t * w_i), w_i = max_period^(-2i/dim).
-    t: (N,) -> (N, dim).
-    """
+    emb[:, i] = sin(t w_i), emb[:, dim/2 + i] = cos(t w_i), w_i = max_period^(-2i/dim). (N,) -> (N, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_images(dataset: str, data_dir: str = "data", train: bool = True, download: bool = True,
+                image_size: int | None = None, channels: int = 3,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole dataset as one tensor on `device`: (x, y), x in [-1, 1] of shape (N, C, H, W).
+
+    dataset: 'mnist' or 'cifar10' (torchvision, under data_dir), or the path of a folder in
+    ImageFolder layout (`root/<class>/<image>`; `train` picks `root/train` or `root/test` when they
+    exist). Folder images are resized to `image_size` (default 32) with `channels` channels. Small
+    datasets fit on the GPU, so batches are sliced from there with no host-to-device copy.
+    """
+    from torchvision import datasets, transforms  # imported here: torchvision is slow to import
+
+    name = dataset.lower()
+    if name in ("mnist", "cifar10"):
+        try:
+            ds = (datasets.MNIST if name == "mnist" else datasets.CIFAR10)(data_dir, train=train, download=download)
+        except Exception as e:  # no network, or a broken mirror
+            where = os.path.join(data_dir, "MNIST/raw" if name == "mnist" else "cifar-10-batches-py")
+            die(f"{dataset} is not under '{where}' and could not be downloaded ({type(e).__name__}); "
+                "put the files there, or pass --data-dir to where they are")
+        x = ds.data[:, None] if name == "mnist" else torch.from_numpy(ds.data).permute(0, 3, 1, 2)
+        y = torch.as_tensor(ds.targets, dtype=torch.long)
+    else:
+        check(os.path.isdir(dataset), f"unknown dataset '{dataset}': use mnist, cifar10 or the path "
+              "of an image folder laid out as ROOT/<class>/<image>.png")
+        split = os.path.join(dataset, "train" if train else "test")
+        root, size = (split if os.path.isdir(split) else dataset), image_size or 32
+        tf = transforms.Compose([
+            transforms.Grayscale(1) if channels == 1 else transforms.Lambda(lambda im: im.convert("RGB")),
+            transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+        try:
+            ds = datasets.ImageFolder(root, transform=tf)
+            xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=512, num_workers=min(8, os.cpu_count() or 1)))
+        except Exception as e:  # no class folders, or an image PIL cannot decode (the message names it)
+            die(f"cannot read the images under '{root}': {' '.join(str(e).split())[-200:]}; it needs class "
+                "sub-folders of readable .png/.jpg files (remove or replace broken ones)")
+        x, y = torch.cat(xs), torch.cat(ys)
+    x = x.float().div(127.5).sub(1.0)                     # uint8 [0, 255] -> float [-1, 1]
+    if image_size and x.shape[-1] != image_size:
+        x = F.interpolate(x, size=image_size, mode="bilinear", antialias=True, align_corners=False)
+    return x.to(device), y.to(device)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, generator=None):
+    """Shuffled (x, y) mini-batches of tensors that already live on the training device, in an
+    order fixed by `seed` (pass seed + epoch: a resumed run sees the same batches). The last
+    incomplete batch is dropped (steady shapes for torch.compile); a dataset smaller than one
+    batch gives one batch of everything."""
+    n, batch_size = len(x), min(batch_size, len(x))
+    idx = torch.randperm(n, generator=generator or torch.Generator().manual_seed(seed)).to(x.device)
+    for i in range(0, n - batch_size + 1, batch_size):
+        j = idx[i:i + batch_size]
+        yield x[j], y[j]
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+def make_ema(model: torch.nn.Module, decay: float = 0.999, warmup: bool = True) -> AveragedModel:
+    """Exponential moving average of the parameters (never the buffers) of `model`.
+
+    theta_ema <- d theta_ema + (1 - d) theta. With `warmup`, d = min(decay, (1 + n) / (10 + n))
+    after n updates, so a short run's EMA is not stuck near the random initialisation (the usual
+    cause of "EMA samples are pure noise").
+    """
+    def ema_update(ema_params, params, n):
+        n = int(n)
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+
+    ema = AveragedModel(model, multi_avg_fn=ema_update, use_buffers=False)
+    return ema.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- output folder, checkpoints
+
+
+def prepare_out(out: str) -> None:
+    """Create the output folder, or stop in one line when it cannot hold our files."""
+    check(not os.path.exists(out) or os.path.isdir(out), f"--out '{out}' is a file; pass a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        die(f"cannot create --out '{out}' ({e.strerror}); pass a folder you can write to")
+    check(os.access(out, os.W_OK), f"cannot write to --out '{out}'; pass a folder you can write to")
+
+
+def new_or_resume(ckpt: str, resume: bool, overwrite: bool) -> None:
+    """Before any work: a training run never replaces a checkpoint by accident. An existing `ckpt`
+    is continued (--resume) or replaced (--overwrite); otherwise the run stops here, in one line."""
+    prepare_out(os.path.dirname(ckpt) or ".")
+    if resume:
+        check(os.path.isfile(ckpt), f"--resume: there is no checkpoint '{ckpt}' to continue; drop --resume")
+    else:
+        check(overwrite or not os.path.exists(ckpt), f"'{ckpt}' already holds a checkpoint; pass --resume "
+              "to continue it, --out to train a new one elsewhere, or --overwrite to replace it")
+
+
+def save_checkpoint(path: str, **state) -> None:
+    """torch.save to `path` atomically: write a temporary file, then rename it over the old one,
+    so an interruption never leaves a half-written checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        die(f"cannot write checkpoint '{path}' ({e.strerror}); pass a --out you can write to")
+
+
+def load_checkpoint(path: str, device: torch.device | str = "cpu", kind: str | None = None,
+                    keys: tuple[str, ...] = (), hint: str = "train first, or pass the right path") -> dict:
+    """Load a checkpoint written by `save_checkpoint` (weights_only=True: no pickled code runs).
+    `kind`: the script that must have written it; `keys`: entries it must hold."""
+    check(os.path.isfile(path), f"checkpoint '{path}' not found; {hint}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"cannot read checkpoint '{path}' ({type(e).__name__}: it is damaged or not a checkpoint); "
+            "pass another file, or train again")
+    check(isinstance(state, dict), f"'{path}' is not a checkpoint of this codebase; pass another file")
+    if kind is not None:
+        found = state.get("kind")
+        check(found == kind, f"'{path}' holds " + (f"a {found} checkpoint" if found else "no checkpoint of this "
+              "codebase") + f", not a {kind} one; pass a {kind} checkpoint")
+    missing = [k for k in keys if k not in state]
+    check(not missing, f"'{path}' lacks {', '.join(missing)}; it is not a finished {kind or 'training'} "
+          "checkpoint: pass another file, or train again")
+    return state
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, path: str) -> None:
+    """model.load_state_dict, with a one-line error that says which network the file holds."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError:
+        n = sum(v.numel() for v in state_dict.values())
+        have = sum(v.numel() for v in model.state_dict().values())
+        die(f"the weights in '{path}' ({len(state_dict)} tensors, {n / 1e6:.2f}M numbers) do not fit the "
+            f"network built for them ({have / 1e6:.2f}M numbers{', ' + str(getattr(model, 'config', ''))}); "
+            "use the settings it was trained with")
+
+
+def resume(path: str, device, kind: str, cfg, same: tuple[str, ...], model, ema, opt) -> tuple[int, int, list]:
+    """Continue a run from `path`: weights, EMA, optimizer moments and the random-number state come
+    back, so the resumed run draws the t, noise and dropout an uninterrupted one would. The fields
+    in `same` (those that define the model or the process, e.g. T) must equal the checkpoint's;
+    the learning rate is the current --lr (the loop sets it every step). -> (step, epoch, losses)"""
+    state = load_checkpoint(path, device, kind, keys=("model", "ema", "opt", "step", "epoch", "rng"))
+    for k in same:
+        new, old = getattr(cfg, k), state.get("config", {}).get(k)
+        check(old is None or old == new,
+              f"--{k.replace('_', '-')} is {new} but '{path}' was trained with {old}; resume with the "
+              "same value, or train a new model into another --out")
+    load_weights(model, state["model"], path)
+    ema.module.load_state_dict(state["ema"])
+    ema.n_averaged.fill_(state["step"])
+    opt.load_state_dict(state["opt"])
+    torch.set_rng_state(state["rng"]["cpu"].cpu())
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    print(f"resumed {path} at epoch {state['epoch']}, step {state['step']}")
+    return state["step"], state["epoch"], state["losses"]
+
+
+def training_state(model, ema, opt, step: int, epoch: int, losses: list) -> dict:
+    """What `resume` needs, for save_checkpoint; `ema` holds the weights to sample with."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return dict(model=model.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(), step=step,
+                epoch=epoch, losses=losses, rng=rng)
+
+
+def check_finite(loss: torch.Tensor, step: int, ckpt: str) -> None:
+    """Stop on a NaN/inf loss, before it is saved: the last good checkpoint stays on disk."""
+    if not torch.isfinite(loss):
+        if os.path.isfile(ckpt):
+            die(f"loss became {loss.item()} at step {step}; '{ckpt}' still holds the last good epoch: "
+                "continue from it with --resume and a lower --lr")
+        die(f"loss became {loss.item()} at step {step}, before any checkpoint was written; "
+            "start again with a lower --lr")
+
+
+# ----------------------------------------------------------------------------- figures and tables
+
+
+def save_grid(x: torch.Tensor, path: str, nrow: int = 8, padding: int = 2) -> None:
+    """Save images in [-1, 1] as one PNG grid (torchvision's make_grid/save_image)."""
+    from torchvision.utils import save_image
+
+    save_image(((x.detach().float().cpu() + 1) / 2).clamp(0, 1), path, nrow=nrow, padding=padding)
+
+
+def plot_curves(path: str, curves: dict, xlabel: str = "step", ylabel: str = "loss",
+                logy: bool = True, title: str | None = None) -> None:
+    """Line plot of named curves, each a list of (x, y) pairs or a list of y values."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in curves.items():
+        xs, ys = zip(*values) if len(values) and isinstance(values[0], (tuple, list)) else (range(len(values)), values)
+        ax.plot(xs, ys, label=name, lw=1.2)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title or "")
+    if logy:
+        ax.set_yscale("log")
+    if len(curves) > 1:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def smooth(values: list[float], k: int = 50) -> list[tuple[int, float]]:
+    """Running mean over k points of a per-step loss, as (step, value) pairs for plot_curves."""
+    if len(values) < k:
+        return list(enumerate(values))
+    v = np.convolve(np.asarray(values, dtype=np.float64), np.ones(k) / k, mode="valid")
+    return list(zip(range(k - 1, len(values)), v.tolist()))
+
+
+def write_table(path: str, header: list[str], rows: list[list]) -> str:
+    """Write rows as a markdown table (floats with 3 decimals) to `path` and return its text."""
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+# ============================================================================= LEGACY (transition only)
+# Removed when the redesign is complete: nothing new may use these.
+import datetime  # noqa: E402
 
 def clip_x0(eps_fn, alpha_bar: torch.Tensor):
     """Wrap a noise predictor eps_fn(x_t, t) so that the clean image it implies,
@@ -187,80 +442,27 @@ def clip_x0(eps_fn, alpha_bar: torch.Tensor):
     return eps
 
 
-# ----------------------------------------------------------------------------- data
+def checkpoint_or_train(path: str, default: str, train_fn, what: str = "base model") -> str:
+    """The checkpoint that a script builds on. A `path` given on the command line must exist
+    (one-line error otherwise); with none given, `default` is used, and `train_fn()` writes it
+    first when it is missing."""
+    if path:
+        check(os.path.isfile(path), f"{what} checkpoint '{path}' not found; train it first, "
+              "or leave the flag out to use (and, when missing, train) the default one")
+        return path
+    if not os.path.isfile(default):
+        print(f"no {what} at '{default}': training it first")
+        train_fn()
+    return default
 
 
-def _to_unit_range(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 in [0, 255] -> float in [-1, 1]."""
-    return x_uint8.float().div(127.5).sub(1.0)
-
-
-def load_images(dataset: str, data_dir: str = "data", train: bool = True, download: bool = True,
-                image_size: int | None = None, channels: int = 3,
-                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Load a whole dataset into one tensor on `device`: (x, y), x in [-1, 1] of shape (N, C, H, W).
-
-    dataset: 'mnist' or 'cifar10' (torchvision, under data_dir), or the path of a folder in
-    ImageFolder layout (`root/<class>/<image>`; `train` then picks `root/train` when it exists,
-    else the folder itself). Folder images are resized to `image_size` and kept with `channels`
-    channels (1 = grayscale, 3 = RGB). Small datasets fit on the GPU, so training batches are
-    sliced from there with no per-step host-to-device copy (see `batches`).
-    """
-    from torchvision import datasets, transforms  # imported here: torchvision is slow to import
-
-    name = dataset.lower()
-    if name in ("mnist", "cifar10"):
-        cls = datasets.MNIST if name == "mnist" else datasets.CIFAR10
-        try:
-            ds = cls(data_dir, train=train, download=download)
-        except Exception as e:  # no network, or a broken mirror
-            where = os.path.join(data_dir, "MNIST/raw" if name == "mnist" else "cifar-10-batches-py")
-            die(f"{dataset} is not under '{where}' and could not be downloaded "
-                f"({type(e).__name__}); put the files there, or pass --data-dir to where they are")
-        if name == "mnist":
-            x = ds.data[:, None]  # (N, 1, 28, 28) uint8
-        else:
-            x = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # (N, 3, 32, 32) uint8
-        x, y = _to_unit_range(x), torch.as_tensor(ds.targets, dtype=torch.long)
-    else:
-        root = dataset
-        check(os.path.isdir(root), f"unknown dataset '{dataset}': use mnist, cifar10 or the path "
-              "of an image folder laid out as ROOT/<class>/<image>.png")
-        split = os.path.join(root, "train" if train else "test")
-        if os.path.isdir(split):
-            root = split
-        size = image_size or 32
-        tf = transforms.Compose([
-            transforms.Grayscale(1) if channels == 1 else transforms.Lambda(lambda im: im.convert("RGB")),
-            transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
-        try:
-            ds = datasets.ImageFolder(root, transform=tf)
-        except (FileNotFoundError, OSError) as e:
-            die(f"cannot read images from '{root}' ({e}); it needs class sub-folders holding "
-                ".png/.jpg files")
-        loader = torch.utils.data.DataLoader(ds, batch_size=512, num_workers=min(8, os.cpu_count() or 1))
-        xs, ys = zip(*loader)
-        x, y = _to_unit_range(torch.cat(xs)), torch.cat(ys)
-    if image_size is not None and x.shape[-1] != image_size:
-        x = F.interpolate(x, size=image_size, mode="bilinear", antialias=True, align_corners=False)
-    return x.to(device), y.to(device)
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True,
-            generator: torch.Generator | None = None):
-    """Yield (x, y) mini-batches sliced from tensors that already live on the training device.
-
-    Drops the last incomplete batch when shuffling (steady shapes for torch.compile); a dataset
-    smaller than one batch gives one batch of everything.
-    """
-    n = len(x)
-    batch_size = min(batch_size, n)
-    idx = (torch.randperm(n, device="cpu", generator=generator).to(x.device) if shuffle
-           else torch.arange(n, device=x.device))
-    stop = n - batch_size + 1 if shuffle else n
-    for i in range(0, stop, batch_size):
-        j = idx[i:i + batch_size]
-        yield x[j], y[j]
+def within_class_diversity(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean pairwise L2 distance between images of the same class, averaged over the classes that
+    have at least two images: a diversity number that needs no classifier (it falls when guidance
+    pulls every sample of a class onto the same few typical images). x (N, C, H, W), y (N,)."""
+    d = [torch.pdist(x[y == k].flatten(1).float()).mean() for k in y.unique() if (y == k).sum() > 1]
+    check(len(d) > 0, "diversity needs at least two images of one class")
+    return torch.stack(d).mean().item()
 
 
 # ----------------------------------------------------------------------------- distributed (torchrun)
@@ -323,78 +525,6 @@ def replicas_in_sync(model: torch.nn.Module) -> bool:
     return bool(same.item())
 
 
-# ----------------------------------------------------------------------------- EMA
-
-
-def make_ema(model: torch.nn.Module, decay: float = 0.999, warmup: bool = True) -> AveragedModel:
-    """Exponential moving average of the parameters (never the buffers) of `model`.
-
-    theta_ema <- d * theta_ema + (1 - d) * theta. With `warmup`, d = min(decay, (1 + n) / (10 + n))
-    after n updates, so a short run's EMA is not stuck near the random initialisation (the usual
-    cause of "EMA samples are pure noise").
-    """
-    def ema_update(ema_params, params, n):
-        n = int(n)
-        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
-        torch._foreach_lerp_(ema_params, params, 1 - d)
-
-    ema = AveragedModel(model, multi_avg_fn=ema_update, use_buffers=False)
-    ema.requires_grad_(False)
-    return ema
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: str, **state) -> None:
-    """torch.save to `path` atomically: write a temporary file, then rename it over the old one,
-    so an interruption never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, device: torch.device | str = "cpu", hint: str = "") -> dict:
-    """Load a checkpoint written by `save_checkpoint` (weights_only=True: no pickled code runs)."""
-    check(os.path.isfile(path), f"checkpoint '{path}' not found; {hint or 'train first, or pass --ckpt'}")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        die(f"cannot read checkpoint '{path}' ({type(e).__name__}); delete it and train again")
-
-
-def load_weights(model: torch.nn.Module, state_dict: dict, path: str) -> None:
-    """model.load_state_dict with a one-line error when the checkpoint is of another network."""
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)[:120]
-        die(f"checkpoint '{path}' does not fit this network ({first}); "
-            "sample with the settings it was trained with, or train a new one")
-
-
-def checkpoint_or_train(path: str, default: str, train_fn, what: str = "base model") -> str:
-    """The checkpoint that a script builds on. A `path` given on the command line must exist
-    (one-line error otherwise); with none given, `default` is used, and `train_fn()` writes it
-    first when it is missing."""
-    if path:
-        check(os.path.isfile(path), f"{what} checkpoint '{path}' not found; train it first, "
-              "or leave the flag out to use (and, when missing, train) the default one")
-        return path
-    if not os.path.isfile(default):
-        print(f"no {what} at '{default}': training it first")
-        train_fn()
-    return default
-
-
-def check_finite(loss: torch.Tensor, step: int, ckpt: str) -> None:
-    """Stop training with a message on a NaN/inf loss; the last good checkpoint stays on disk."""
-    if not torch.isfinite(loss):
-        die(f"loss became {loss.item()} at step {step}; lower --lr and restart "
-            f"(the last good checkpoint is '{ckpt}', use --resume)")
-
-
 # ----------------------------------------------------------------------------- training loop
 
 
@@ -455,69 +585,3 @@ def fit(model: torch.nn.Module, loss_fn, batches_fn, *, epochs: int, ckpt: str,
     return final.eval(), losses
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def save_grid(x: torch.Tensor, path: str, nrow: int = 8, padding: int = 2) -> None:
-    """Save images in [-1, 1] as one PNG grid (torchvision's make_grid/save_image)."""
-    from torchvision.utils import save_image
-
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_image(((x.detach().float().cpu() + 1) / 2).clamp(0, 1), path, nrow=nrow, padding=padding)
-
-
-def plot_curves(path: str, curves: dict, xlabel: str = "step", ylabel: str = "loss",
-                logy: bool = True, title: str | None = None) -> None:
-    """Line plot of named curves, each a list of (x, y) pairs or a list of y values."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, values in curves.items():
-        if len(values) and isinstance(values[0], (tuple, list)):
-            xs, ys = zip(*values)
-        else:
-            xs, ys = range(len(values)), values
-        ax.plot(xs, ys, label=name, lw=1.2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
-    if title:
-        ax.set_title(title)
-    if len(curves) > 1:
-        ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def smooth(values: list[float], k: int = 50) -> list[tuple[int, float]]:
-    """Running mean over k points of a per-step loss, as (step, value) pairs for plot_curves."""
-    if len(values) < k:
-        return list(enumerate(values))
-    v = np.convolve(np.asarray(values, dtype=np.float64), np.ones(k) / k, mode="valid")
-    return list(zip(range(k - 1, len(values)), v.tolist()))
-
-
-def within_class_diversity(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean pairwise L2 distance between images of the same class, averaged over the classes that
-    have at least two images: a diversity number that needs no classifier (it falls when guidance
-    pulls every sample of a class onto the same few typical images). x (N, C, H, W), y (N,)."""
-    d = [torch.pdist(x[y == k].flatten(1).float()).mean() for k in y.unique() if (y == k).sum() > 1]
-    check(len(d) > 0, "diversity needs at least two images of one class")
-    return torch.stack(d).mean().item()
-
-
-def write_table(path: str, header: list[str], rows: list[list]) -> str:
-    """Write rows as a markdown table (floats with 3 decimals) to `path` and return its text."""
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return "\n".join(lines)

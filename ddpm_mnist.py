@@ -271,6 +271,19 @@ class DDPM(nn.Module):
         return x
 
 
+def clip_x0(eps_fn, alpha_bar: torch.Tensor):
+    """Wrap a noise predictor eps_fn(x_t, t) so that the clean image it implies,
+        x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t),
+    is clipped to the data range [-1, 1] and eps recomputed from it. DDPM and DDIM steps are
+    functions of x0_hat, so they stop aiming outside the data (guided and undertrained models
+    overshoot: "clip_denoised" in Dhariwal & Nichol's code). alpha_bar: (T,), t: (N,) integer steps."""
+    def eps(x_t, t):
+        ab = alpha_bar[t].view(-1, *([1] * (x_t.dim() - 1)))
+        x0_hat = ((x_t - (1 - ab).sqrt() * eps_fn(x_t, t).float()) / ab.sqrt()).clamp(-1, 1)
+        return (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+    return eps
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -307,6 +320,22 @@ def train(cfg: Config, device) -> tuple[UNet, DDPM]:
         config=asdict(cfg), unet=model.config)
     common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
     return ema_model, ddpm
+
+
+DEFAULT_CKPT = "runs/ddpm_mnist/ckpt.pt"
+
+
+def ensure_trained(path: str, device, *, dataset: str = "mnist", data_dir: str = "data", download: bool = True,
+                   image_size: int = 0, channels: int = 3, seed: int = 0, amp: bool = True) -> str:
+    """The path of a trained ddpm_mnist.py checkpoint for scripts that build on one. The default
+    path is trained first (this script's defaults) when missing; any other path must exist."""
+    if path == DEFAULT_CKPT and not os.path.isfile(path):
+        print(f"no base model at '{path}': training it first with ddpm_mnist.py's defaults")
+        train(Config(dataset=dataset, data_dir=data_dir, download=download, image_size=image_size,
+                     channels=channels, seed=seed, amp=amp, out=os.path.dirname(path)), device)
+    common.check(os.path.isfile(path), f"base model checkpoint '{path}' not found; train it with ddpm_mnist.py, "
+                 f"or leave the flag at its default ({DEFAULT_CKPT}) to train one")
+    return path
 
 
 def load_trained(path: str, device) -> tuple[UNet, DDPM, dict]:

@@ -93,6 +93,15 @@ def blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     return gaussian_blur(x, [k, k], [sigma, sigma])
 
 
+
+def within_class_diversity(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean pairwise L2 distance between images of the same class, averaged over the classes that
+    have at least two images: a diversity number that needs no classifier (it falls when guidance
+    pulls every sample of a class onto the same few typical images). x (N, C, H, W), y (N,)."""
+    d = [torch.pdist(x[y == k].flatten(1).float()).mean() for k in y.unique() if (y == k).sum() > 1]
+    common.check(len(d) > 0, "diversity needs at least two images of one class")
+    return torch.stack(d).mean().item()
+
 # ----------------------------------------------------------------------------- classifiers
 
 
