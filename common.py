@@ -47,18 +47,15 @@ class _Parser(argparse.ArgumentParser):
         die(f"{message} (see --help)")
 
 
-def parse_config(cls, argv=None, description: str | None = None):
-    """Build an argparse parser from a config dataclass and return a filled-in instance.
-
-    Each field becomes `--field-name` with the dataclass default (shown by --help). Field metadata:
-    "help" (text), "choices" (allowed values), "min" (smallest allowed number, for every element
-    of a tuple too) and "positional" (a positional argument instead of a flag: `cmd VALUE`).
-    """
+def make_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of the config dataclass `cls`: `--field-name`,
+    its default the dataclass default (shown by --help). Field metadata: "help" (text), "choices"
+    (allowed values), "min" (checked by `parse_config`), "positional" (`cmd VALUE`, not a flag)."""
     parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(default=default, help=f.metadata.get("help", "-"))
+        kw = dict(default=default, help=f.metadata.get("help", "default: %(default)s"))
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         typ, args = hints[f.name], typing.get_args(hints[f.name])
@@ -72,7 +69,14 @@ def parse_config(cls, argv=None, description: str | None = None):
             parser.add_argument(f.name, nargs="?", **kw)
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(parser.parse_args(argv)).items()}
+    return parser
+
+
+def parse_config(cls, argv=None, description: str | None = None):
+    """Parse the command line into an instance of the config dataclass `cls` (see make_parser);
+    a value below a field's "min" stops with one line."""
+    values = vars(make_parser(cls, description).parse_args(argv))
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()}
     for f in dataclasses.fields(cls):
         lo, v = f.metadata.get("min"), values[f.name]
         if lo is not None and v is not None:
