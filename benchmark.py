@@ -23,20 +23,20 @@ import ddpm_mnist
 
 @dataclass
 class Config:
-    preset: str = field(default="mnist", metadata={"choices": list(ddpm_mnist.PRESETS)})
-    image_size: int = 28
-    channels: int = 1
-    batch_size: int = field(default=128, metadata={"help": "training batch"})
-    train_steps: int = field(default=50, metadata={"help": "timed training steps per repeat"})
-    sample_batch: int = field(default=64, metadata={"help": "images per sampling batch"})
-    ddim_steps: int = 50
-    T: int = 1000
-    warmup: int = 10
-    repeats: int = 3
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    device: str = "auto"
+    preset: str = field(default="mnist", metadata={"help": "UNet size", "choices": list(ddpm_mnist.PRESETS)})
+    image_size: int = field(default=28, metadata={"min": 1})
+    channels: int = field(default=1, metadata={"min": 1})
+    batch_size: int = field(default=128, metadata={"help": "training batch", "min": 1})
+    train_steps: int = field(default=50, metadata={"help": "timed training steps per repeat", "min": 1})
+    sample_batch: int = field(default=64, metadata={"help": "images per sampling batch", "min": 1})
+    ddim_steps: int = field(default=50, metadata={"help": "steps of the timed DDIM run", "min": 1})
+    T: int = field(default=1000, metadata={"help": "diffusion steps (the timed DDPM run takes all of them)", "min": 1})
+    warmup: int = field(default=10, metadata={"help": "untimed training steps first (autotuning, compile)", "min": 0})
+    repeats: int = field(default=3, metadata={"help": "timed runs; the median is reported", "min": 1})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on CUDA"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -46,6 +46,7 @@ def timed(fn, device, repeats: int) -> float:
 
 def main(argv=None) -> dict:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    common.check(cfg.ddim_steps <= cfg.T, f"--ddim-steps must be in 1..--T ({cfg.T}), got {cfg.ddim_steps}")
     device = common.get_device(cfg.device)
     common.setup_speed(device)
     torch.manual_seed(0)

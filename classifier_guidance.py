@@ -17,17 +17,19 @@ Run:
     python classifier_guidance.py                      # (base model,) classifier, then the figures
     python classifier_guidance.py --base-ckpt runs/ddpm_cosine/ckpt.pt --out runs/cg_cosine
     python classifier_guidance.py --sample-only --scales 0 2 5 --samplers ddim   # no training
+    python classifier_guidance.py --sample-only --eval 1000   # + LeNet accuracy and FD of 1000 samples per s
     python classifier_guidance.py --resume             # continue the classifier's training
 Printed: the classifier's test accuracy per noise level (also accuracy_per_t.png). Figures in
 --out: guided_{sampler}_s{scale}.png (one row per target class, the same noise for every scale,
-s = 0 the unguided baseline), accuracy_vs_scale.png and .md: class accuracy by evaluate.py's LeNet
-(independent of the guide; --no-eval skips it), by p_phi itself at t = 0 (optimistic: the samples
-were pushed towards what p_phi likes), and the within-class diversity.
+s = 0 the unguided baseline), accuracy_vs_scale.png and .md: the class accuracy by p_phi itself at
+t = 0 (optimistic: the samples were pushed towards what p_phi likes) and the within-class diversity;
+with --eval N also the class accuracy by evaluate.py's LeNet (independent of the guide) and FD.
 """
 from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -38,7 +40,7 @@ import common
 import ddpm_mnist
 from ddpm_mnist import DDPM, PRESETS, norm
 
-DEFAULT_BASE = "runs/ddpm_mnist/ckpt.pt"
+KIND = "classifier_guidance.py classifier"
 
 
 @dataclass
@@ -46,36 +48,57 @@ class Config:
     dataset: str = field(default="mnist", metadata={"help": "the base model's data: mnist, cifar10 or an image folder"})
     data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
     download: bool = field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
-    image_size: int = field(default=0, metadata={"help": "resize images to this (0: MNIST 28, others 32)"})
-    channels: int = field(default=3, metadata={"help": "image folders only: 1 (gray) or 3 (RGB)"})
-    base_ckpt: str = field(default="", metadata={"help": f"unconditional ddpm_mnist.py checkpoint (default "
-                                                         f"{DEFAULT_BASE}, trained first when missing)"})
+    image_size: int = field(default=0, metadata={"help": "resize images to this (0: the base model's size)", "min": 0})
+    channels: int = field(default=3, metadata={"help": "image folders only: 1 (gray) or 3 (RGB), as the base's",
+                                               "choices": [1, 3]})
+    base_ckpt: str = field(default=ddpm_mnist.DEFAULT_CKPT, metadata={
+        "help": "unconditional ddpm_mnist.py checkpoint (this default is trained first when missing)"})
     preset: str = field(default="auto", metadata={"help": "classifier size (that UNet's encoder)",
                                                   "choices": ["auto", *PRESETS]})
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 5e-4
-    warmup_steps: int = 200
-    ema_decay: float = 0.999
-    scales: tuple[float, ...] = field(default=(0.0, 1.0, 3.0, 10.0), metadata={"help": "guidance scales s"})
-    samplers: tuple[str, ...] = field(default=("ddim", "ddpm"), metadata={"choices": ["ddim", "ddpm"]})
-    classes: tuple[int, ...] = field(default=tuple(range(10)), metadata={"help": "target classes (grid rows)"})
-    n_per_class: int = field(default=50, metadata={"help": "samples per class and scale (grids show 10)"})
-    ddim_steps: int = 50
-    eta: float = field(default=0.0, metadata={"help": "DDIM noise: 0 deterministic, 1 DDPM-like"})
+    epochs: int = field(default=10, metadata={"help": "passes over the training set", "min": 1})
+    batch_size: int = field(default=128, metadata={"help": "images per optimizer step", "min": 1})
+    lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate (after the warm-up)"})
+    warmup_steps: int = field(default=200, metadata={"help": "linear warm-up (at most a fifth of the run)", "min": 0})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights, which guide", "min": 0})
+    scale: float = field(default=3.0, metadata={"help": "guidance scale s of the progress grids"})
+    scales: tuple[float, ...] = field(default=(0.0, 1.0, 3.0, 10.0), metadata={
+        "help": "guidance scales s; s = 0 is the unguided base model"})
+    samplers: tuple[str, ...] = field(default=("ddim", "ddpm"), metadata={
+        "help": "ddpm runs all T steps of the base, each with a classifier gradient", "choices": ["ddim", "ddpm"]})
+    classes: tuple[int, ...] = field(default=tuple(range(10)), metadata={"help": "target classes (rows)", "min": 0})
+    n_per_class: int = field(default=50, metadata={"help": "samples per class and scale (grids show 10)", "min": 2})
+    ddim_steps: int = field(default=50, metadata={"help": "DDIM steps (at most the base's T)", "min": 1})
+    eta: float = field(default=0.0, metadata={"help": "DDIM noise: 0 deterministic, 1 DDPM-like", "min": 0})
     sigma: str = field(default="posterior", metadata={"help": "DDPM Sigma_t = sigma_t^2 I",
                                                       "choices": ["beta", "posterior"]})
     clip: bool = field(default=True, metadata={"help": "clip x0_hat to [-1, 1] at every step (large s overshoots)"})
-    eval: bool = field(default=True, metadata={"help": "class accuracy and FD with evaluate.py (trains its "
-                                                       "LeNet once, ~1 min on a GPU, cached in checkpoints/)"})
-    out: str = "runs/classifier_guidance"
+    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples per sampler and s (balanced over "
+                      "--classes) with evaluate.py: LeNet class accuracy and FD; 0 = off. Costs N x steps x (UNet "
+                      "+ classifier forward and backward) each, and training evaluate.py's classifier once "
+                      "(~1 min on a GPU, cached in checkpoints/)"})
+    sample_every: int = field(default=5, metadata={"help": "epochs between progress grids", "min": 1})
+    out: str = field(default="runs/classifier_guidance", metadata={"help": "output folder"})
     ckpt: str = field(default="", metadata={"help": "classifier checkpoint (default OUT/ckpt.pt)"})
-    resume: bool = False
+    resume: bool = field(default=False, metadata={"help": "continue the classifier's training in --ckpt"})
+    overwrite: bool = field(default=False, metadata={"help": "train a new classifier over an existing --ckpt"})
     sample_only: bool = field(default=False, metadata={"help": "load --ckpt and make figures, no training"})
-    seed: int = 0
-    device: str = "auto"
+    seed: int = field(default=0, metadata={"help": "the same seed gives the same run and the same samples"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the classifier"})
+
+
+def check_config(cfg: Config) -> None:
+    """The checks that argparse (choices, min) cannot make; those against the base come in load_base."""
+    common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    common.check(all(math.isfinite(s) for s in (cfg.scale, *cfg.scales)),
+                 f"--scale and --scales must be finite numbers, got {cfg.scale} and {cfg.scales}")
+    common.check(cfg.eval != 1, "--eval needs at least 2 samples for a Frechet distance (or 0: off)")
+
+
+def load_data(cfg: Config, image_size: int, channels: int, device, train: bool = True):
+    """(x, y): images (N, C, H, W) in [-1, 1] at the base's size, and their class labels (N,)."""
+    return common.load_images(cfg.dataset, cfg.data_dir, train, cfg.download, image_size, channels, device)
 
 
 # ----------------------------------------------------------------------------- network
@@ -99,8 +122,8 @@ class NoisyClassifier(ddpm_mnist.UNet):
         return self.head(h)
 
 
-def build_classifier(cfg: Config, image_size: int, channels: int, num_classes: int) -> NoisyClassifier:
-    preset = cfg.preset if cfg.preset != "auto" else ("cifar" if (image_size, channels) == (32, 3) else "mnist")
+def build_classifier(preset: str, image_size: int, channels: int, num_classes: int) -> NoisyClassifier:
+    preset = preset if preset != "auto" else ("cifar" if (image_size, channels) == (32, 3) else "mnist")
     return NoisyClassifier(num_classes, image_size, channels, **PRESETS[preset])
 
 
@@ -145,14 +168,14 @@ def sample(model, classifier: NoisyClassifier, ddpm: DDPM, y: torch.Tensor, scal
            generator=None) -> torch.Tensor:
     """Images (N, C, H, W), clamped to [-1, 1], of the target classes y (N,), guided with scale s.
     With `clip`, the base model's estimate x0_hat is clipped to [-1, 1] at every step before the
-    guidance moves it (common.clip_x0; the order of Dhariwal & Nichol's code)."""
+    guidance moves it (ddpm_mnist.clip_x0; the order of Dhariwal & Nichol's code)."""
     K = classifier.config["num_classes"]
     common.check(bool(((y >= 0) & (y < K)).all()), f"class labels must be in 0..{K - 1}, got {sorted(set(y.tolist()))}")
     common.check(isinstance(scale, (int, float)) and math.isfinite(scale),
                  f"the guidance scale must be a number, got {scale!r}")
     c = model.config
     shape = (len(y), c["channels"], c["image_size"], c["image_size"])
-    unguided = common.clip_x0(model, ddpm.alpha_bar) if clip else model        # eps_theta(x_t, t)
+    unguided = ddpm_mnist.clip_x0(model, ddpm.alpha_bar) if clip else model    # eps_theta(x_t, t)
     eps = guided_eps(unguided, classifier, ddpm, y, scale, sampler, sigma)
     if sampler == "ddpm":
         x = ddpm.ddpm_sample(eps, shape, sigma, x_T=x_T, generator=generator)
@@ -165,44 +188,85 @@ def sample(model, classifier: NoisyClassifier, ddpm: DDPM, y: torch.Tensor, scal
 
 
 def load_base(cfg: Config, device):
-    """The unconditional EMA UNet and its DDPM; trains ddpm_mnist.py's default model when the
-    default checkpoint is missing (an explicit --base-ckpt must exist)."""
-    def train_base():
-        ddpm_mnist.train(ddpm_mnist.Config(dataset=cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
-                                           image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
-                                           out=os.path.dirname(DEFAULT_BASE), amp=cfg.amp), device)
-    path = common.checkpoint_or_train(cfg.base_ckpt, DEFAULT_BASE, train_base, "base model")
+    """The unconditional EMA UNet, its DDPM, and what a classifier must match: {path, T, schedule,
+    image_size, channels}. ddpm_mnist.py's default model is trained first when it is missing."""
+    path = ddpm_mnist.ensure_trained(cfg.base_ckpt, device, dataset=cfg.dataset, data_dir=cfg.data_dir,
+                                     download=cfg.download, image_size=cfg.image_size, channels=cfg.channels,
+                                     seed=cfg.seed, amp=cfg.amp)
     model, ddpm, state = ddpm_mnist.load_trained(path, device)
-    return model, ddpm, dict(path=path, T=state["config"]["T"], schedule=state["config"]["schedule"])
+    base = dict(path=path, T=ddpm.T, schedule=state["config"]["schedule"], image_size=model.config["image_size"],
+                channels=model.config["channels"])
+    size = base["image_size"]
+    common.check(cfg.image_size in (0, size), f"--image-size is {cfg.image_size} but the base model '{path}' makes "
+                 f"{size}x{size} images; leave --image-size out (0: the base's size)")
+    common.check(cfg.ddim_steps <= ddpm.T, f"--ddim-steps must be at most the base's T ({ddpm.T}), "
+                 f"got {cfg.ddim_steps}")
+    return model, ddpm, base
 
 
-def train(cfg: Config, ddpm: DDPM, base: dict, device) -> NoisyClassifier:
-    """common.fit's loop (AdamW with warm-up, EMA, a checkpoint per epoch) on the classifier loss."""
-    x_train, y_train = ddpm_mnist.load_data(cfg, device)
-    classifier = build_classifier(cfg, x_train.shape[-1], x_train.shape[1], int(y_train.max()) + 1).to(device)
+def check_fits_base(state: dict, base: dict, path: str) -> None:
+    """A classifier guides only a base with its schedule and image shape (one line otherwise)."""
+    net, trained = state["net"], (state["base"]["T"], state["base"]["schedule"])
+    common.check(trained == (base["T"], base["schedule"]), f"the classifier in '{path}' learned the schedule "
+                 f"{trained}, the base model uses {(base['T'], base['schedule'])}; train one for this base "
+                 "(another --out, or --overwrite)")
+    common.check((net["channels"], net["image_size"]) == (base["channels"], base["image_size"]),
+                 f"the classifier in '{path}' reads {net['channels']}x{net['image_size']} images, the base model "
+                 f"makes {base['channels']}x{base['image_size']}; train one for this base (another --out, or "
+                 "--overwrite)")
+
+
+def train(cfg: Config, model, ddpm: DDPM, base: dict, x_train, y_train, ckpt: str, device) -> NoisyClassifier:
+    """AdamW with warm-up on the classifier loss, EMA weights that guide, a checkpoint every epoch,
+    and a grid guided by the EMA classifier every --sample-every epochs."""
+    K = int(y_train.max()) + 1
+    classifier = build_classifier(cfg.preset, x_train.shape[-1], x_train.shape[1], K).to(device)
+    ema, opt = common.make_ema(classifier, cfg.ema_decay), common.make_optimizer(classifier, cfg.lr)
+    step, start, losses = 0, 0, []
+    if cfg.resume:
+        step, start, losses = common.resume(ckpt, device, KIND, cfg, ("preset",), classifier, ema, opt)
+    net = torch.compile(classifier) if cfg.compile else classifier
+    total = cfg.epochs * (len(x_train) // min(cfg.batch_size, len(x_train)))
     print(f"noisy classifier: {sum(p.numel() for p in classifier.parameters()) / 1e6:.2f}M parameters, "
           f"{len(x_train)} training images, T = {ddpm.T}, on {device}")
-
-    def batches(epoch):
-        return common.batches(x_train, y_train, cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-
-    ema, losses = common.fit(
-        classifier, lambda net, b: classifier_loss(ddpm, net, b[0], b[1]), batches, epochs=cfg.epochs,
-        ckpt=cfg.ckpt or os.path.join(cfg.out, "ckpt.pt"), device=device, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-        ema_decay=cfg.ema_decay, resume=cfg.resume, amp=cfg.amp, compile=cfg.compile, config=asdict(cfg),
-        classifier=classifier.config, base=base)
+    for epoch in range(start, cfg.epochs):
+        classifier.train()
+        t0, epoch_losses = time.perf_counter(), []
+        for x0, y in common.progress(common.batches(x_train, y_train, cfg.batch_size, cfg.seed + epoch),
+                                     f"epoch {epoch + 1}/{cfg.epochs}"):
+            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
+            with common.autocast(device, cfg.amp):
+                loss = classifier_loss(ddpm, net, x0, y)   # -log p_phi(y | x_t, t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update_parameters(classifier)
+            epoch_losses.append(loss.detach())
+            step += 1
+        mean = torch.stack(epoch_losses).mean()
+        common.check_finite(mean, step, ckpt)            # before saving: the last good checkpoint stays
+        common.sync(device)
+        seconds = time.perf_counter() - t0
+        losses += torch.stack(epoch_losses).tolist()
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  cross-entropy {mean.item():.4f}  {seconds:.1f}s  "
+              f"{len(epoch_losses) * min(cfg.batch_size, len(x_train)) / seconds:.0f} img/s")
+        common.save_checkpoint(ckpt, kind=KIND, net=classifier.config, config=asdict(cfg), base=base,
+                               **common.training_state(classifier, ema, opt, step, epoch + 1, losses))
+        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # a cheap progress grid
+            y = torch.tensor(cfg.classes, device=device).repeat_interleave(8)
+            x = sample(model, ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, cfg.sigma, cfg.clip,
+                       generator=torch.Generator(device).manual_seed(cfg.seed))
+            common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_s{cfg.scale:g}.png"), nrow=8)
     common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train cross-entropy": common.smooth(losses)})
-    return ema
+    return ema.module.eval()
 
 
 def load_classifier(path: str, base: dict, device) -> NoisyClassifier:
-    """The EMA classifier of a checkpoint written by `train`; its schedule must be the base's."""
-    state = common.load_checkpoint(path, device, hint="train with `python classifier_guidance.py` first, or pass --ckpt")
-    common.check("classifier" in state, f"'{path}' is not a classifier_guidance.py checkpoint")
-    trained = (state["base"]["T"], state["base"]["schedule"])
-    common.check(trained == (base["T"], base["schedule"]), f"the classifier in '{path}' learned the schedule "
-                 f"{trained}, the base model uses {(base['T'], base['schedule'])}; train it again for this base")
-    classifier = NoisyClassifier(**state["classifier"]).to(device)
+    """The EMA classifier of a checkpoint written by `train`; it must fit the base (check_fits_base)."""
+    state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "base"),
+                                   hint="train with `python classifier_guidance.py` first, or pass --ckpt")
+    check_fits_base(state, base, path)
+    classifier = NoisyClassifier(**state["net"]).to(device)
     common.load_weights(classifier, state["ema"], path)
     return classifier.eval()
 
@@ -228,29 +292,38 @@ def accuracy_per_t(classifier, ddpm: DDPM, x: torch.Tensor, y: torch.Tensor, lev
 @torch.no_grad()
 def make_figures(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=None) -> list[list]:
     """Accuracy per noise level, then for each sampler and scale: n_per_class samples of every
-    class in --classes from the same noise, a grid of the first 10 per class, and the table of
-    within-class diversity relative to real test images (and evaluate.py's accuracy and FD)."""
-    x_test, y_test = ddpm_mnist.load_data(cfg, device, train=False)
+    class in --classes from the same noise, a grid of the first 10 per class, the within-class
+    diversity relative to real test images and p_phi's own accuracy; with an evaluator, also
+    evaluate.py's accuracy and FD of cfg.eval samples balanced over the classes."""
+    import evaluate  # for the diversity metric (evaluate.py imports torchmetrics: slow, so only here)
+
+    c, n = model.config, cfg.n_per_class
+    x_test, y_test = load_data(cfg, c["image_size"], c["channels"], device, train=False)
     per_t = accuracy_per_t(classifier, ddpm, x_test[:2000], y_test[:2000], seed=cfg.seed)
     print("noisy classifier, test accuracy per noise level:\n" + "\n".join(f"  t = {t:4d}: {a:.3f}" for t, a in per_t))
     common.plot_curves(os.path.join(cfg.out, "accuracy_per_t.png"), {"test accuracy": per_t}, xlabel="t",
                        ylabel="accuracy", logy=False, title="p_phi(y | x_t, t) on the test set")
-    c, n = model.config, cfg.n_per_class
     y = torch.tensor(cfg.classes, device=device).repeat_interleave(n)       # (N,) one row per class
     gen = lambda: torch.Generator(device).manual_seed(cfg.seed)  # noqa: E731 (the same noise for every scale)
     x_T = torch.randn((len(y), c["channels"], c["image_size"], c["image_size"]), device=device, generator=gen())
     cols = min(n, 10)
     in_grid = torch.arange(len(y), device=device) % n < cols
     real = torch.cat([(y_test == k).nonzero()[:n, 0] for k in cfg.classes])
-    div_real = common.within_class_diversity(x_test[real], y_test[real])
+    div_real = evaluate.within_class_diversity(x_test[real], y_test[real])
+    y_eval = torch.tensor(cfg.classes, device=device).repeat(math.ceil(cfg.eval / len(cfg.classes)))[:cfg.eval]
     rows = []
-    for sampler in cfg.samplers:
-        for s in cfg.scales:
-            x = sample(model, classifier, ddpm, y, s, sampler, cfg.ddim_steps, cfg.eta, cfg.sigma, cfg.clip, x_T, gen())
-            common.save_grid(x[in_grid], os.path.join(cfg.out, f"guided_{sampler}_s{s:g}.png"), nrow=cols)
-            own = (classifier(x, torch.zeros_like(y)).argmax(1) == y).float().mean().item()  # p_phi at t = 0
-            row = [sampler, s, common.within_class_diversity(x, y) / div_real, own]
-            rows.append(row + ([evaluator.accuracy(x, y), evaluator.fd(x)] if evaluator is not None else []))
+    for sampler, s in common.progress([(a, b) for a in cfg.samplers for b in cfg.scales], "guidance scales"):
+        x = sample(model, classifier, ddpm, y, s, sampler, cfg.ddim_steps, cfg.eta, cfg.sigma, cfg.clip, x_T, gen())
+        common.save_grid(x[in_grid], os.path.join(cfg.out, f"guided_{sampler}_s{s:g}.png"), nrow=cols)
+        own = (classifier(x, torch.zeros_like(y)).argmax(1) == y).float().mean().item()  # p_phi at t = 0
+        row = [sampler, s, evaluate.within_class_diversity(x, y) / div_real, own]
+        if evaluator is not None:                        # cfg.eval more samples, in batches of 500
+            g = gen()
+            x = torch.cat([sample(model, classifier, ddpm, yb, s, sampler, cfg.ddim_steps, cfg.eta, cfg.sigma,
+                                  cfg.clip, generator=g)
+                           for yb in common.progress(y_eval.split(500), f"{sampler} s = {s:g}: {cfg.eval} samples")])
+            row += [evaluator.accuracy(x, y_eval), evaluator.fd(x)]
+        rows.append(row)
     header = ["sampler", "scale s", "diversity (real = 1)", "accuracy by p_phi itself"]
     header += ["class accuracy (LeNet)", evaluator.name] if evaluator else []
     print(common.write_table(os.path.join(cfg.out, "accuracy_vs_scale.md"), header, rows))
@@ -264,28 +337,39 @@ def make_figures(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=N
 
 def main(argv=None) -> list[list]:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    common.check(all(math.isfinite(s) for s in cfg.scales), f"--scales must be finite numbers, got {cfg.scales}")
-    common.check(cfg.epochs >= 1 and cfg.n_per_class >= 2, "--epochs must be >= 1 and --n-per-class >= 2")
-    common.check(min(cfg.classes) >= 0, f"--classes must be class ids >= 0, got {cfg.classes}")
+    check_config(cfg)
     common.seed_everything(cfg.seed)
     device = common.get_device(cfg.device)
     common.setup_speed(device)
-    os.makedirs(cfg.out, exist_ok=True)
-    model, ddpm, base = load_base(cfg, device)
-    common.check(1 <= cfg.ddim_steps <= ddpm.T, f"--ddim-steps must be in 1..{ddpm.T} (the base's T), got {cfg.ddim_steps}")
-    if cfg.sample_only:
-        classifier = load_classifier(cfg.ckpt or os.path.join(cfg.out, "ckpt.pt"), base, device)
+    common.prepare_out(cfg.out)
+    ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    if cfg.sample_only:  # stop now, not after training a base model, when there is nothing to sample with
+        common.load_checkpoint(ckpt, device, KIND, keys=("net", "ema", "base"),
+                               hint="train with `python classifier_guidance.py` first, or pass --ckpt")
+        common.check(os.path.isfile(cfg.base_ckpt), f"--base-ckpt '{cfg.base_ckpt}' not found; --sample-only "
+                     "needs the base model the classifier was trained for")
     else:
-        classifier = train(cfg, ddpm, base, device)
-    same = all(classifier.config[k] == model.config[k] for k in ("image_size", "channels"))
-    common.check(same, f"the base model makes {model.config['channels']}x{model.config['image_size']} images, "
-                 f"the classifier reads {classifier.config['channels']}x{classifier.config['image_size']}; "
-                 "use the base's data")
+        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
+    model, ddpm, base = load_base(cfg, device)
+    if cfg.sample_only:
+        classifier = load_classifier(ckpt, base, device)
+        K = classifier.config["num_classes"]
+    else:  # every check against the base BEFORE training: a mismatch never costs a run or a checkpoint
+        if cfg.resume:
+            check_fits_base(common.load_checkpoint(ckpt, device, KIND, keys=("net", "base")), base, ckpt)
+        x_train, y_train = load_data(cfg, base["image_size"], cfg.channels, device)
+        common.check(x_train.shape[1] == base["channels"], f"the data has {x_train.shape[1]} channel(s), the "
+                     f"base model '{base['path']}' makes {base['channels']}-channel images; pass its --dataset "
+                     "and --channels")
+        K = int(y_train.max()) + 1
+    common.check(max(cfg.classes) < K, f"--classes must be in 0..{K - 1}, got {cfg.classes}")
     evaluator = None
-    if cfg.eval:
-        import evaluate  # only the figures need it
+    if cfg.eval:  # before training: a problem with the evaluator shows now, not after the run
+        import evaluate
         evaluator = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device,
-                                       image_size=cfg.image_size or None, channels=cfg.channels)
+                                       image_size=base["image_size"], channels=base["channels"])
+    if not cfg.sample_only:
+        classifier = train(cfg, model, ddpm, base, x_train, y_train, ckpt, device)
     rows = make_figures(cfg, model, classifier, ddpm, device, evaluator)
     print(f"figures in {cfg.out}/")
     return rows

@@ -35,15 +35,12 @@ def die(msg: str) -> typing.NoReturn:
 
 
 def check(ok: bool, msg: str) -> None:
-    """`die(msg)` unless `ok`: for validating user input in one line."""
     if not ok:
         die(msg)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag or value (`--lr abc`) is one line, not a usage block."""
-
-    def error(self, message):
+    def error(self, message):                              # a bad flag or value is one line, not a usage block
         die(f"{message} (see --help)")
 
 
@@ -104,16 +101,13 @@ def get_device(name: str = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (all devices) so the same --seed gives the same run."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
 
 def setup_speed(device: torch.device) -> None:
     """TF32 matmuls/convolutions on Ampere+ GPUs: free speed, no visible change for diffusion."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
 
@@ -186,11 +180,10 @@ def make_beta_schedule(name: str, T: int) -> torch.Tensor:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, as in the Transformer.
-    emb[:, i] = sin(t w_i), emb[:, dim/2 + i] = cos(t w_i), w_i = max_period^(-2i/dim). (N,) -> (N, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in the Transformer: (N,) -> (N, dim),
+    emb[:, i] = sin(t w_i), emb[:, dim/2 + i] = cos(t w_i), w_i = max_period^(-2i/dim)."""
+    w = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    args = t.float()[:, None] * w[None]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
@@ -200,13 +193,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 def load_images(dataset: str, data_dir: str = "data", train: bool = True, download: bool = True,
                 image_size: int | None = None, channels: int = 3,
                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole dataset as one tensor on `device`: (x, y), x in [-1, 1] of shape (N, C, H, W).
-
-    dataset: 'mnist' or 'cifar10' (torchvision, under data_dir), or the path of a folder in
-    ImageFolder layout (`root/<class>/<image>`; `train` picks `root/train` or `root/test` when they
-    exist). Folder images are resized to `image_size` (default 32) with `channels` channels. Small
-    datasets fit on the GPU, so batches are sliced from there with no host-to-device copy.
-    """
+    """A whole dataset as one tensor on `device` (small datasets fit on a GPU: no per-batch copies):
+    (x, y), x in [-1, 1] of shape (N, C, H, W). dataset: 'mnist' or 'cifar10' (torchvision, under
+    data_dir), or a folder ROOT/<class>/<image> (ROOT/train and ROOT/test when they exist), whose
+    images are resized to `image_size` (default 32) with `channels` channels."""
     from torchvision import datasets, transforms  # imported here: torchvision is slow to import
 
     name = dataset.lower()
@@ -229,7 +219,8 @@ def load_images(dataset: str, data_dir: str = "data", train: bool = True, downlo
             transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
         try:
             ds = datasets.ImageFolder(root, transform=tf)
-            xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=512, num_workers=min(8, os.cpu_count() or 1)))
+            workers = min(8, os.cpu_count() or 1) if len(ds) > 5000 else 0   # small folders: no processes to start
+            xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=512, num_workers=workers))
         except Exception as e:  # no class folders, or an image PIL cannot decode (the message names it)
             die(f"cannot read the images under '{root}': {' '.join(str(e).split())[-200:]}; it needs class "
                 "sub-folders of readable .png/.jpg files (remove or replace broken ones)")
@@ -240,13 +231,13 @@ def load_images(dataset: str, data_dir: str = "data", train: bool = True, downlo
     return x.to(device), y.to(device)
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, generator=None):
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
     """Shuffled (x, y) mini-batches of tensors that already live on the training device, in an
     order fixed by `seed` (pass seed + epoch: a resumed run sees the same batches). The last
     incomplete batch is dropped (steady shapes for torch.compile); a dataset smaller than one
     batch gives one batch of everything."""
     n, batch_size = len(x), min(batch_size, len(x))
-    idx = torch.randperm(n, generator=generator or torch.Generator().manual_seed(seed)).to(x.device)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
     for i in range(0, n - batch_size + 1, batch_size):
         j = idx[i:i + batch_size]
         yield x[j], y[j]
@@ -256,19 +247,13 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, ge
 
 
 def make_ema(model: torch.nn.Module, decay: float = 0.999, warmup: bool = True) -> AveragedModel:
-    """Exponential moving average of the parameters (never the buffers) of `model`.
-
-    theta_ema <- d theta_ema + (1 - d) theta. With `warmup`, d = min(decay, (1 + n) / (10 + n))
-    after n updates, so a short run's EMA is not stuck near the random initialisation (the usual
-    cause of "EMA samples are pure noise").
-    """
+    """Exponential moving average of the parameters (never the buffers): theta_ema <- d theta_ema +
+    (1 - d) theta. With `warmup`, d = min(decay, (1 + n) / (10 + n)) after n updates, so a short
+    run's EMA is not stuck near the random initialisation ("EMA samples are pure noise")."""
     def ema_update(ema_params, params, n):
-        n = int(n)
-        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        d = min(decay, (1 + int(n)) / (10 + int(n))) if warmup else decay
         torch._foreach_lerp_(ema_params, params, 1 - d)
-
-    ema = AveragedModel(model, multi_avg_fn=ema_update, use_buffers=False)
-    return ema.requires_grad_(False)
+    return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=False).requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- output folder, checkpoints
@@ -299,10 +284,9 @@ def save_checkpoint(path: str, **state) -> None:
     """torch.save to `path` atomically: write a temporary file, then rename it over the old one,
     so an interruption never leaves a half-written checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        torch.save(state, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
     except OSError as e:
         die(f"cannot write checkpoint '{path}' ({e.strerror}); pass a --out you can write to")
 
@@ -400,9 +384,7 @@ def plot_curves(path: str, curves: dict, xlabel: str = "step", ylabel: str = "lo
     for name, values in curves.items():
         xs, ys = zip(*values) if len(values) and isinstance(values[0], (tuple, list)) else (range(len(values)), values)
         ax.plot(xs, ys, label=name, lw=1.2)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title or "")
-    if logy:
-        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title or "", yscale="log" if logy else "linear")
     if len(curves) > 1:
         ax.legend()
     ax.grid(alpha=0.3)
@@ -427,165 +409,4 @@ def write_table(path: str, header: list[str], rows: list[list]) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)
-
-
-# ============================================================================= LEGACY (transition only)
-# Removed when the redesign is complete: nothing new may use these.
-import datetime  # noqa: E402
-
-def clip_x0(eps_fn, alpha_bar: torch.Tensor):
-    """Wrap a noise predictor eps_fn(x_t, t) so that the clean image it implies,
-        x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t),
-    is clipped to the data range [-1, 1] and eps recomputed from it. DDPM and DDIM steps are
-    functions of x0_hat, so they stop aiming outside the data (guided and undertrained models
-    overshoot: "clip_denoised" in Dhariwal & Nichol's code). alpha_bar: (T,), t: (N,) integer steps."""
-    def eps(x_t, t):
-        ab = alpha_bar[t].view(-1, *([1] * (x_t.dim() - 1)))
-        x0_hat = ((x_t - (1 - ab).sqrt() * eps_fn(x_t, t).float()) / ab.sqrt()).clamp(-1, 1)
-        return (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
-    return eps
-
-
-def checkpoint_or_train(path: str, default: str, train_fn, what: str = "base model") -> str:
-    """The checkpoint that a script builds on. A `path` given on the command line must exist
-    (one-line error otherwise); with none given, `default` is used, and `train_fn()` writes it
-    first when it is missing."""
-    if path:
-        check(os.path.isfile(path), f"{what} checkpoint '{path}' not found; train it first, "
-              "or leave the flag out to use (and, when missing, train) the default one")
-        return path
-    if not os.path.isfile(default):
-        print(f"no {what} at '{default}': training it first")
-        train_fn()
-    return default
-
-
-def within_class_diversity(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean pairwise L2 distance between images of the same class, averaged over the classes that
-    have at least two images: a diversity number that needs no classifier (it falls when guidance
-    pulls every sample of a class onto the same few typical images). x (N, C, H, W), y (N,)."""
-    d = [torch.pdist(x[y == k].flatten(1).float()).mean() for k in y.unique() if (y == k).sum() > 1]
-    check(len(d) > 0, "diversity needs at least two images of one class")
-    return torch.stack(d).mean().item()
-
-
-# ----------------------------------------------------------------------------- distributed (torchrun)
-
-
-def init_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
-    """-> (rank, world_size, device). Under `torchrun --nproc_per_node=N` (which sets RANK,
-    LOCAL_RANK and WORLD_SIZE) join the process group: NCCL with one GPU per process, gloo on CPU.
-    Started plainly it is (0, 1, get_device(device_name)) and no process group is made. The 30-min
-    timeout lets the other ranks wait at a barrier while rank 0 does one-off work (e.g. a VAE)."""
-    world, device = int(os.environ.get("WORLD_SIZE", "1")), get_device(device_name)
-    if world == 1:
-        return 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if device.type == "cuda":
-        check(local_rank < torch.cuda.device_count(), f"--nproc_per_node is {world} but only "
-              f"{torch.cuda.device_count()} GPUs are visible; start one process per GPU")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                         timeout=datetime.timedelta(minutes=30))
-    return rank, world, device
-
-
-def cleanup_distributed() -> None:
-    """Leave the process group (if any), so torchrun's processes exit cleanly."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only (always, without a process group): one log per torchrun job."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def shard_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, epoch: int, seed: int = 0,
-                  rank: int = 0, world: int = 1):
-    """`batches` for one rank of `world`: a DistributedSampler shuffles the indices identically on
-    every rank (seed + epoch) and hands each rank a disjoint 1/world of them; `batch_size` is per
-    rank, and the tensors stay on the device. With world = 1 it is one shuffled pass over the data."""
-    sampler = torch.utils.data.DistributedSampler(range(len(x)), num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    idx = torch.tensor(list(sampler), device=x.device)     # this rank's indices: one copy per epoch
-    batch_size = max(1, min(batch_size, len(idx)))
-    for i in range(0, len(idx) - batch_size + 1, batch_size):  # drops the last incomplete batch
-        j = idx[i:i + batch_size]
-        yield x[j], y[j]
-
-
-def replicas_in_sync(model: torch.nn.Module) -> bool:
-    """True when every rank holds exactly rank 0's parameters, as DistributedDataParallel promises
-    (it all-reduces the gradients, so identical starts and identical steps stay identical)."""
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    ref = flat.clone()
-    torch.distributed.broadcast(ref, src=0)
-    same = torch.tensor(float(torch.equal(flat, ref)), device=flat.device)
-    torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
-    return bool(same.item())
-
-
-# ----------------------------------------------------------------------------- training loop
-
-
-def fit(model: torch.nn.Module, loss_fn, batches_fn, *, epochs: int, ckpt: str,
-        device: torch.device, lr: float, warmup_steps: int = 0, ema_decay: float = 0.0,
-        resume: bool = False, amp: bool = True, compile: bool = False, on_epoch=None, **extra):
-    """The flat training loop that scripts share when their lesson is not the loop itself.
-
-    AdamW with a linear warm-up, EMA when ema_decay > 0, bf16 autocast on CUDA, a NaN guard, the
-    epoch time and throughput printed, and one atomic checkpoint per epoch,
-    `{model, ema, opt, sched, step, epoch, losses, **extra}` (`ema` = the weights to sample with).
-    loss_fn(net, batch) -> scalar loss; batches_fn(epoch) -> iterable of tuples whose first entry
-    is a batch of N examples; on_epoch(epoch, net) runs after each save (progress figures).
-    resume: continue from `ckpt` (a finished run just returns its model).
-    Returns the network to sample with (the EMA copy, in eval mode) and the per-step losses.
-    """
-    ema = make_ema(model, ema_decay) if ema_decay > 0 else None
-    final = ema.module if ema is not None else model
-    opt = make_optimizer(model, lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-    step, start, losses = 0, 0, []
-    if resume:
-        state = load_checkpoint(ckpt, device, hint="there is nothing to resume; drop --resume")
-        load_weights(model, state["model"], ckpt)
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-            ema.n_averaged.fill_(state["step"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step, start, losses = state["step"], state["epoch"], state["losses"]
-        print(f"resumed from {ckpt} at epoch {start}, step {step}")
-    net = torch.compile(model) if compile else model
-    for epoch in range(start, epochs):
-        model.train()
-        t0, epoch_losses, n = time.perf_counter(), [], 0
-        for batch in batches_fn(epoch):
-            with autocast(device, amp):
-                loss = loss_fn(net, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            epoch_losses.append(loss.detach())
-            n, step = n + len(batch[0]), step + 1
-        mean_loss = torch.stack(epoch_losses).mean()
-        check_finite(mean_loss, step, ckpt)  # before saving: the last good checkpoint stays
-        sync(device)
-        seconds = time.perf_counter() - t0
-        losses += torch.stack(epoch_losses).tolist()
-        print(f"epoch {epoch + 1:3d}/{epochs}  loss {mean_loss.item():.4f}  {seconds:.1f}s  "
-              f"{n / seconds:.0f} img/s")
-        save_checkpoint(ckpt, model=model.state_dict(), ema=final.state_dict(), opt=opt.state_dict(),
-                        sched=sched.state_dict(), step=step, epoch=epoch + 1, losses=losses, **extra)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, final.eval())
-    return final.eval(), losses
-
 

@@ -74,6 +74,6 @@ def ddpm_ckpt(mnist_dir, tmp_path_factory) -> str:
 
     out = str(tmp_path_factory.mktemp("ddpm_base"))
     ddpm_mnist.main(["--data-dir", mnist_dir, "--no-download", "--out", out, "--preset", "tiny",
-                     "--T", "50", "--epochs", "1", "--batch-size", "16", "--n-samples", "4",
+                     "--T", "50", "--epochs", "1", "--batch-size", "16", "--n-samples", "4", "--no-ddpm-grid", "--sweep-steps", "0",
                      "--ddim-steps", "10", "--device", "cpu"])
     return os.path.join(out, "ckpt.pt")

@@ -23,7 +23,8 @@ F1 0.70 at 1 px and 0.25 exactly; the digit's own edges shifted by one pixel 1.0
 
 Run:
     python controlnet_canny.py                   # base: runs/ddpm_mnist/ckpt.pt (trained first if missing)
-    python controlnet_canny.py --low 50 --high 150 --epochs 20
+    python controlnet_canny.py --low 50 --high 150 --epochs 20 --out runs/controlnet_50_150
+    python controlnet_canny.py --resume --epochs 20   # continue OUT/ckpt.pt up to epoch 20
     python controlnet_canny.py --sample-only     # figures from OUT/ckpt.pt
 Figures in runs/controlnet_canny/: control.png (rows: edge map | samples | original digit),
 loss.png, and edge_fidelity.md (F1 of ControlNet vs unconditional samples).
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -43,39 +45,46 @@ import torch.nn.functional as F
 import common
 import ddpm_mnist
 
-BASE_CKPT = "runs/ddpm_mnist/ckpt.pt"
+KIND = "controlnet_canny.py ControlNet"
 
 
 @dataclass
 class Config:
-    base_ckpt: str = field(default="", metadata={
-        "help": f"ddpm_mnist.py checkpoint (default {BASE_CKPT}, trained first when missing)"})
+    base_ckpt: str = field(default=ddpm_mnist.DEFAULT_CKPT, metadata={
+        "help": "ddpm_mnist.py checkpoint to steer (the default one is trained first when missing)"})
     data_dir: str = field(default="data", metadata={"help": "root of torchvision's MNIST"})
     download: bool = True
-    low: int = field(default=100, metadata={"help": "Canny lower hysteresis threshold"})
+    low: int = field(default=100, metadata={"help": "Canny lower hysteresis threshold", "min": 0})
     high: int = field(default=200, metadata={"help": "Canny upper threshold (ControlNet's annotator: 100, 200)"})
-    epochs: int = 10
-    batch_size: int = 128
+    epochs: int = field(default=10, metadata={"min": 1})
+    batch_size: int = field(default=128, metadata={"min": 1})
     lr: float = 2e-4
-    ema_decay: float = 0.999
-    ddim_steps: int = 50
-    n_digits: int = field(default=8, metadata={"help": "test digits (rows) in control.png"})
-    samples_per_edge: int = field(default=4, metadata={"help": "samples per edge map in control.png"})
-    n_eval: int = field(default=1000, metadata={"help": "test edge maps for the edge F1"})
-    tolerance: int = field(default=1, metadata={"help": "edge F1: pixels within this distance match"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear lr warm-up (the zero convolutions need none)",
+                                                   "min": 0})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA of the control branch (sampled with)"})
+    ddim_steps: int = field(default=50, metadata={"min": 1})
+    n_digits: int = field(default=8, metadata={"help": "test digits (rows) in control.png", "min": 1})
+    samples_per_edge: int = field(default=4, metadata={"help": "samples per edge map in control.png", "min": 1})
+    n_eval: int = field(default=1000, metadata={"help": "test edge maps for the edge F1 (costs 2 x N DDIM "
+                                                "samplings of --ddim-steps steps)", "min": 1})
+    tolerance: int = field(default=1, metadata={"help": "edge F1: pixels within this distance match", "min": 0})
     out: str = "runs/controlnet_canny"
+    resume: bool = field(default=False, metadata={"help": "continue the run in OUT/ckpt.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "train anew over an existing OUT/ckpt.pt"})
     sample_only: bool = field(default=False, metadata={"help": "load OUT/ckpt.pt and make figures, no training"})
     seed: int = 0
     device: str = "auto"
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
 
 
+def check_config(cfg: Config) -> None:
+    """The checks that "min" cannot make (--ddim-steps is checked against the base's T once it is loaded)."""
+    common.check(cfg.low < cfg.high, f"Canny thresholds must satisfy --low < --high, got {cfg.low}, {cfg.high}")
+    common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    common.check(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+
+
 # ----------------------------------------------------------------------------- data: Canny edges
-
-
-def load_digits(cfg: Config, train: bool, size: int, device) -> torch.Tensor:
-    """MNIST digits in [-1, 1], (N, 1, size, size), on `device` (labels are not needed)."""
-    return common.load_images("mnist", cfg.data_dir, train, cfg.download, size, 1, device)[0]
 
 
 def canny(x: torch.Tensor, low: int, high: int) -> torch.Tensor:
@@ -86,13 +95,15 @@ def canny(x: torch.Tensor, low: int, high: int) -> torch.Tensor:
 
 
 def edge_maps(x: torch.Tensor, low: int, high: int, path: str) -> torch.Tensor:
-    """The Canny edges of a whole dataset, computed once and cached in `path` (recomputed only
-    when the cached file is of other images: their count or pixel sum differ)."""
+    """The Canny edges of a whole dataset, computed once and cached in `path`. A cache of other
+    images (their count or pixel sum differ), or one that cannot be read, is computed again."""
     key = dict(n=len(x), pixel_sum=round(x.double().sum().item(), 3))
-    if os.path.isfile(path):
+    try:
         state = torch.load(path, map_location=x.device, weights_only=True)
-        if state["key"] == key:
+        if state["key"] == key and state["edges"].shape == x.shape:
             return state["edges"].float()
+    except Exception:                                   # missing, damaged, or not an edge cache
+        pass
     edges = canny(x, low, high)
     common.save_checkpoint(path, edges=edges.bool(), key=key)
     return edges
@@ -179,20 +190,43 @@ def edge_f1(x, edges, low: int, high: int, tolerance: int) -> dict:
 # ----------------------------------------------------------------------------- training
 
 
-def train(cfg: Config, model: ControlledUNet, ddpm, x_train, c_train, device):
-    """Diffusion loss through the frozen UNet, optimising the control branch only (common.fit gets
-    `model.control`, so the optimizer and the EMA never see the UNet's weights); a checkpoint per epoch."""
+def train(cfg: Config, unet: ddpm_mnist.UNet, ddpm: ddpm_mnist.DDPM, x_train, c_train, device):
+    """L = || eps - eps_theta(x_t, t, c) ||^2 through the frozen UNet. Only the control branch is
+    optimised, averaged (EMA) and saved, to OUT/ckpt.pt after every epoch.
+    -> (the EMA control branch, the per-step losses)"""
     ckpt = os.path.join(cfg.out, "ckpt.pt")
-    n_train, n_frozen = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (model.control, model.unet))
+    control = ControlNet(unet).to(device)
+    model = ControlledUNet(unet, control)                # freezes the UNet
+    ema, opt = common.make_ema(control, cfg.ema_decay), common.make_optimizer(control, cfg.lr)  # control only
+    step, start, losses = 0, 0, []
+    if cfg.resume:   # the thresholds define the task: a resumed run must keep them
+        step, start, losses = common.resume(ckpt, device, KIND, cfg, ("low", "high"), control, ema, opt)
+    n_train, n_frozen = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (control, unet))
     print(f"ControlNet: {n_train:.2f}M trainable, UNet {n_frozen:.2f}M frozen; {len(x_train)} digits on {device}")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    ema_control, losses = common.fit(
-        model.control, lambda net, b: ddpm.loss(lambda x, t: model(x, t, b[1]), b[0]),
-        lambda epoch: common.batches(x_train, c_train, cfg.batch_size, generator=gen),
-        epochs=cfg.epochs, ckpt=ckpt, device=device, lr=cfg.lr, ema_decay=cfg.ema_decay, amp=cfg.amp,
-        config=asdict(cfg))
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
-    return ema_control
+    total = cfg.epochs * (len(x_train) // min(cfg.batch_size, len(x_train)))
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        t0, epoch_losses, n = time.perf_counter(), [], 0
+        for x0, c in common.progress(common.batches(x_train, c_train, cfg.batch_size, cfg.seed + epoch),
+                                     f"epoch {epoch + 1}/{cfg.epochs}", total // cfg.epochs):
+            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
+            with common.autocast(device, cfg.amp):
+                loss = ddpm.loss(lambda x_t, t: model(x_t, t, c), x0)   # || eps - eps_theta(x_t, t, c) ||^2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()                              # reaches the zero_convs, then the copied encoder
+            opt.step()
+            ema.update_parameters(control)
+            epoch_losses.append(loss.detach())
+            step, n = step + 1, n + len(x0)
+        mean = torch.stack(epoch_losses).mean()
+        common.check_finite(mean, step, ckpt)            # before saving: the last good checkpoint stays
+        losses += torch.stack(epoch_losses).tolist()
+        common.sync(device)
+        seconds = time.perf_counter() - t0
+        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {mean.item():.4f}  {seconds:.1f}s  {n / seconds:.0f} img/s")
+        common.save_checkpoint(ckpt, kind=KIND, net=unet.config, config=asdict(cfg),
+                               **common.training_state(control, ema, opt, step, epoch + 1, losses))
+    return ema.module.eval(), losses
 
 
 # ----------------------------------------------------------------------------- figures
@@ -211,7 +245,7 @@ def make_figures(cfg: Config, unet, control, ddpm, x_test, c_test, device) -> No
 
     m = min(cfg.n_eval, len(x_test))
     controlled, uncond = [], []
-    for cs in c_test[:m].split(256):                                     # same noise for both
+    for cs in common.progress(c_test[:m].split(256), "edge F1 samples"):  # same noise for both
         z = torch.randn(cs.shape, device=device, generator=g)
         controlled.append(sample(ddpm, model, cs, z, cfg.ddim_steps))
         uncond.append(ddpm.ddim_sample(unet, z.shape, cfg.ddim_steps, x_T=z))
@@ -229,32 +263,36 @@ def make_figures(cfg: Config, unet, control, ddpm, x_test, c_test, device) -> No
 
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    common.check(0 <= cfg.low < cfg.high,
-                 f"Canny thresholds must satisfy 0 <= --low < --high, got {cfg.low}, {cfg.high}")
-    common.check(cfg.epochs >= 1 and cfg.samples_per_edge >= 1 and cfg.n_digits >= 1 and cfg.n_eval >= 1,
-                 "--epochs, --samples-per-edge, --n-digits and --n-eval must be >= 1")
-    common.check(cfg.tolerance >= 0, f"--tolerance must be >= 0, got {cfg.tolerance}")
+    check_config(cfg)
+    ckpt = os.path.join(cfg.out, "ckpt.pt")
+    if cfg.sample_only:                                  # before any work: is there a ControlNet to sample?
+        common.check(os.path.isfile(ckpt), f"--sample-only: there is no checkpoint '{ckpt}'; train first "
+                     "(drop --sample-only), or pass the --out of a trained run")
+    else:
+        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
+    common.prepare_out(cfg.out)
     device = common.get_device(cfg.device)
     common.setup_speed(device)
     common.seed_everything(cfg.seed)
-    base_cfg = ddpm_mnist.Config(data_dir=cfg.data_dir, download=cfg.download, out=os.path.dirname(BASE_CKPT))
-    ckpt = common.checkpoint_or_train(cfg.base_ckpt, BASE_CKPT, lambda: ddpm_mnist.train(base_cfg, device))
-    unet, ddpm, _ = ddpm_mnist.load_trained(ckpt, device)
-    common.check(unet.config["channels"] == 1, f"'{ckpt}' is not a grayscale (MNIST) UNet; Canny control needs one")
-    common.check(1 <= cfg.ddim_steps <= ddpm.T, f"--ddim-steps must be in 1..T ({ddpm.T}), got {cfg.ddim_steps}")
-    os.makedirs(cfg.out, exist_ok=True)
+    base = ddpm_mnist.ensure_trained(cfg.base_ckpt, device, data_dir=cfg.data_dir, download=cfg.download)
+    unet, ddpm, _ = ddpm_mnist.load_trained(base, device)
+    common.check(unet.config["channels"] == 1, f"'{base}' is not a grayscale (MNIST) UNet; Canny control needs one")
+    common.check(cfg.ddim_steps <= ddpm.T, f"--ddim-steps must be <= T = {ddpm.T} of '{base}', got {cfg.ddim_steps}")
+    if cfg.sample_only or cfg.resume:                    # does OUT/ckpt.pt steer this base? (before the edges)
+        state = common.load_checkpoint(ckpt, device, KIND, keys=("net", "ema"))
+        common.check(state["net"] == unet.config, f"'{ckpt}' steers a UNet {state['net']}, but --base-ckpt "
+                     f"'{base}' is a UNet {unet.config}; pass the base it was trained on")
     size = unet.config["image_size"]
-    x_test = load_digits(cfg, False, size, device)
+    x_test = common.load_images("mnist", cfg.data_dir, False, cfg.download, size, 1, device)[0]
     c_test = edge_maps(x_test, cfg.low, cfg.high, os.path.join(cfg.out, f"edges_test_{cfg.low}_{cfg.high}.pt"))
-    control = ControlNet(unet).to(device)
     if cfg.sample_only:
-        path = os.path.join(cfg.out, "ckpt.pt")
-        state = common.load_checkpoint(path, device, hint="train first (drop --sample-only)")
-        common.load_weights(control, state["ema"], path)
+        control = ControlNet(unet).to(device)
+        common.load_weights(control, state["ema"], ckpt)
     else:
-        x_train = load_digits(cfg, True, size, device)
+        x_train = common.load_images("mnist", cfg.data_dir, True, cfg.download, size, 1, device)[0]
         c_train = edge_maps(x_train, cfg.low, cfg.high, os.path.join(cfg.out, f"edges_train_{cfg.low}_{cfg.high}.pt"))
-        control = train(cfg, ControlledUNet(unet, control), ddpm, x_train, c_train, device)
+        control, losses = train(cfg, unet, ddpm, x_train, c_train, device)
+        common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
     make_figures(cfg, unet, control.eval(), ddpm, x_test, c_test, device)
     print(f"figures in {cfg.out}/")
 

@@ -1,7 +1,8 @@
-"""DDPM on MNIST: train a noise-prediction UNet, sample with DDPM (Ho et al., 2020) and DDIM
-(Song et al., 2021).
+"""DDPM on MNIST: train a noise-prediction UNet, then sample with DDPM and DDIM.
 
-Forward process, closed form (t = 0..T-1 is an integer step; t = 0 is the first noising step):
+Papers: Ho et al., 2020 (DDPM); Song et al., 2021 (DDIM).
+
+Forward process, closed form (t = 0..T-1 is an integer step; index t holds beta_t):
     q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),  alpha_bar_t = prod_{s<=t} (1 - beta_s)
 Training (Algorithm 1): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, and
     L = || eps - eps_theta(x_t, t) ||^2,  t ~ U{0..T-1}, eps ~ N(0, I)
@@ -13,21 +14,25 @@ DDIM sampling on a strided subsequence tau_1 > ... > tau_S of real timesteps:
     x_prev = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z
     sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)
     and the last step lands on clean data: alpha_bar_prev = 1 after tau_S (no off-by-one).
-Images live in [-1, 1] inside the model.
+Images live in [-1, 1] inside the model. The file reads as the paper does: the process (DDPM:
+schedule, loss, samplers), the network that predicts eps (UNet), the training loop (train), figures.
 
 Run:
-    python ddpm_mnist.py                      # train (default epochs), then all figures
-    python ddpm_mnist.py --epochs 100 --schedule cosine
+    python ddpm_mnist.py                      # train 40 epochs into runs/ddpm_mnist/, then all figures
+    python ddpm_mnist.py --epochs 100 --schedule cosine --out runs/cosine
+    python ddpm_mnist.py --resume --epochs 60 # continue a run (takes a new --lr; T, schedule, preset must match)
     python ddpm_mnist.py --sample-only        # figures from runs/ddpm_mnist/ckpt.pt, no training
+    python ddpm_mnist.py --preset tiny --epochs 1 --no-ddpm-grid --sweep-steps 10 50   # a CPU: minutes
     python ddpm_mnist.py --sample-only --eval 10000   # + FD-LeNet of DDPM and the DDIM sweep (evaluate.py)
-    python ddpm_mnist.py --resume             # continue an interrupted run
     python ddpm_mnist.py --dataset cifar10    # pixel-space CIFAR-10 with the wider UNet preset
     python ddpm_mnist.py --dataset PATH       # your own images, PATH/<class>/<image>.png
+The graded course interface (DiffusionModel, DiffusionProcess) lives in diffusion.py.
 """
 from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -36,44 +41,149 @@ import torch.nn.functional as F
 
 import common
 
+KIND = "ddpm_mnist.py UNet"               # what this script's checkpoints hold (checked by every loader)
+DEFAULT_CKPT = "runs/ddpm_mnist/ckpt.pt"  # the base model of the scripts that build on this one
+
 
 @dataclass
 class Config:
-    dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder"})
+    dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder ROOT/<class>/<image>"})
     data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
     download: bool = field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
-    image_size: int = field(default=0, metadata={"help": "image folders only: resize to this (0 = 32)"})
-    channels: int = field(default=3, metadata={"help": "image folders only: 1 (gray) or 3 (RGB)"})
-    preset: str = field(default="auto", metadata={"help": "UNet size", "choices": ["auto", "tiny", "mnist", "cifar"]})
-    schedule: str = field(default="linear", metadata={"choices": ["linear", "cosine", "sigmoid"]})
-    T: int = field(default=1000, metadata={"help": "number of diffusion steps"})
-    epochs: int = 40
-    batch_size: int = 128
-    lr: float = 5e-4
-    warmup_steps: int = 500
-    ema_decay: float = 0.999
+    image_size: int = field(default=0, metadata={"help": "image folders only: resize to this (0 = 32)", "min": 0})
+    channels: int = field(default=3, metadata={"help": "image folders only: 1 (gray) or 3 (RGB)", "choices": [1, 3]})
+    preset: str = field(default="auto", metadata={"help": "UNet size (auto: cifar for 32x32 RGB, else mnist)",
+                                                  "choices": ["auto", "tiny", "mnist", "cifar"]})
+    schedule: str = field(default="linear", metadata={"help": "beta_t", "choices": ["linear", "cosine", "sigmoid"]})
+    T: int = field(default=1000, metadata={"help": "number of diffusion steps", "min": 1})
+    epochs: int = field(default=40, metadata={"help": "epochs in all (with --resume: up to this many)", "min": 1})
+    batch_size: int = field(default=128, metadata={"help": "images per step", "min": 1})
+    lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate after warm-up"})
+    warmup_steps: int = field(default=500, metadata={"help": "lr warm-up (at most a fifth of the run)", "min": 0})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights that sample"})
     sigma: str = field(default="posterior", metadata={"help": "DDPM sigma_t^2", "choices": ["beta", "posterior"]})
-    ddim_steps: int = 50
-    eta: float = field(default=0.0, metadata={"help": "DDIM noise: 0 deterministic, 1 DDPM-like"})
-    n_samples: int = field(default=64, metadata={"help": "images per sample grid"})
-    sample_every: int = field(default=5, metadata={"help": "epochs between progress grids"})
-    eval: int = field(default=0, metadata={"help": "score N samples from DDPM and from each DDIM sweep step "
-                      "count with evaluate.py into OUT/eval.md; 0 = off; costs N x (T + sweep steps) UNet calls"})
-    out: str = "runs/ddpm_mnist"
-    ckpt: str = field(default="", metadata={"help": "checkpoint path (default OUT/ckpt.pt)"})
-    resume: bool = False
+    ddim_steps: int = field(default=50, metadata={"help": "DDIM steps of the grids and progress samples", "min": 1})
+    eta: float = field(default=0.0, metadata={"help": "DDIM noise: 0 deterministic, 1 DDPM-like", "min": 0})
+    n_samples: int = field(default=64, metadata={"help": "images per sample grid", "min": 2})
+    sample_every: int = field(default=5, metadata={"help": "epochs between progress grids", "min": 1})
+    ddpm_grid: bool = field(default=True, metadata={"help": "DDPM grids ddpm_4x4/8x8.png: T UNet passes over "
+                            "--n-samples images (2-core CPU: ~10 min with --preset tiny, ~1 h with the mnist UNet)"})
+    sweep_steps: tuple[int, ...] = field(default=(10, 20, 50, 100, 1000), metadata={"min": 0, "help": "DDIM step "
+                                         "counts of ddim_sweep.png, 8 images each; counts above --T are left out, 0 = "
+                                         "no sweep (2-core CPU, per 1000 steps: ~1.5 min tiny, ~8 min mnist UNet)"})
+    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples from DDPM and from each DDIM sweep "
+                      "step count with evaluate.py into OUT/eval.md; 0 = off; costs N x (T + sweep steps) UNet passes"})
+    out: str = field(default="runs/ddpm_mnist", metadata={"help": "folder of the checkpoint and figures"})
+    ckpt: str = field(default="", metadata={"help": "checkpoint path (empty: OUT/ckpt.pt)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --ckpt up to --epochs"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run in --ckpt with a new one"})
     sample_only: bool = field(default=False, metadata={"help": "load --ckpt and make figures, no training"})
-    seed: int = 0
-    device: str = "auto"
+    seed: int = field(default=0, metadata={"help": "same seed: same batches, noise and samples"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
+
+
+def check_config(cfg: Config) -> None:
+    """What the flags' choices and minimums cannot say; each check stops in one line, before any work."""
+    common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    common.check(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    common.check(cfg.ddim_steps <= cfg.T, f"--ddim-steps must be in 1..--T ({cfg.T}), got {cfg.ddim_steps}")
+    common.check(cfg.eval != 1, "--eval must be 0 (off) or >= 2 samples, got 1")
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+class DDPM(nn.Module):
+    """The diffusion process: schedule buffers named after the paper's symbols, the training loss,
+    and the two samplers. Samplers take the noise predictor `model(x_t, t)` as an argument."""
+
+    def __init__(self, T: int = 1000, schedule: str = "linear"):
+        super().__init__()
+        self.T = T
+        beta = common.make_beta_schedule(schedule, T)                    # beta_t, float64
+        alpha = 1 - beta                                                 # alpha_t = 1 - beta_t
+        alpha_bar = torch.cumprod(alpha, 0)                              # alpha_bar_t = prod_{s<=t} alpha_s
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=beta.dtype), alpha_bar[:-1]])
+        posterior_var = beta * (1 - alpha_bar_prev) / (1 - alpha_bar)    # beta~_t, q(x_{t-1} | x_t, x_0)
+        for name, v in dict(beta=beta, alpha=alpha, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+                            posterior_var=posterior_var).items():
+            self.register_buffer(name, v.float())
+
+    @staticmethod
+    def _bc(v, t):  # gather v[t] and broadcast over (C, H, W)
+        return v[t][:, None, None, None]
+
+    def q_sample(self, x0, t, eps):
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps"""
+        ab = self._bc(self.alpha_bar, t)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    def loss(self, model, x0):
+        """Simple DDPM loss: MSE between the true and the predicted noise at a random step."""
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        return F.mse_loss(model(self.q_sample(x0, t, eps), t).float(), eps)
+
+    def _noise(self, shape, generator, device):
+        return torch.randn(shape, generator=generator, device=device)
+
+    @torch.no_grad()
+    def ddpm_sample(self, model, shape, sigma="posterior", x_T=None, generator=None):
+        """Ancestral sampling through all T steps (Algorithm 2)."""
+        device = self.beta.device
+        x = x_T if x_T is not None else self._noise(shape, generator, device)
+        var = self.beta if sigma == "beta" else self.posterior_var
+        for i in common.progress(reversed(range(self.T)), f"DDPM {self.T} steps", self.T):
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            eps = model(x, t).float()
+            mean = (x - self.beta[i] / (1 - self.alpha_bar[i]).sqrt() * eps) / self.alpha[i].sqrt()
+            x = mean + var[i].sqrt() * self._noise(shape, generator, device) if i > 0 else mean
+        return x
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """S real, strided, descending timesteps from T-1 down to (about) 0."""
+        common.check(1 <= steps <= self.T, f"DDIM steps must be in 1..{self.T}, got {steps}")
+        return torch.linspace(self.T - 1, 0, steps).round().long().tolist()
+
+    @torch.no_grad()
+    def ddim_sample(self, model, shape, steps=50, eta=0.0, x_T=None, generator=None):
+        """DDIM: deterministic for eta = 0; the last step goes to alpha_bar_prev = 1 (clean data)."""
+        common.check(eta >= 0, f"--eta must be >= 0, got {eta}")
+        device = self.beta.device
+        x = x_T if x_T is not None else self._noise(shape, generator, device)
+        taus = self.ddim_timesteps(steps)
+        for i, tau in enumerate(common.progress(taus, f"DDIM {steps} steps")):
+            ab = self.alpha_bar[tau]
+            ab_prev = self.alpha_bar[taus[i + 1]] if i + 1 < len(taus) else torch.ones_like(ab)
+            eps = model(x, torch.full((shape[0],), tau, device=device, dtype=torch.long)).float()
+            x0_hat = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+            sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+            x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+            if eta > 0 and i + 1 < len(taus):
+                x = x + sigma * self._noise(shape, generator, device)
+        return x
+
+
+def clip_x0(eps_fn, alpha_bar: torch.Tensor):
+    """Wrap a noise predictor eps_fn(x_t, t) so that the clean image it implies,
+        x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t),
+    is clipped to the data range [-1, 1] and eps recomputed from it. DDPM and DDIM steps are
+    functions of x0_hat, so they stop aiming outside the data (guided and undertrained models
+    overshoot: "clip_denoised" in Dhariwal & Nichol's code). alpha_bar: (T,), t: (N,) integer steps."""
+    def eps(x_t, t):
+        ab = alpha_bar[t].view(-1, *([1] * (x_t.dim() - 1)))
+        x0_hat = ((x_t - (1 - ab).sqrt() * eps_fn(x_t, t).float()) / ab.sqrt()).clamp(-1, 1)
+        return (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+    return eps
 
 
 # ----------------------------------------------------------------------------- network
 
 
 PRESETS = {  # base channels, channel multiplier per resolution level, residual blocks per level
-    "tiny": dict(base=16, mults=(1, 2), num_res=1),
+    "tiny": dict(base=16, mults=(1, 2, 2), num_res=1),  # 28 -> 14 -> 7: attention over 49 positions, fast on a CPU
     "mnist": dict(base=64, mults=(1, 2, 2), num_res=2),    # 28 -> 14 -> 7
     "cifar": dict(base=128, mults=(1, 2, 2, 2), num_res=2),  # 32 -> 16 -> 8 -> 4
 }
@@ -190,163 +300,88 @@ class UNet(nn.Module):
         return self.decode(*self.encode(x, emb), emb)
 
 
-def build_unet(cfg: Config, image_size: int, channels: int) -> UNet:
-    preset = cfg.preset
-    if preset == "auto":
-        preset = "cifar" if (image_size, channels) == (32, 3) else "mnist"
-    return UNet(image_size, channels, **PRESETS[preset])
-
-
-# ----------------------------------------------------------------------------- the method
-
-
-class DDPM(nn.Module):
-    """The diffusion process: schedule buffers named after the paper's symbols, the training loss,
-    and the two samplers. Samplers take the noise predictor `model(x_t, t)` as an argument."""
-
-    def __init__(self, T: int = 1000, schedule: str = "linear"):
-        super().__init__()
-        self.T = T
-        beta = common.make_beta_schedule(schedule, T)                    # beta_t, float64
-        alpha = 1 - beta                                                 # alpha_t = 1 - beta_t
-        alpha_bar = torch.cumprod(alpha, 0)                              # alpha_bar_t = prod_{s<=t} alpha_s
-        alpha_bar_prev = torch.cat([torch.ones(1, dtype=beta.dtype), alpha_bar[:-1]])
-        posterior_var = beta * (1 - alpha_bar_prev) / (1 - alpha_bar)    # beta~_t, q(x_{t-1} | x_t, x_0)
-        for name, v in dict(beta=beta, alpha=alpha, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
-                            posterior_var=posterior_var).items():
-            self.register_buffer(name, v.float())
-
-    @staticmethod
-    def _bc(v, t):  # gather v[t] and broadcast over (C, H, W)
-        return v[t][:, None, None, None]
-
-    def q_sample(self, x0, t, eps):
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps"""
-        ab = self._bc(self.alpha_bar, t)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-
-    def loss(self, model, x0):
-        """Simple DDPM loss: MSE between the true and the predicted noise at a random step."""
-        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
-        eps = torch.randn_like(x0)
-        return F.mse_loss(model(self.q_sample(x0, t, eps), t).float(), eps)
-
-    def _noise(self, shape, generator, device):
-        return torch.randn(shape, generator=generator, device=device)
-
-    @torch.no_grad()
-    def ddpm_sample(self, model, shape, sigma="posterior", x_T=None, generator=None):
-        """Ancestral sampling through all T steps (Algorithm 2)."""
-        device = self.beta.device
-        x = x_T if x_T is not None else self._noise(shape, generator, device)
-        var = self.beta if sigma == "beta" else self.posterior_var
-        for i in reversed(range(self.T)):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            eps = model(x, t).float()
-            mean = (x - self.beta[i] / (1 - self.alpha_bar[i]).sqrt() * eps) / self.alpha[i].sqrt()
-            x = mean + var[i].sqrt() * self._noise(shape, generator, device) if i > 0 else mean
-        return x
-
-    def ddim_timesteps(self, steps: int) -> list[int]:
-        """S real, strided, descending timesteps from T-1 down to (about) 0."""
-        common.check(1 <= steps <= self.T, f"DDIM steps must be in 1..{self.T}, got {steps}")
-        return torch.linspace(self.T - 1, 0, steps).round().long().tolist()
-
-    @torch.no_grad()
-    def ddim_sample(self, model, shape, steps=50, eta=0.0, x_T=None, generator=None):
-        """DDIM: deterministic for eta = 0; the last step goes to alpha_bar_prev = 1 (clean data)."""
-        common.check(eta >= 0, f"--eta must be >= 0, got {eta}")
-        device = self.beta.device
-        x = x_T if x_T is not None else self._noise(shape, generator, device)
-        taus = self.ddim_timesteps(steps)
-        for i, tau in enumerate(taus):
-            ab = self.alpha_bar[tau]
-            ab_prev = self.alpha_bar[taus[i + 1]] if i + 1 < len(taus) else torch.ones_like(ab)
-            eps = model(x, torch.full((shape[0],), tau, device=device, dtype=torch.long)).float()
-            x0_hat = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
-            sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-            x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-            if eta > 0 and i + 1 < len(taus):
-                x = x + sigma * self._noise(shape, generator, device)
-        return x
-
-
-def clip_x0(eps_fn, alpha_bar: torch.Tensor):
-    """Wrap a noise predictor eps_fn(x_t, t) so that the clean image it implies,
-        x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t),
-    is clipped to the data range [-1, 1] and eps recomputed from it. DDPM and DDIM steps are
-    functions of x0_hat, so they stop aiming outside the data (guided and undertrained models
-    overshoot: "clip_denoised" in Dhariwal & Nichol's code). alpha_bar: (T,), t: (N,) integer steps."""
-    def eps(x_t, t):
-        ab = alpha_bar[t].view(-1, *([1] * (x_t.dim() - 1)))
-        x0_hat = ((x_t - (1 - ab).sqrt() * eps_fn(x_t, t).float()) / ab.sqrt()).clamp(-1, 1)
-        return (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
-    return eps
-
-
 # ----------------------------------------------------------------------------- training
 
 
 def load_data(cfg: Config, device, train: bool = True):
+    """The whole split as one tensor on `device`: x (N, C, H, W) in [-1, 1], y (N,)."""
     return common.load_images(cfg.dataset, cfg.data_dir, train=train, download=cfg.download,
                               image_size=cfg.image_size or None, channels=cfg.channels, device=device)
 
 
-def train(cfg: Config, device) -> tuple[UNet, DDPM]:
-    """AdamW with warm-up, EMA weights for sampling, one atomic checkpoint per epoch. The loop
-    itself (autocast, backward, step, EMA update, NaN guard, --resume) is common.fit."""
+def train(cfg: Config, x_train, y_train, device) -> tuple[UNet, DDPM]:
+    """Algorithm 1 as a loop: AdamW with warm-up, EMA weights that sample, one atomic checkpoint per
+    epoch (--resume continues it exactly), a DDIM grid every --sample-every epochs. -> (EMA UNet, DDPM)"""
     ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
-    x_train, y_train = load_data(cfg, device)
-    model = build_unet(cfg, x_train.shape[-1], x_train.shape[1]).to(device)
+    preset = cfg.preset if cfg.preset != "auto" else "cifar" if x_train.shape[1:] == (3, 32, 32) else "mnist"
+    model = UNet(x_train.shape[-1], x_train.shape[1], **PRESETS[preset]).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    ema, opt = common.make_ema(model, cfg.ema_decay), common.make_optimizer(model, cfg.lr)
     ddpm = DDPM(cfg.T, cfg.schedule).to(device)
+    net = torch.compile(model) if cfg.compile else model
+    step, start, losses = 0, 0, []
+    if cfg.resume:  # weights, EMA, optimizer and RNG state; a changed T, schedule or preset is refused
+        step, start, losses = common.resume(ckpt, device, KIND, cfg, ("T", "schedule", "preset"), model, ema, opt)
     print(f"UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(x_train)} training images on {device}")
-
-    def batches(epoch):  # a fresh, seeded shuffle per epoch, so --resume continues the same run
-        return common.batches(x_train, y_train, cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-
-    def progress(epoch, ema_model):  # a cheap sample grid every few epochs
-        if epoch % cfg.sample_every == 0 or epoch == cfg.epochs:
-            x = ddpm.ddim_sample(ema_model, (cfg.n_samples, *x_train.shape[1:]), cfg.ddim_steps,
+    batch = min(cfg.batch_size, len(x_train))
+    steps_per_epoch = len(x_train) // batch
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        t0, epoch_losses = time.perf_counter(), []
+        for x0, _ in common.progress(common.batches(x_train, y_train, batch, cfg.seed + epoch),
+                                     f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch):
+            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, cfg.epochs * steps_per_epoch)
+            with common.autocast(device, cfg.amp):
+                loss = ddpm.loss(net, x0)                # || eps - eps_theta(x_t, t) ||^2 at a random t
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update_parameters(model)                 # theta_ema <- d theta_ema + (1 - d) theta
+            epoch_losses.append(loss.detach())
+            step += 1
+        mean = torch.stack(epoch_losses).mean()
+        common.check_finite(mean, step, ckpt)            # before saving: the last good checkpoint stays
+        losses += torch.stack(epoch_losses).tolist()
+        common.sync(device)
+        seconds = time.perf_counter() - t0
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean.item():.4f}  {seconds:.1f}s  "
+              f"{len(epoch_losses) * batch / seconds:.0f} img/s")
+        common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg),
+                               **common.training_state(model, ema, opt, step, epoch + 1, losses))
+        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:  # own generator: the run's RNG is untouched
+            x = ddpm.ddim_sample(ema.module.eval(), (cfg.n_samples, *x_train.shape[1:]), cfg.ddim_steps,
                                  generator=torch.Generator(device).manual_seed(cfg.seed))
-            common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch:03d}.png"))
-
-    ema_model, losses = common.fit(
-        model, lambda net, batch: ddpm.loss(net, batch[0]), batches, epochs=cfg.epochs, ckpt=ckpt,
-        device=device, lr=cfg.lr, warmup_steps=cfg.warmup_steps, ema_decay=cfg.ema_decay,
-        resume=cfg.resume, amp=cfg.amp, compile=cfg.compile, on_epoch=progress,
-        config=asdict(cfg), unet=model.config)
+            common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
     common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
-    return ema_model, ddpm
-
-
-DEFAULT_CKPT = "runs/ddpm_mnist/ckpt.pt"
+    return ema.module.eval(), ddpm
 
 
 def ensure_trained(path: str, device, *, dataset: str = "mnist", data_dir: str = "data", download: bool = True,
                    image_size: int = 0, channels: int = 3, seed: int = 0, amp: bool = True) -> str:
-    """The path of a trained ddpm_mnist.py checkpoint for scripts that build on one. The default
-    path is trained first (this script's defaults) when missing; any other path must exist."""
+    """The path of a trained ddpm_mnist.py checkpoint, for the scripts that build on one: the default
+    path is trained first (with this script's defaults) when it is missing; any other path must exist."""
     if path == DEFAULT_CKPT and not os.path.isfile(path):
         print(f"no base model at '{path}': training it first with ddpm_mnist.py's defaults")
-        train(Config(dataset=dataset, data_dir=data_dir, download=download, image_size=image_size,
-                     channels=channels, seed=seed, amp=amp, out=os.path.dirname(path)), device)
-    common.check(os.path.isfile(path), f"base model checkpoint '{path}' not found; train it with ddpm_mnist.py, "
-                 f"or leave the flag at its default ({DEFAULT_CKPT}) to train one")
+        cfg = Config(dataset=dataset, data_dir=data_dir, download=download, image_size=image_size,
+                     channels=channels, seed=seed, amp=amp, out=os.path.dirname(path), ckpt=path)
+        common.new_or_resume(path, resume=False, overwrite=False)
+        common.seed_everything(seed)
+        train(cfg, *load_data(cfg, device), device)
+    common.check(os.path.isfile(path), f"--base-ckpt '{path}' not found; train one with `python ddpm_mnist.py "
+                 f"--out DIR` and pass DIR/ckpt.pt, or leave --base-ckpt out to use (and train) {DEFAULT_CKPT}")
     return path
 
 
 def load_trained(path: str, device) -> tuple[UNet, DDPM, dict]:
-    """The EMA network and diffusion process of a checkpoint written by `train` (for sampling,
-    and for the scripts that build on this one)."""
-    state = common.load_checkpoint(path, device, hint="train with `python ddpm_mnist.py` first, or pass --ckpt")
-    common.check("unet" in state and "ema" in state, f"'{path}' is not a ddpm_mnist.py checkpoint")
-    model = UNet(**state["unet"]).to(device)
+    """The EMA network (eval mode), the diffusion process and the whole state of a checkpoint
+    written by `train`; state["net"] holds the UNet's constructor arguments."""
+    state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "config"),
+                                   hint="train one with `python ddpm_mnist.py` first")
+    model = UNet(**state["net"]).to(device)
     common.load_weights(model, state["ema"], path)
-    cfg = state["config"]
-    return model.eval(), DDPM(cfg["T"], cfg["schedule"]).to(device), state
+    return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device), state
 
 
 # ----------------------------------------------------------------------------- figures
@@ -373,8 +408,9 @@ def slerp(z0, z1, alpha):
 
 
 def make_figures(cfg: Config, model, ddpm: DDPM, device, shape) -> None:
-    """DDPM and DDIM grids, loss per timestep, noise interpolation and the DDIM step sweep."""
-    out, n = cfg.out, cfg.n_samples
+    """Cheap: test loss per timestep, DDIM grids, noise interpolation. Expensive, each timed and
+    optional: the DDPM grids (--no-ddpm-grid), the DDIM step sweep (--sweep-steps), --eval N."""
+    out, n, T = cfg.out, cfg.n_samples, ddpm.T
     gen = lambda: torch.Generator(device).manual_seed(cfg.seed)  # noqa: E731 (same noise for every figure)
     x_T = torch.randn((n, *shape), device=device, generator=gen())
     x_test, _ = load_data(cfg, device, train=False)
@@ -383,32 +419,38 @@ def make_figures(cfg: Config, model, ddpm: DDPM, device, shape) -> None:
     common.plot_curves(os.path.join(out, "loss_per_timestep.png"), {"test loss": per_t}, xlabel="t",
                        title=f"test loss per timestep (mean {test_loss:.4f})")
 
-    x = ddpm.ddpm_sample(model, x_T.shape, cfg.sigma, x_T=x_T, generator=gen())
-    common.save_grid(x[:16], os.path.join(out, "ddpm_4x4.png"), nrow=4)
-    common.save_grid(x, os.path.join(out, "ddpm_8x8.png"), nrow=8)
-    x = ddpm.ddim_sample(model, x_T.shape, cfg.ddim_steps, cfg.eta, x_T=x_T, generator=gen())
+    x, sec = common.timed(device, lambda: ddpm.ddim_sample(model, x_T.shape, cfg.ddim_steps, cfg.eta, x_T=x_T,
+                                                          generator=gen()))
+    print(f"DDIM grid: {cfg.ddim_steps} steps x {n} images in {sec:.1f}s")
     common.save_grid(x[:16], os.path.join(out, f"ddim{cfg.ddim_steps}_4x4.png"), nrow=4)
     common.save_grid(x, os.path.join(out, f"ddim{cfg.ddim_steps}_8x8.png"), nrow=8)
-
-    alphas = torch.linspace(0, 1, 10, device=device)
-    z = torch.stack([slerp(x_T[0], x_T[1], a) for a in alphas])
+    z = torch.stack([slerp(x_T[0], x_T[1], a) for a in torch.linspace(0, 1, 10, device=device)])
     x = ddpm.ddim_sample(model, z.shape, cfg.ddim_steps, x_T=z)
     common.save_grid(x, os.path.join(out, "interpolation.png"), nrow=10)
+    if cfg.ddpm_grid:
+        print(f"DDPM grid: {T} steps x {n} images (--no-ddpm-grid skips it) ...", flush=True)
+        x, sec = common.timed(device, lambda: ddpm.ddpm_sample(model, x_T.shape, cfg.sigma, x_T=x_T, generator=gen()))
+        print(f"DDPM grid: {T} steps x {n} images in {sec:.1f}s")
+        common.save_grid(x[:16], os.path.join(out, "ddpm_4x4.png"), nrow=4)
+        common.save_grid(x, os.path.join(out, "ddpm_8x8.png"), nrow=8)
 
-    rows, times, sweep = [], [], sorted({s for s in (10, 20, 50, 100, 1000) if s <= ddpm.T} | {ddpm.T})
-    for steps in sweep:
-        x, seconds = common.timed(device, lambda: ddpm.ddim_sample(model, x_T.shape, steps, x_T=x_T))
-        times.append((steps, seconds))
-        rows.append(x[:8])
-        print(f"DDIM {steps:4d} steps: {times[-1][1]:.2f}s per batch of {n}")
-    common.save_grid(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), nrow=8)
-    common.plot_curves(os.path.join(out, "ddim_sweep_time.png"), {f"batch of {n}": times},
-                       xlabel="DDIM steps", ylabel="seconds per batch", title="DDIM: steps vs wall time")
+    sweep = sorted({s for s in cfg.sweep_steps if 1 <= s <= T})
+    if sweep:  # the same 8 noise images through each step count: one row each, and its wall time
+        print(f"DDIM sweep: {' + '.join(map(str, sweep))} steps x 8 images (--sweep-steps sets them) ...", flush=True)
+        rows, times = [], []
+        for steps in sweep:
+            x, sec = common.timed(device, lambda: ddpm.ddim_sample(model, x_T[:8].shape, steps, x_T=x_T[:8]))
+            rows.append(x)
+            times.append((steps, sec))
+            print(f"DDIM {steps:4d} steps: {sec:.2f}s per batch of 8")
+        common.save_grid(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), nrow=8)
+        common.plot_curves(os.path.join(out, "ddim_sweep_time.png"), {"batch of 8": times}, xlabel="DDIM steps",
+                           ylabel="seconds per batch", title="DDIM: steps vs wall time")
     if cfg.eval:  # opt-in: the same sweep, measured (FD in a cached classifier's features, see evaluate.py)
         import evaluate
         ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device,
                                 image_size=cfg.image_size or None, channels=cfg.channels)
-        samplers = {("DDPM", ddpm.T): lambda z, g: ddpm.ddpm_sample(model, z.shape, cfg.sigma, x_T=z, generator=g)}
+        samplers = {("DDPM", T): lambda z, g: ddpm.ddpm_sample(model, z.shape, cfg.sigma, x_T=z, generator=g)}
         samplers |= {("DDIM", s): lambda z, g, s=s: ddpm.ddim_sample(model, z.shape, s, cfg.eta, x_T=z, generator=g)
                      for s in sweep}
         evaluate.score_sweep(ev, samplers, cfg.eval, shape, device, os.path.join(out, "eval.md"), cfg.seed, amp=cfg.amp)
@@ -416,59 +458,24 @@ def make_figures(cfg: Config, model, ddpm: DDPM, device, shape) -> None:
 
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    common.check(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
-    common.check(cfg.T >= 1 and 1 <= cfg.ddim_steps <= cfg.T, f"--ddim-steps must be in 1..--T ({cfg.T}), got {cfg.ddim_steps}")
-    common.check(cfg.eta >= 0, f"--eta must be >= 0, got {cfg.eta}")
-    common.check(cfg.n_samples >= 2, f"--n-samples must be >= 2, got {cfg.n_samples}")
-    common.check(cfg.eval == 0 or cfg.eval >= 2, f"--eval must be 0 (off) or >= 2 samples, got {cfg.eval}")
-    common.seed_everything(cfg.seed)
+    check_config(cfg)
     device = common.get_device(cfg.device)
-    common.setup_speed(device)
-    os.makedirs(cfg.out, exist_ok=True)
+    ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    common.prepare_out(cfg.out)
     if cfg.sample_only:
-        model, ddpm, _ = load_trained(cfg.ckpt or os.path.join(cfg.out, "ckpt.pt"), device)
+        model, ddpm, _ = load_trained(ckpt, device)            # a missing or foreign file stops here
+        common.check(cfg.ddim_steps <= ddpm.T, f"--ddim-steps must be in 1..{ddpm.T} (the T of '{ckpt}'), "
+                     f"got {cfg.ddim_steps}")
     else:
-        model, ddpm = train(cfg, device)
+        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)  # never replace a trained model by mistake
+    common.seed_everything(cfg.seed)
+    common.setup_speed(device)
+    if not cfg.sample_only:
+        x_train, y_train = load_data(cfg, device)
+        model, ddpm = train(cfg, x_train, y_train, device)
     c = model.config
     make_figures(cfg, model, ddpm, device, (c["channels"], c["image_size"], c["image_size"]))
     print(f"figures in {cfg.out}/")
-
-
-# ----------------------------------------------------------------------------- assignment interface
-
-
-class DiffusionModel(UNet):
-    """The network, as course assignments name it: model(x, t) -> eps, x's shape, t in [0, 1000)."""
-
-    def __init__(self, image_size: int = 28, channels: int = 1, preset: str = "mnist"):
-        super().__init__(image_size, channels, **PRESETS[preset])
-
-
-class DiffusionProcess:
-    """The process, as course assignments name it: add_noise(x, t) -> (x_t, eps); train_step(x) -> loss."""
-
-    def __init__(self, image_size=28, channels=1, noise_steps=1000, schedule="linear", model=None, lr=2e-4):
-        self.model = model if model is not None else DiffusionModel(image_size, channels)
-        device = next(self.model.parameters()).device
-        self.ddpm = DDPM(noise_steps, schedule).to(device)
-        self.opt = common.make_optimizer(self.model, lr)
-
-    def add_noise(self, x, t):
-        eps = torch.randn_like(x)
-        return self.ddpm.q_sample(x, t, eps), eps
-
-    def train_step(self, x) -> float:
-        loss = self.ddpm.loss(self.model, x)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.item()
-
-    def sample(self, n: int, steps: int | None = None):
-        shape = (n, self.model.config["channels"], self.model.config["image_size"], self.model.config["image_size"])
-        if steps is None:
-            return self.ddpm.ddpm_sample(self.model.eval(), shape)
-        return self.ddpm.ddim_sample(self.model.eval(), shape, steps)
 
 
 if __name__ == "__main__":

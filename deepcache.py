@@ -21,13 +21,15 @@ batch of noise) into the next: the "stale cache" bug.
 
 The base network is the UNet of ddpm_mnist.py, sampled with its deterministic DDIM (eta = 0), so
 cached and uncached samples from the same noise can be compared pixel for pixel (MSE, PSNR, SSIM).
-(rectified_flow.py's velocity UNet is the same UNet and could be wrapped the same way, with its
-Euler sampler; future work.)
+`DeepCache` only needs the UNet's blocks, not the sampler: any sampler that calls its network once
+per step can use it (reset it with `full_steps`, then pass it as the network). rectified_flow.py's
+velocity UNet is the same UNet and could be wrapped the same way, with its Euler sampler.
 
 Run:
     python deepcache.py                          # uses runs/ddpm_mnist/ckpt.pt (trained first if missing)
     python deepcache.py --interval 3 --branch 2 --cache-schedule nonuniform
-    python deepcache.py --eval 2000              # + FD-LeNet of evaluate.py per setting (18 x 2000 samples)
+    python deepcache.py --eval 2000              # + FD of evaluate.py per setting (18 x 2000 samples)
+    python deepcache.py --no-analysis            # only the sample grids, no timed sweep
 Figures in runs/deepcache/: samples.png (cached) beside samples_plain.png, speedup.png,
 quality.png, tradeoff.png, intervals.png (one row per interval) and the table speed_quality.md.
 """
@@ -36,7 +38,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -45,32 +46,39 @@ import torch.nn as nn
 import common
 import ddpm_mnist
 
-BASE_CKPT = "runs/ddpm_mnist/ckpt.pt"
-
 
 @dataclass
 class Config:
-    base_ckpt: str = field(default="", metadata={
-        "help": f"ddpm_mnist.py checkpoint (default {BASE_CKPT}, trained first when missing)"})
-    data_dir: str = field(default="data", metadata={"help": "MNIST root (to train the base, and for --eval)"})
+    base_ckpt: str = field(default=ddpm_mnist.DEFAULT_CKPT, metadata={
+        "help": "ddpm_mnist.py checkpoint to accelerate (the default one is trained first when missing)"})
+    data_dir: str = field(default="data", metadata={"help": "datasets root (for the default base, and --eval)"})
     download: bool = True
-    interval: int = field(default=3, metadata={"help": "N: one full UNet step, then N - 1 cached steps"})
+    interval: int = field(default=3, metadata={"help": "N: one full UNet step, then N - 1 cached steps", "min": 1})
     branch: int = field(default=1, metadata={
-        "help": "skip connection where the shallow branch rejoins (1 = shallowest, fastest)"})
+        "help": "skip connection where the shallow branch rejoins (1 = shallowest, fastest)", "min": 1})
     cache_schedule: str = field(default="uniform", metadata={"choices": ["uniform", "nonuniform"]})
-    power: float = field(default=2.0, metadata={"help": "non-uniform: full steps at S (k/K)^power"})
-    steps: int = field(default=50, metadata={"help": "DDIM steps for the sample grids"})
-    n_samples: int = 64
-    analysis: bool = field(default=True, metadata={"help": "the sweep over steps x intervals"})
-    sweep_steps: tuple[int, ...] = (10, 50, 100)
-    sweep_intervals: tuple[int, ...] = (1, 2, 3, 5, 10, 20)
-    batch_size: int = field(default=256, metadata={"help": "images per timed sampling run"})
-    warmup: int = field(default=2, metadata={"help": "untimed rounds before timing"})
-    repeats: int = field(default=7, metadata={"help": "timed rounds (the median is reported)"})
-    eval: int = field(default=0, metadata={"help": "FD of evaluate.py over this many samples per setting (0 = off)"})
+    power: float = field(default=2.0, metadata={"help": "non-uniform: full steps at S (k/K)^power", "min": 1.0})
+    steps: int = field(default=50, metadata={"help": "DDIM steps for the sample grids", "min": 1})
+    n_samples: int = field(default=64, metadata={"help": "images in samples.png", "min": 1})
+    analysis: bool = field(default=True, metadata={"help": "the timed sweep over steps x intervals: (warmup + "
+                           "repeats) x (1 + len(sweep intervals)) runs of batch-size images per sweep step count"})
+    sweep_steps: tuple[int, ...] = field(default=(10, 50, 100), metadata={"min": 1})
+    sweep_intervals: tuple[int, ...] = field(default=(1, 2, 3, 5, 10, 20), metadata={"min": 1})
+    batch_size: int = field(default=256, metadata={"help": "images per timed sampling run", "min": 1})
+    warmup: int = field(default=2, metadata={"help": "untimed rounds before timing", "min": 0})
+    repeats: int = field(default=7, metadata={"help": "timed rounds (the median is reported)", "min": 1})
+    eval: int = field(default=0, metadata={"help": "FD of evaluate.py over N samples per (steps, interval); "
+                      "0 = off; costs N x sum(sweep steps) x len(sweep intervals) cached UNet calls", "min": 0})
     out: str = "runs/deepcache"
     seed: int = 0
     device: str = "auto"
+
+
+def check_config(cfg: Config) -> None:
+    """The checks that "min" cannot make (--branch and the step counts are checked against the base
+    model once it is loaded: by DeepCache and in main)."""
+    common.check(cfg.eval != 1, "--eval must be 0 (off) or >= 2 samples: a Frechet distance needs two")
+    common.check(cfg.analysis or not cfg.eval, "--eval scores the settings of the sweep; drop --no-analysis")
 
 
 # ----------------------------------------------------------------------------- the cached network
@@ -168,35 +176,25 @@ def quality(x, ref) -> dict:
                 ssim=structural_similarity_index_measure(a, b, data_range=1.0).item())
 
 
-def sweep(cfg: Config, unet, ddpm, device, shape) -> list[dict]:
+def sweep(cfg: Config, unet, ddpm, device, shape, evaluator=None) -> list[dict]:
     """Speed and quality for every (steps, interval). Timings: each round runs every interval once,
     in alternating order (so slow drifts of the machine, and the position in a round, hit all
     alike), GPU synchronised around each run, `warmup` rounds discarded, the median of `repeats`
-    rounds kept."""
+    rounds kept. With an evaluate.py `evaluator`, also the FD of cfg.eval cached samples."""
     cache = DeepCache(unet, cfg.branch)
     f = flops_fraction(cache, (cfg.batch_size, *shape), device)
     print(f"a cached step (branch {cfg.branch}) costs f = {f:.3f} of a full step's FLOPs")
     x_T = torch.randn((cfg.batch_size, *shape), device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
-    evaluator = None
-    if cfg.eval:
-        try:
-            import evaluate
-        except ImportError:
-            common.die("--eval needs evaluate.py next to this script; run without --eval")
-        evaluator = evaluate.Evaluator("mnist", data_dir=cfg.data_dir, download=cfg.download, device=device)
     rows = []
     for S in cfg.sweep_steps:
         runs = {0: lambda: ddpm.ddim_sample(unet, x_T.shape, S, x_T=x_T)}  # 0 = the plain sampler
         runs.update({N: (lambda N=N: cached_sample(ddpm, cache, x_T, S, N)) for N in cfg.sweep_intervals})
         times, out = {k: [] for k in runs}, {}
-        for r in range(cfg.warmup + cfg.repeats):
+        for r in common.progress(range(cfg.warmup + cfg.repeats), f"{S} steps, timing {len(runs)} samplers"):
             for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-                common.sync(device)
-                t0 = time.perf_counter()
-                out[k] = runs[k]()
-                common.sync(device)
+                out[k], seconds = common.timed(device, runs[k])
                 if r >= cfg.warmup:
-                    times[k].append(time.perf_counter() - t0)
+                    times[k].append(seconds)
         t_plain = statistics.median(times[0])
         for N in cfg.sweep_intervals:
             K = len(full_steps(S, N))
@@ -205,7 +203,8 @@ def sweep(cfg: Config, unet, ddpm, device, shape) -> list[dict]:
                        speedup=t_plain / statistics.median(times[N]), theory=S / (K + (S - K) * f),
                        **quality(out[N], out[0]), psnr_nonuniform=quality(x_nonuniform, out[0])["psnr"])
             if evaluator is not None:
-                x = torch.cat([cached_sample(ddpm, cache, z, S, N) for z in eval_noise(cfg, shape, device)])
+                x = torch.cat([cached_sample(ddpm, cache, z, S, N) for z in common.progress(
+                    eval_noise(cfg, shape, device), f"{S} steps, interval {N}: {cfg.eval} samples for FD")])
                 row["fd"] = evaluator.fd(x)
             rows.append(row)
             print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -224,16 +223,12 @@ def eval_noise(cfg: Config, shape, device):
 
 def write_table(rows: list[dict], path: str) -> None:
     """The sweep as a markdown table (ready for the README)."""
-    cols = ["steps", "interval", "full steps", "ms / run", "speedup", "theory", "MSE", "PSNR dB",
-            "SSIM", "PSNR non-uniform"] + (["FD (evaluate.py)"] if "fd" in rows[0] else [])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        vals = [r["steps"], r["interval"], r["K"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['theory']:.2f}x",
-                f"{r['mse']:.2e}", f"{r['psnr']:.1f}", f"{r['ssim']:.4f}", f"{r['psnr_nonuniform']:.1f}"]
-        vals += [f"{r['fd']:.2f}"] if "fd" in r else []
-        lines.append("| " + " | ".join(map(str, vals)) + " |")
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    header = ["steps", "interval", "full steps", "ms / run", "speedup", "theory", "MSE", "PSNR dB", "SSIM",
+              "PSNR non-uniform"] + (["FD (evaluate.py)"] if "fd" in rows[0] else [])
+    common.write_table(path, header, [
+        [r["steps"], r["interval"], r["K"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['theory']:.2f}x",
+         f"{r['mse']:.2e}", f"{r['psnr']:.1f}", f"{r['ssim']:.4f}", f"{r['psnr_nonuniform']:.1f}"]
+        + ([f"{r['fd']:.2f}"] if "fd" in r else []) for r in rows])
 
 
 def plot_sweep(rows: list[dict], out: str) -> None:
@@ -293,21 +288,17 @@ def figure_done(fig, axes, path, intervals=None) -> None:
 
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    for name, values in (("--interval", [cfg.interval]), ("--sweep-intervals", cfg.sweep_intervals)):
-        common.check(min(values) >= 1, f"{name} must be >= 1 (1 = no caching), got {min(values)}")
-    common.check(cfg.repeats >= 1 and cfg.warmup >= 0, "--repeats must be >= 1 and --warmup >= 0")
-    common.check(cfg.n_samples >= 1 and cfg.batch_size >= 1, "--n-samples and --batch-size must be >= 1")
-    common.check(cfg.eval == 0 or cfg.eval >= 2, f"--eval must be 0 (off) or >= 2 samples, got {cfg.eval}")
+    check_config(cfg)
+    common.prepare_out(cfg.out)
     device = common.get_device(cfg.device)
     common.setup_speed(device)
     common.seed_everything(cfg.seed)
-    base_cfg = ddpm_mnist.Config(data_dir=cfg.data_dir, download=cfg.download, out=os.path.dirname(BASE_CKPT))
-    ckpt = common.checkpoint_or_train(cfg.base_ckpt, BASE_CKPT, lambda: ddpm_mnist.train(base_cfg, device))
-    unet, ddpm, _ = ddpm_mnist.load_trained(ckpt, device)
+    ckpt = ddpm_mnist.ensure_trained(cfg.base_ckpt, device, data_dir=cfg.data_dir, download=cfg.download)
+    unet, ddpm, state = ddpm_mnist.load_trained(ckpt, device)   # one line if it is another script's file
     cache = DeepCache(unet, cfg.branch)                        # checks --branch against this UNet
-    for S in (cfg.steps, *(cfg.sweep_steps if cfg.analysis else ())):
-        common.check(1 <= S <= ddpm.T, f"sampling steps must be in 1..T ({ddpm.T}), got {S}")
-    os.makedirs(cfg.out, exist_ok=True)
+    S_max = max((cfg.steps, *(cfg.sweep_steps if cfg.analysis else ())))
+    common.check(S_max <= ddpm.T, f"--steps and --sweep-steps must be <= T = {ddpm.T} of the base model "
+                 f"'{ckpt}', got {S_max}")
     c = unet.config
     shape = (c["channels"], c["image_size"], c["image_size"])
 
@@ -324,7 +315,13 @@ def main(argv=None) -> None:
     common.save_grid(torch.cat(rows), os.path.join(cfg.out, "intervals.png"), nrow=8)
 
     if cfg.analysis:
-        table = sweep(cfg, unet, ddpm, device, shape)
+        evaluator = None
+        if cfg.eval:
+            import evaluate                                    # the FD's classifier: trained once, then cached
+            evaluator = evaluate.Evaluator(state["config"].get("dataset", "mnist"), data_dir=cfg.data_dir,
+                                           download=cfg.download, device=device, image_size=shape[-1],
+                                           channels=shape[0])
+        table = sweep(cfg, unet, ddpm, device, shape, evaluator)
         write_table(table, os.path.join(cfg.out, "speed_quality.md"))
         plot_sweep(table, cfg.out)
     print(f"figures in {cfg.out}/")

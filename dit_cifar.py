@@ -1,5 +1,5 @@
-"""Latent diffusion on CIFAR-10 with a Diffusion Transformer (DiT, Peebles & Xie, 2023), on one
-GPU, on CPU, or on N GPUs with torchrun and DistributedDataParallel.
+"""Latent diffusion on CIFAR-10 with a Diffusion Transformer (DiT, Peebles & Xie, 2023).
+On one GPU, on CPU, or on N GPUs with torchrun and DistributedDataParallel.
 
 1. latent_diffusion.py's VAE compresses x (3, 32, 32) to z (4, 8, 8), 12x fewer numbers. The
    latents (posterior means) are scaled by s = 1 / std(z_train) to unit variance, like the noise
@@ -12,13 +12,14 @@ GPU, on CPU, or on N GPUs with torchrun and DistributedDataParallel.
        h = LN(x) (1 + gamma) + beta,   x <- x + alpha * Attention(h)   (the same for the MLP).
    That Linear starts at zero, so alpha = 0 and every block starts as the identity; the final
    projection starts at zero too (eps_theta = 0 at initialisation); unpatchify gives eps.
-4. Classifier-free guidance (cfg.py's functions): in training y becomes the null class (id K =
-   number of classes) with probability 0.1; sampling uses eps_uncond + w (eps_cond - eps_uncond),
-   both from one forward pass of the doubled batch (w = 1 is the plain conditional model).
+4. Classifier-free guidance (as in cfg.py): in training y becomes the null class (id K = number
+   of classes) with probability 0.1; sampling uses eps_uncond + w (eps_cond - eps_uncond), both
+   from one forward pass of the doubled batch (w = 1 is the plain conditional model).
 5. Multi-GPU: under torchrun every process holds a replica wrapped in DistributedDataParallel
-   (gradients all-reduced, so the replicas stay identical), a DistributedSampler gives each rank
-   its shard of every epoch, seeds differ per rank (own t, eps, label drops), and rank 0 alone
+   (gradients all-reduced, so the replicas stay identical); all ranks draw the same global batch
+   and each keeps its own 1/N of it; each rank seeds its own t, eps and label drops; rank 0 alone
    logs and writes files. --batch-size is global. The VAE is trained once, on rank 0.
+Images live in [-1, 1]; DDPM time t is an integer step 0..T-1.
 
 Run:
     python dit_cifar.py                                 # VAE (once), DiT-S/2, figures in runs/dit_cifar/
@@ -31,21 +32,24 @@ Run:
 """
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import latent_diffusion
-from cfg import class_rows, guided_eps, loss as cfg_loss
 from ddpm_mnist import DDPM
-from latent_diffusion import VAE, decode, encode_latents, load_vae
+from latent_diffusion import VAE, decode, encode_latents
+
+KIND = "dit_cifar.py DiT"
 
 
 @dataclass
@@ -53,30 +57,33 @@ class Config:
     dataset: str = field(default="cifar10", metadata={"help": "cifar10, or an RGB image folder"})
     data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
     download: bool = field(default=True, metadata={"help": "download cifar10 when missing"})
-    vae_ckpt: str = field(default="", metadata={"help": "VAE checkpoint, trained when missing (default OUT/vae.pt)"})
-    vae_base: int = field(default=64, metadata={"help": "VAE base channels"})
-    latent_channels: int = 4
-    vae_epochs: int = 20
+    vae: str = field(default="", metadata={"help": "VAE checkpoint, trained there when missing (default OUT/vae.pt)"})
+    vae_base: int = field(default=64, metadata={"min": 1, "help": "VAE width"})
+    latent_channels: int = field(default=4, metadata={"min": 1})
+    vae_epochs: int = field(default=20, metadata={"min": 1})
     vae_lr: float = 5e-4
-    kl_weight: float = field(default=1e-3, metadata={"help": "beta of the VAE's KL term"})
-    model: str = field(default="DiT-S/2", metadata={"help": "DiT-<size>/<patch>, size in " + ", ".join("TSBL")})
-    T: int = field(default=1000, metadata={"help": "number of diffusion steps"})
+    kl_weight: float = field(default=1e-3, metadata={"min": 0, "help": "weight of the KL term of the VAE loss"})
+    model: str = field(default="DiT-S/2", metadata={"help": "DiT-<size>/<patch>, size in T, S, B, L"})
+    T: int = field(default=1000, metadata={"min": 1, "help": "diffusion steps"})
     schedule: str = field(default="linear", metadata={"choices": ["linear", "cosine", "sigmoid"]})
-    epochs: int = 200
-    batch_size: int = field(default=256, metadata={"help": "global batch, split over the processes"})
+    epochs: int = field(default=200, metadata={"min": 1})
+    batch_size: int = field(default=256, metadata={"min": 1, "help": "global batch, split over the processes"})
     lr: float = 2e-4
-    warmup_steps: int = 500
-    ema_decay: float = 0.9999
-    p_uncond: float = field(default=0.1, metadata={"help": "probability of dropping y to the null class"})
-    w: float = field(default=3.0, metadata={"help": "guidance weight of the progress grids"})
-    ws: tuple[float, ...] = field(default=(1.0, 3.0, 5.0, 7.5), metadata={"help": "guidance weights of the figures"})
-    ddim_steps: int = 50
-    n_per_class: int = field(default=8, metadata={"help": "samples per class row in the grids"})
-    sample_every: int = field(default=20, metadata={"help": "epochs between progress grids"})
-    eval: int = field(default=0, metadata={"help": "samples per w for evaluate.py (0 = off; costs len(ws) x N x ddim-steps)"})
+    warmup_steps: int = field(default=500, metadata={"min": 0})
+    ema_decay: float = field(default=0.9999, metadata={"min": 0})
+    p_uncond: float = field(default=0.1, metadata={"min": 0, "help": "probability of dropping y to the null class"})
+    scale: float = field(default=3.0, metadata={"min": 0, "help": "guidance weight w of the progress grids"})
+    scales: tuple[float, ...] = field(default=(1.0, 3.0, 5.0, 7.5), metadata={"min": 0,
+                                      "help": "guidance weights w of the figures"})
+    ddim_steps: int = field(default=50, metadata={"min": 1})
+    n_per_class: int = field(default=8, metadata={"min": 1, "help": "samples per class row in the grids"})
+    sample_every: int = field(default=20, metadata={"min": 1, "help": "epochs between progress grids"})
+    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples per w with evaluate.py (0 = off; "
+                      "costs len(scales) x N x ddim-steps DiT calls, and a classifier trained once)"})
     out: str = "runs/dit_cifar"
     ckpt: str = field(default="", metadata={"help": "DiT checkpoint (default OUT/ckpt.pt)"})
-    resume: bool = False
+    resume: bool = field(default=False, metadata={"help": "continue the DiT checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the DiT checkpoint (a finished --vae is reused)"})
     sample_only: bool = field(default=False, metadata={"help": "load the checkpoints and make figures, no training"})
     seed: int = 0
     device: str = "auto"
@@ -84,31 +91,26 @@ class Config:
     compile: bool = field(default=False, metadata={"help": "torch.compile the DiT"})
 
 
-# ----------------------------------------------------------------------------- the VAE (latent_diffusion.py's)
-
-
-def get_vae(cfg: Config, x, rank: int, world: int, device) -> tuple[VAE, float]:
-    """(VAE, latent scale s) from --vae-ckpt, trained there first when missing, by latent_diffusion.py's
-    `ensure_vae` on rank 0 alone (it is cheap next to the DiT); the other ranks wait, then load it."""
-    if rank == 0:
-        vae, scale = latent_diffusion.ensure_vae(latent_diffusion.Config(
-            dataset=cfg.dataset, vae=cfg.vae_ckpt, vae_epochs=cfg.vae_epochs, vae_base=cfg.vae_base,
-            latent_channels=cfg.latent_channels, beta=cfg.kl_weight, batch_size=cfg.batch_size,
-            lr=cfg.vae_lr, seed=cfg.seed, out=cfg.out, amp=cfg.amp), x, device)
-    if world > 1:
-        torch.distributed.barrier()                        # rank 0 has written the VAE
-    return (vae, scale) if rank == 0 else load_vae(cfg.vae_ckpt, device)
+def check_config(cfg: Config) -> None:
+    """The checks that the flags' choices and minimums do not make; fills in the default paths."""
+    p = parse_model(cfg.model)["patch"]                               # images are 32x32, latents 8x8:
+    common.check(8 % p == 0, f"patch size {p} does not divide the latent size 8; use a patch of 1, 2, 4 or 8, "
+                 "e.g. DiT-S/2")
+    common.check(cfg.lr > 0 and cfg.vae_lr > 0, f"--lr and --vae-lr must be > 0, got {cfg.lr} and {cfg.vae_lr}")
+    common.check(cfg.p_uncond < 1, f"--p-uncond must be < 1 (some labels must stay), got {cfg.p_uncond}")
+    common.check(cfg.ddim_steps <= cfg.T, f"--ddim-steps must be at most --T ({cfg.T}), got {cfg.ddim_steps}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))                     # set by torchrun
+    common.check(cfg.batch_size % world == 0, f"--batch-size {cfg.batch_size} must split evenly over {world} processes")
+    cfg.ckpt, cfg.vae = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt"), cfg.vae or os.path.join(cfg.out, "vae.pt")
+    common.check(not cfg.resume or os.path.isfile(cfg.vae), f"--resume needs the VAE the DiT was trained "
+                 f"with, and '{cfg.vae}' does not exist; pass it with --vae")
 
 
 # ----------------------------------------------------------------------------- the DiT
 
 
-PRESETS = {  # the model sizes of the DiT paper (Table 1), plus a tiny one for tests
-    "T": dict(depth=2, hidden=64, heads=2),
-    "S": dict(depth=12, hidden=384, heads=6),
-    "B": dict(depth=12, hidden=768, heads=12),
-    "L": dict(depth=24, hidden=1024, heads=16),
-}
+PRESETS = {"S": dict(depth=12, hidden=384, heads=6), "B": dict(depth=12, hidden=768, heads=12),  # the DiT
+           "L": dict(depth=24, hidden=1024, heads=16), "T": dict(depth=2, hidden=64, heads=2)}   # paper's, + tiny
 
 
 def parse_model(name: str) -> dict:
@@ -219,7 +221,18 @@ class DiT(nn.Module):
         return unpatchify(self.final(x, c), self.p, self.C)                       # (N, C, H, W)
 
 
-# ----------------------------------------------------------------------------- sampling and test loss
+# ----------------------------------------------------------------------------- guidance, sampling, test loss
+
+
+def guided_eps(model: DiT, y: torch.Tensor, w: float):
+    """The guided predictor eps~(z_t, t) for labels y (N,), in the form the samplers call. One
+    forward pass of the doubled batch (2N) gives both eps_cond and eps_uncond."""
+    null = torch.full_like(y, model.null)
+
+    def eps(z_t, t):
+        eps_cond, eps_uncond = model(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+        return eps_uncond + w * (eps_cond - eps_uncond)   # eps~ = eps_uncond + w (eps_cond - eps_uncond)
+    return eps
 
 
 @torch.no_grad()
@@ -246,84 +259,112 @@ def test_loss(model: DiT, ddpm: DDPM, z, y, seed: int = 0, max_n: int = 2000) ->
 
 def check_fits(state: dict, shape, scale: float, ckpt: str, vae_path: str) -> None:
     """One-line error when the DiT of `state` was trained on the latents of another VAE."""
-    want = (state["dit"]["in_channels"],) + (state["dit"]["input_size"],) * 2       # (C, H, W)
+    want = (state["net"]["in_channels"],) + (state["net"]["input_size"],) * 2       # (C, H, W)
     common.check(tuple(shape) == want and abs(state["scale"] - scale) <= 1e-6 * scale,
                  f"the DiT in '{ckpt}' works on latents {want} (scale {state['scale']:.4f}) but the VAE "
-                 f"'{vae_path}' makes {tuple(shape)} (scale {scale:.4f}); pass the --vae-ckpt it was trained with")
+                 f"'{vae_path}' makes {tuple(shape)} (scale {scale:.4f}); pass the --vae it was trained with")
+
+
+# ----------------------------------------------------------------------------- multi-GPU (torchrun)
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """-> (rank, world, device). Under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE) join its group:
+    NCCL with one GPU per process, gloo on CPU; the 30-min timeout covers rank 0 training the VAE."""
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), common.get_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        common.check(local_rank < torch.cuda.device_count(), f"--nproc_per_node is {world} but only "
+                     f"{torch.cuda.device_count()} GPUs are visible; start one process per GPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    return rank, world, device
+
+
+def replicas_in_sync(model: nn.Module) -> bool:
+    """True when every rank holds exactly rank 0's parameters, as DDP promises (the same start, and
+    all-reduced gradients, so every optimizer step is the same on every rank)."""
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    same = torch.tensor(float(torch.equal(flat, ref)), device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item())
 
 
 # ----------------------------------------------------------------------------- training
 
 
 def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, world: int, device):
-    """The DDPM loss with label dropout, on latents z (N, 4, 8, 8) cached on the device. Each rank
-    takes its shard of every epoch and DDP averages the gradients; rank 0 evaluates the EMA on the
+    """DDPM with label dropout on the latents z (N, 4, 8, 8) cached on the device. Every rank takes
+    its share of each global batch and DDP averages the gradients; rank 0 evaluates the EMA on the
     test latents, logs, and writes one checkpoint per epoch. -> (EMA DiT, DDPM, checkpoint state)."""
+    common.seed_everything(cfg.seed)                         # the same DiT whether the VAE was trained or loaded
     model = DiT(z.shape[-1], z.shape[1], int(y.max()) + 1, **parse_model(cfg.model)).to(device)
     ddpm = DDPM(cfg.T, cfg.schedule).to(device)
     net = torch.compile(model) if cfg.compile else model
     net = DDP(net) if world > 1 else net                     # DDP starts by broadcasting rank 0's weights,
-    ema = common.make_ema(model, cfg.ema_decay)              # so the EMA copy is made after it
-    opt = common.make_optimizer(model, cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    state = dict(step=0, epoch=0, losses=[], test_losses=[])
+    ema, opt = common.make_ema(model, cfg.ema_decay), common.make_optimizer(model, cfg.lr)  # so EMA comes after
+    step, start, losses, test_losses = 0, 0, [], []
     if cfg.resume:                                           # every rank reads the same file
-        state = common.load_checkpoint(cfg.ckpt, device, hint="there is nothing to resume; drop --resume")
-        check_fits(state, z.shape[1:], scale, cfg.ckpt, cfg.vae_ckpt)
-        common.check(state["dit"] == model.config, f"'{cfg.ckpt}' holds a {state['config']['model']}; "
-                     f"resume with --model {state['config']['model']}")
-        common.load_weights(model, state["model"], cfg.ckpt)
-        ema.module.load_state_dict(state["ema"])
-        ema.n_averaged.fill_(state["step"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        common.print0(f"resumed from {cfg.ckpt} at epoch {state['epoch']}, step {state['step']}")
-    n_params, tokens = sum(p.numel() for p in model.parameters()), (z.shape[-1] // model.p) ** 2
-    common.print0(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {tokens} tokens, {len(z)} latents "
-                  f"{tuple(z.shape[1:])}, {world} process(es) on {device}")
-    step, losses = state["step"], state["losses"]
-    for epoch in range(state["epoch"], cfg.epochs):
+        saved = common.load_checkpoint(cfg.ckpt, device, KIND, keys=("net", "scale", "test_losses"))
+        check_fits(saved, z.shape[1:], scale, cfg.ckpt, cfg.vae)
+        step, start, losses = common.resume(cfg.ckpt, device, KIND, cfg, ("T", "schedule", "model"), model, ema, opt)
+        test_losses = saved["test_losses"]
+    if rank == 0:
+        print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{(z.shape[-1] // model.p) ** 2} tokens, {len(z)} latents {tuple(z.shape[1:])}, "
+              f"{world} process(es) on {device}")
+    total = cfg.epochs * (len(z) // min(cfg.batch_size, len(z)))
+    for epoch in range(start, cfg.epochs):
         model.train()
+        torch.manual_seed(cfg.seed + world * epoch + rank)  # own t, eps, drops per rank; the same after --resume
         t0, epoch_losses = time.perf_counter(), []
-        for z0, y0 in common.shard_batches(z, y, cfg.batch_size // world, epoch, cfg.seed, rank, world):
+        batches = common.batches(z, y, cfg.batch_size, cfg.seed + epoch)            # the same on every rank
+        for z0, y0 in (common.progress(batches, f"epoch {epoch + 1}/{cfg.epochs}") if rank == 0 else batches):
+            z0, y0 = z0[rank::world], y0[rank::world]        # this rank's share of the global batch
+            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
+            y_tilde = torch.where(torch.rand(y0.shape, device=device) < cfg.p_uncond, model.null, y0)  # drop y
             with common.autocast(device, cfg.amp):
-                loss = cfg_loss(ddpm, net, z0, y0, cfg.p_uncond, model.null)
+                loss = ddpm.loss(lambda z_t, t: net(z_t, t, y_tilde), z0)   # || eps - eps_theta(z_t, t, y~) ||^2
             opt.zero_grad(set_to_none=True)
-            loss.backward()                                  # under DDP: gradients averaged over ranks
+            loss.backward()                                  # under DDP: gradients averaged over the ranks
             opt.step()
-            sched.step()
             ema.update_parameters(model)
             epoch_losses.append(loss.detach())
             step += 1
-        mean_loss = torch.stack(epoch_losses).mean()
-        common.check_finite(mean_loss, step, cfg.ckpt)
+        mean = torch.stack(epoch_losses).mean()
+        common.check_finite(mean, step, cfg.ckpt)            # before saving: the last good checkpoint stays
         common.sync(device)
         seconds = time.perf_counter() - t0
         losses += torch.stack(epoch_losses).tolist()
         if rank != 0:
             continue
-        state["test_losses"].append((step, test_loss(ema.module.eval(), ddpm, z_test, y_test, cfg.seed)))
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean_loss.item():.4f}  test {state['test_losses'][-1][1]:.4f}"
-              f"  {seconds:.1f}s  {len(epoch_losses) * cfg.batch_size / seconds:.0f} img/s", flush=True)
-        state.update(model=model.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(),
-                     sched=sched.state_dict(), step=step, epoch=epoch + 1, losses=losses,
-                     config=asdict(cfg), dit=model.config, scale=scale)
-        common.save_checkpoint(cfg.ckpt, **state)
+        test_losses.append((step, test_loss(ema.module.eval(), ddpm, z_test, y_test, cfg.seed)))
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean.item():.4f}  test {test_losses[-1][1]:.4f}  "
+              f"{seconds:.1f}s  {len(epoch_losses) * cfg.batch_size / seconds:.0f} img/s", flush=True)
+        state = common.training_state(model, ema, opt, step, epoch + 1, losses)   # + the RNG state, for --resume
+        common.save_checkpoint(cfg.ckpt, kind=KIND, net=model.config, config=asdict(cfg), scale=scale,
+                               test_losses=test_losses, **state)
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
-            x = sample(ema.module, ddpm, vae, scale, class_rows(range(model.null), 8, device), cfg.w,
-                       cfg.ddim_steps, cfg.seed, cfg.amp)
-            common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_w{cfg.w:g}.png"), nrow=8)
+            y_grid = torch.arange(model.null, device=device).repeat_interleave(8)   # one row per class
+            x = sample(ema.module, ddpm, vae, scale, y_grid, cfg.scale, cfg.ddim_steps, cfg.seed, cfg.amp)
+            common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png"), nrow=8)
     if world > 1:
-        common.check(common.replicas_in_sync(model), "the DDP replicas diverged; this is a bug, please report it")
-        common.print0(f"DDP: the parameters are identical on all {world} ranks")
-    return ema.module.eval(), ddpm, state                    # state: that of the last checkpoint
+        common.check(replicas_in_sync(model), "the DDP replicas diverged; this is a bug, please report it")
+        if rank == 0:
+            print(f"DDP: the parameters are identical on all {world} ranks")
+    return ema.module.eval(), ddpm, dict(config=asdict(cfg), losses=losses, test_losses=test_losses)
 
 
 def load_trained(ckpt: str, device) -> tuple[DiT, DDPM, dict]:
     """The EMA DiT and diffusion process of a checkpoint written by `train`."""
-    state = common.load_checkpoint(ckpt, device, hint="train with `python dit_cifar.py` first, or pass --ckpt")
-    common.check("dit" in state and "ema" in state, f"'{ckpt}' is not a dit_cifar.py checkpoint")
-    model = DiT(**state["dit"]).to(device)
+    state = common.load_checkpoint(ckpt, device, KIND, keys=("net", "ema", "config", "scale", "losses", "test_losses"),
+                                   hint="train with `python dit_cifar.py` first, or pass --ckpt")
+    model = DiT(**state["net"]).to(device)
     common.load_weights(model, state["ema"], ckpt)
     return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device), state
 
@@ -336,25 +377,26 @@ def make_figures(cfg: Config, model: DiT, ddpm: DDPM, vae: VAE, scale: float, st
     """VAE reconstructions and error, the loss curves and final test loss, one guidance grid per w
     (one row per class, the same noise for every w) with its sampling time, and with --eval N
     evaluate.py's FD and class accuracy against w (eval.md, eval.png)."""
-    latent_diffusion.vae_figure(cfg, vae, x_test)
+    latent_diffusion.vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
     print(f"latent scale factor s = 1 / std(z_train) = {scale:.4f}")
     final = test_loss(model, ddpm, z_test, y_test, cfg.seed)
     print(f"final test loss (EMA DiT, {min(len(z_test), 2000)} test latents): {final:.4f}")
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train": common.smooth(state["losses"]),
-                       "test (EMA)": state["test_losses"]}, title=f"{state['config']['model']}: final test loss {final:.4f}")
-    y = class_rows(range(model.null), cfg.n_per_class, device)                     # (K * n_per_class,)
-    for w in cfg.ws:
-        x, seconds = common.timed(device, lambda: sample(model, ddpm, vae, scale, y, w, cfg.ddim_steps, cfg.seed, cfg.amp))
+    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train": common.smooth(state["losses"]), "test (EMA)":
+                       state["test_losses"]}, title=f"{state['config']['model']}: final test loss {final:.4f}")
+    y = torch.arange(model.null, device=device).repeat_interleave(cfg.n_per_class)   # one row per class
+    for w in cfg.scales:
+        x, seconds = common.timed(device, lambda: sample(model, ddpm, vae, scale, y, w, cfg.ddim_steps, cfg.seed,
+                                                         cfg.amp))
         common.save_grid(x, os.path.join(cfg.out, f"cfg_w{w:g}.png"), nrow=cfg.n_per_class)
         print(f"w = {w:g}: {len(y)} images ({cfg.ddim_steps} DDIM steps, then the decoder) in {seconds:.2f}s")
     if cfg.eval > 0:
         import evaluate  # imported here: its classifier is trained (and cached) on first use
-        ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, str(device))
+        ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device)
         y = torch.arange(cfg.eval, device=device) % model.null                      # balanced classes
         rows = []
-        for w in cfg.ws:
+        for w in cfg.scales:
             x = torch.cat([sample(model, ddpm, vae, scale, b, w, cfg.ddim_steps, cfg.seed + i, cfg.amp)
-                           for i, b in enumerate(y.split(1000))])
+                           for i, b in enumerate(common.progress(y.split(1000), f"w = {w:g}"))])
             rows.append([w, ev.fd(x), ev.accuracy(x, y)])
         print(common.write_table(os.path.join(cfg.out, "eval.md"), ["w", ev.name, "class accuracy"], rows))
         common.plot_curves(os.path.join(cfg.out, "eval.png"), {ev.name: [(r[0], r[1]) for r in rows]},
@@ -365,34 +407,41 @@ def make_figures(cfg: Config, model: DiT, ddpm: DDPM, vae: VAE, scale: float, st
 
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    parse_model(cfg.model)                                   # an unknown preset stops here, before any work
-    cfg.ckpt, cfg.vae_ckpt = cfg.ckpt or f"{cfg.out}/ckpt.pt", cfg.vae_ckpt or f"{cfg.out}/vae.pt"
-    common.check(min(cfg.epochs, cfg.vae_epochs, cfg.batch_size, cfg.n_per_class, cfg.sample_every) >= 1,
-                 "--epochs, --vae-epochs, --batch-size, --n-per-class and --sample-every must be >= 1")
-    common.check(1 <= cfg.ddim_steps <= cfg.T, f"--ddim-steps must be in 1..--T ({cfg.T}), got {cfg.ddim_steps}")
-    common.check(0 <= cfg.p_uncond < 1 and cfg.eval >= 0, "--p-uncond must be in [0, 1) and --eval >= 0")
-    rank, world, device = common.init_distributed(cfg.device)
+    check_config(cfg)
+    if cfg.sample_only:
+        common.prepare_out(cfg.out)
+    else:                                                    # every rank checks: an existing DiT is never replaced
+        common.new_or_resume(cfg.ckpt, cfg.resume, cfg.overwrite)
+    rank, world, device = init_distributed(cfg.device)
     try:
-        common.check(cfg.batch_size % world == 0, f"--batch-size {cfg.batch_size} must split evenly over {world} processes")
-        common.seed_everything(cfg.seed + rank)              # own t, eps and label drops on every rank
         common.setup_speed(device)
-        os.makedirs(cfg.out, exist_ok=True)
-        x_test, y_test = common.load_images(cfg.dataset, cfg.data_dir, False, cfg.download, 32, device=device)
-        if cfg.sample_only:
+        if cfg.sample_only:                                  # a missing checkpoint stops here, before any work
             model, ddpm, state = load_trained(cfg.ckpt, device)
-            vae, scale = load_vae(cfg.vae_ckpt, device)
-            z_test = encode_latents(vae, x_test) * scale                             # (N, 4, 8, 8)
-            check_fits(state, z_test.shape[1:], scale, cfg.ckpt, cfg.vae_ckpt)
         else:
             x, y = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, 32, device=device)
-            vae, scale = get_vae(cfg, x, rank, world, device)
-            z, z_test = encode_latents(vae, x) * scale, encode_latents(vae, x_test) * scale  # z_0 = s mu(x)
-            common.print0(f"{len(z)} training latents {tuple(z.shape[1:])} cached on {device}, std {z.std().item():.3f}")
+            if rank == 0:                                    # the VAE: trained once, on rank 0, when missing
+                latent_diffusion.ensure_vae(cfg.vae, x, device, epochs=cfg.vae_epochs, base=cfg.vae_base,
+                                            latent_channels=cfg.latent_channels, kl_weight=cfg.kl_weight,
+                                            batch_size=cfg.batch_size, lr=cfg.vae_lr, seed=cfg.seed, amp=cfg.amp)
+            if world > 1:
+                dist.barrier()                               # the other ranks wait until it is written
+        vae, scale = latent_diffusion.load_vae(cfg.vae, device)
+        x_test, y_test = common.load_images(cfg.dataset, cfg.data_dir, False, cfg.download, 32, device=device)
+        common.check(vae.config["channels"] == x_test.shape[1], f"the VAE '{cfg.vae}' takes {vae.config['channels']}"
+                     f"-channel images, the data have {x_test.shape[1]}; pass the --vae trained on these images")
+        z_test = encode_latents(vae, x_test) * scale                                     # z_0 = s mu(x)
+        if cfg.sample_only:
+            check_fits(state, z_test.shape[1:], scale, cfg.ckpt, cfg.vae)
+        else:
+            z = encode_latents(vae, x) * scale                                           # (N, 4, 8, 8)
+            if rank == 0:
+                print(f"{len(z)} training latents {tuple(z.shape[1:])} cached on {device}, std {z.std().item():.3f}")
             model, ddpm, state = train(cfg, z, y, z_test, y_test, vae, scale, rank, world, device)
         if rank == 0:                                        # figures: one process is enough
             make_figures(cfg, model, ddpm, vae, scale, state, x_test, z_test, y_test, device)
     finally:
-        common.cleanup_distributed()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Offline sample quality: a Frechet distance in a small classifier's features, and class counts.
 
 The classifier is trained here on the dataset itself; besides the distance it gives the accuracy of
-class-conditional samples and the class histogram of unconditional ones (mode coverage).
+class-conditional samples and the class histogram of unconditional ones (mode coverage);
+`within_class_diversity` measures how different the samples of one class are, with no classifier.
 
 FID (Heusel et al., 2017) fits a Gaussian to Inception-v3 features of real and of generated images
 and reports the Frechet (2-Wasserstein) distance between the two Gaussians:
@@ -14,16 +15,20 @@ extractor) is applied to the penultimate layer of a classifier trained on the da
 The numbers are *not* FID and are not comparable with published FIDs; they compare runs of this
 codebase with each other, at the same N and against the same test split. The classifier is trained
 on the real training split the first time it is needed and cached in `checkpoints/`, under a name
-that holds a hash of the test images (a different copy of a dataset gets its own classifier).
+that holds a hash of the test images (a different copy of a dataset gets its own classifier) and,
+when --classifier-epochs is given, the epochs (another length trains another classifier). A cache
+file that is damaged or not an evaluate.py classifier is replaced by a new one.
 
 Calibration, printed beside every score, each between two sets of half the test split's size:
 two random halves of the real test set (the floor: sampling noise alone), real training images
 against a half (what a model that reproduced its training set would score), and a blurred half
 against the other half (what "visibly worse" looks like). FD grows as N shrinks: compare equal N.
 
+Images are in [-1, 1], like everywhere in this codebase (images in [0, 1] get a warning).
+
 Run:
-    python evaluate.py SAMPLES.pt --dataset mnist      # a (N, C, H, W) tensor in [-1, 1], or
-                                                       # a dict {'x': images, 'y': requested labels}
+    python evaluate.py SAMPLES.pt --dataset mnist      # a (N, C, H, W) tensor in [-1, 1], or a dict
+                                                       # {'x': images, 'y': requested labels (long)}
     python ddpm_mnist.py --sample-only --eval 10000    # DDPM and the DDIM step sweep, scored
 """
 from __future__ import annotations
@@ -42,6 +47,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 import common
 
+KIND = "evaluate.py classifier"
+
 
 @dataclass
 class Config:
@@ -50,12 +57,13 @@ class Config:
     dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder"})
     data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
     download: bool = field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
-    image_size: int = field(default=0, metadata={"help": "image folders only: resize to this (0 = 32)"})
-    channels: int = field(default=3, metadata={"help": "image folders only: 1 (gray) or 3 (RGB)"})
+    image_size: int = field(default=0, metadata={"min": 0, "help": "image folders only: resize to this (0 = 32)"})
+    channels: int = field(default=3, metadata={"choices": [1, 3], "help": "image folders only: 1 (gray) or 3 (RGB)"})
     cache_dir: str = field(default="checkpoints", metadata={"help": "where the classifier is cached"})
-    classifier_epochs: int | None = field(default=None, metadata={"help": "classifier epochs (default: per RECIPES)"})
+    classifier_epochs: int | None = field(default=None, metadata={"min": 1, "help": "classifier epochs (default: "
+                                          "per RECIPES); a new value trains (and caches) another classifier"})
     calibrate: bool = field(default=True, metadata={"help": "print the calibration distances too"})
-    batch_size: int = field(default=500, metadata={"help": "images per forward pass when scoring"})
+    batch_size: int = field(default=500, metadata={"min": 1, "help": "images per forward pass when scoring"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
 
 
@@ -92,15 +100,6 @@ def blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     k = 2 * math.ceil(2 * sigma) + 1
     return gaussian_blur(x, [k, k], [sigma, sigma])
 
-
-
-def within_class_diversity(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean pairwise L2 distance between images of the same class, averaged over the classes that
-    have at least two images: a diversity number that needs no classifier (it falls when guidance
-    pulls every sample of a class onto the same few typical images). x (N, C, H, W), y (N,)."""
-    d = [torch.pdist(x[y == k].flatten(1).float()).mean() for k in y.unique() if (y == k).sum() > 1]
-    common.check(len(d) > 0, "diversity needs at least two images of one class")
-    return torch.stack(d).mean().item()
 
 # ----------------------------------------------------------------------------- classifiers
 
@@ -189,11 +188,12 @@ def train_classifier(net: nn.Module, x, y, epochs: int, device, seed: int = 0) -
     steps_per_epoch = max(1, len(x) // r["batch_size"])
     opt = torch.optim.SGD(net.parameters(), lr=r["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, r["lr"], total_steps=epochs * steps_per_epoch, pct_start=0.25)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)                          # the augmentations' randomness
     net.train()
     for epoch in range(epochs):
         t0, losses = time.perf_counter(), []
-        for xb, yb in common.batches(x, y, r["batch_size"], generator=g):
+        batches = common.batches(x, y, r["batch_size"], seed + epoch)
+        for xb, yb in common.progress(batches, f"classifier epoch {epoch + 1}/{epochs}"):
             with common.autocast(device):
                 loss = F.cross_entropy(net(augment(xb, r["pad"], r["flip"], g)).float(), yb)
             opt.zero_grad(set_to_none=True)
@@ -229,14 +229,15 @@ class Features(nn.Module):
 class Evaluator:
     """Scores generated images (float, [-1, 1], (N, C, H, W)) against the real test split of `dataset`."""
 
-    def __init__(self, dataset: str = "mnist", data_dir: str = "data", download: bool = True,
-                 device="cpu", cache_dir: str = "checkpoints", classifier_epochs: int | None = None,
-                 image_size: int | None = None, channels: int = 3, batch_size: int = 500):
-        self.device, self.batch_size, self._calibration = torch.device(device), batch_size, None
+    def __init__(self, dataset: str = "mnist", data_dir: str = "data", download: bool = True, device="cpu",
+                 image_size: int | None = None, channels: int = 3, *, cache_dir: str = "checkpoints",
+                 classifier_epochs: int | None = None, batch_size: int = 500):
+        self.device, self.batch_size, self._calibration, self._warned = torch.device(device), batch_size, None, False
         self._data = dict(data_dir=data_dir, download=download, image_size=image_size, channels=channels)
         self.x_test, self.y_test = common.load_images(dataset, train=False, **self._data)
         self.dataset, self.shape = dataset, tuple(self.x_test.shape[1:])
-        self.path = os.path.join(cache_dir, f"fd_classifier_{cache_key(dataset, self.x_test)}.pt")
+        epochs = f"_e{classifier_epochs}" if classifier_epochs else ""   # another length, another classifier
+        self.path = os.path.join(cache_dir, f"fd_classifier_{cache_key(dataset, self.x_test)}{epochs}.pt")
         self.classifier = self._load_or_train(classifier_epochs)
         self.num_classes = self.classifier.config["num_classes"]
         self.name = "FD-LeNet" if self.classifier.config["arch"] == "lenet" else "FD-ResNet"
@@ -246,12 +247,25 @@ class Evaluator:
         self._update(self.metric, self.x_test, real=True)
 
     def _load_or_train(self, epochs: int | None) -> nn.Module:
-        """The cached classifier, or a new one trained on the training split (then cached)."""
+        """The cached classifier, or a new one trained on the training split (then cached). A cache
+        file that is damaged or holds something else is replaced."""
         if os.path.isfile(self.path):
-            state = common.load_checkpoint(self.path, self.device)
-            net = NETS[state["config"]["arch"]](**{k: v for k, v in state["config"].items() if k != "arch"})
-            common.load_weights(net, state["model"], self.path)
-            return net.to(self.device).eval()
+            try:
+                state = torch.load(self.path, map_location=self.device, weights_only=True)
+            except Exception:
+                state = None
+            if isinstance(state, dict) and state.get("kind") == KIND and {"net", "model"} <= set(state):
+                net = NETS[state["net"]["arch"]](**{k: v for k, v in state["net"].items() if k != "arch"})
+                common.load_weights(net, state["model"], self.path)
+                return net.to(self.device).eval()
+            print(f"the classifier cache '{self.path}' is damaged or not an {KIND}: training a new one there")
+        cache_dir = os.path.dirname(self.path) or "."
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+        except OSError as e:
+            common.die(f"cannot create --cache-dir '{cache_dir}' ({e.strerror}); pass a folder you can write to")
+        common.check(os.access(cache_dir, os.W_OK), f"cannot write to --cache-dir '{cache_dir}'; pass a folder you "
+                     "can write to")
         x, y = common.load_images(self.dataset, train=True, device=self.device, **self._data)
         arch = "lenet" if x.shape[1] == 1 else "resnet"
         net = NETS[arch](channels=x.shape[1], num_classes=int(y.max()) + 1).to(self.device)
@@ -262,7 +276,8 @@ class Evaluator:
         train_classifier(net, x, y, epochs, self.device)
         acc = (predict(net, self.x_test, self.device) == self.y_test).float().mean().item()
         print(f"classifier: test accuracy {100 * acc:.2f}% ({len(self.x_test)} images), {time.perf_counter() - t0:.0f}s")
-        common.save_checkpoint(self.path, model=net.state_dict(), config=net.config, epochs=epochs, test_accuracy=acc)
+        common.save_checkpoint(self.path, kind=KIND, net=net.config, model=net.state_dict(),
+                               config=dict(dataset=self.dataset, epochs=epochs), test_accuracy=acc)
         return net
 
     def _update(self, metric, x, real: bool) -> None:
@@ -274,7 +289,13 @@ class Evaluator:
                      f"images must be (N, {', '.join(map(str, self.shape))}) to match {self.dataset}, "
                      f"got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
         common.check(len(x) >= 2, f"a Frechet distance needs >= 2 images, got {len(x)}")
-        common.check(bool(torch.isfinite(x).all()), "images contain NaN or inf")
+        bad = (~torch.isfinite(x.float())).flatten(1).any(1).sum().item()
+        common.check(bad == 0, f"the samples contain NaN or inf ({bad} of {len(x)} images): the sampler "
+                     "diverged; sample from an earlier checkpoint, or with fewer steps or a lower guidance scale")
+        if not self._warned and x.min() >= 0 and x.max() <= 1:
+            self._warned = True
+            print(f"warning: the samples lie in [0, 1] (min {x.min():.2f}, max {x.max():.2f}), but this codebase's "
+                  "images are in [-1, 1]; if they are [0, 1] images, score 2 * x - 1 instead")
         return x.float()
 
     def fd(self, x) -> float:
@@ -291,9 +312,14 @@ class Evaluator:
         return metric.compute().item()
 
     def accuracy(self, x, y) -> float:
-        """Share of x that the classifier assigns to the requested classes y (N,)."""
-        x, y = self._check(x), torch.as_tensor(y).long().cpu()
+        """Share of x that the classifier assigns to the requested classes y (N,), integer ids 0..K-1."""
+        x, y = self._check(x), torch.as_tensor(y).cpu()
         common.check(y.shape == (len(x),), f"need one label per image: {len(x)} images, labels {tuple(y.shape)}")
+        common.check(not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool,
+                     f"labels must be integer class ids (torch.long), got {y.dtype}; save y as y.long()")
+        K = self.num_classes
+        common.check(bool(((y >= 0) & (y < K)).all()), f"labels must be class ids 0..{K - 1} of {self.dataset}, "
+                     f"got values in {y.min().item()}..{y.max().item()}")
         return (predict(self.classifier, x, self.device, self.batch_size) == y).float().mean().item()
 
     def histogram(self, x) -> list[int]:
@@ -328,6 +354,15 @@ def coverage(hist: list[int]) -> str:
     return f"{sum(h > 0 for h in hist)}/{len(hist)} classes, {100 * min(hist) / n:.1f}-{100 * max(hist) / n:.1f}%"
 
 
+def within_class_diversity(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean pairwise L2 distance between images of the same class, averaged over the classes that
+    have at least two images: a diversity number that needs no classifier (it falls when guidance
+    pulls every sample of a class onto the same few typical images). x (N, C, H, W), y (N,)."""
+    d = [torch.pdist(x[y == k].flatten(1).float()).mean() for k in y.unique() if (y == k).sum() > 1]
+    common.check(len(d) > 0, "diversity needs at least two images of one class")
+    return torch.stack(d).mean().item()
+
+
 # ----------------------------------------------------------------------------- sweeps for the scripts
 
 
@@ -344,7 +379,7 @@ def score_sweep(ev: Evaluator, samplers: dict, n: int, shape: tuple, device, pat
     for (name, steps), sample in samplers.items():
         g_T, g = (torch.Generator(device).manual_seed(seed + i) for i in (0, 1))
         xs, seconds = [], 0.0
-        for k in range(0, n, batch_size):
+        for k in common.progress(range(0, n, batch_size), f"{name} {steps} steps"):
             x_T = torch.randn((min(batch_size, n - k), *shape), device=device, generator=g_T)
             with common.autocast(device, amp):
                 x, dt = common.timed(device, lambda: sample(x_T, g).float().clamp(-1, 1).cpu())
@@ -366,7 +401,7 @@ def score_sweep(ev: Evaluator, samplers: dict, n: int, shape: tuple, device, pat
 
 def load_samples(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A .pt file holding images (N, C, H, W) in [-1, 1] (uint8 in [0, 255] is converted), or a
-    dict {'x': images, 'y': requested labels}."""
+    dict {'x': images, 'y': requested labels}. Checked here, before any classifier is trained."""
     common.check(os.path.isfile(path), f"samples file '{path}' not found; save generated images with "
                  "torch.save(x, PATH), x of shape (N, C, H, W) in [-1, 1]")
     try:
@@ -375,27 +410,36 @@ def load_samples(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         common.die(f"cannot read '{path}' ({type(e).__name__}); it must be a torch.save'd tensor or dict")
     x, y = (obj.get("x"), obj.get("y")) if isinstance(obj, dict) else (obj, None)
     common.check(torch.is_tensor(x), f"'{path}' holds no image tensor; save a tensor or a dict {{'x': ..., 'y': ...}}")
-    if x.dtype == torch.uint8:
-        x = x.float() / 127.5 - 1
-    x = x.float()
+    common.check(x.numel() > 0, f"'{path}' holds an empty tensor {tuple(x.shape)}; save the generated images, "
+                 "(N, C, H, W) with N >= 2")
+    x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
     common.check(x.dim() == 4, f"samples must be (N, C, H, W), got shape {tuple(x.shape)}")
-    common.check(x.numel() == 0 or (x.min() >= -1.01 and x.max() <= 1.01),
-                 f"samples must lie in [-1, 1], got [{x.min():.2f}, {x.max():.2f}]; map [0, 1] images with 2 * x - 1")
+    common.check(not x.isnan().any(), f"the samples contain NaN ({x.isnan().flatten(1).any(1).sum()} of {len(x)} "
+                 "images): the sampler diverged; sample from an earlier checkpoint, or with fewer steps or a lower "
+                 "guidance scale")
+    common.check(x.min() >= -1.01 and x.max() <= 1.01, f"samples must lie in [-1, 1], got [{x.min():.2f}, "
+                 f"{x.max():.2f}]; images in [0, 255] must be saved as uint8")
+    if y is not None:
+        y = torch.as_tensor(y)
+        common.check(not y.is_floating_point(), f"the labels 'y' in '{path}' must be integer class ids "
+                     f"(torch.long), got {y.dtype}; save y.long()")
     return x, y
 
 
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
     common.check(bool(cfg.samples), "give the samples file: python evaluate.py SAMPLES.pt --dataset mnist")
+    device = common.get_device(cfg.device)
     x, y = load_samples(cfg.samples)
-    ev = Evaluator(cfg.dataset, cfg.data_dir, cfg.download, common.get_device(cfg.device), cfg.cache_dir,
-                   cfg.classifier_epochs, cfg.image_size or None, cfg.channels, cfg.batch_size)
+    ev = Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device, cfg.image_size or None, cfg.channels,
+                   cache_dir=cfg.cache_dir, classifier_epochs=cfg.classifier_epochs, batch_size=cfg.batch_size)
+    accuracy = ev.accuracy(x, y) if y is not None else None          # first: it checks the labels
     t0 = time.perf_counter()
     print(f"{ev.name} {ev.fd(x):.3f}  ({len(x)} samples, scored in {time.perf_counter() - t0:.1f}s)")
     hist = ev.histogram(x)
     print(f"class histogram {hist}  ({coverage(hist)})")
-    if y is not None:
-        print(f"accuracy on the requested classes {100 * ev.accuracy(x, y):.2f}%")
+    if accuracy is not None:
+        print(f"accuracy on the requested classes {100 * accuracy:.2f}%")
     print(ev.describe() if cfg.calibrate else f"{ev.name} vs the {len(ev.x_test)} real test images of {cfg.dataset}")
 
 

@@ -4,16 +4,17 @@ there (Rombach et al., 2022), 16x fewer positions than pixel space.
 1. VAE (Kingma & Welling, 2014). The encoder gives q(z | x) = N(mu(x), diag(exp(logvar(x)))),
    z = mu + exp(logvar / 2) * eps (the reparameterisation trick, so gradients reach mu, logvar),
    the decoder gives x_hat(z). Per image, summed over pixels and latent entries:
-       L_VAE = ||x - x_hat||^2 + beta * KL,  KL = 1/2 sum(mu^2 + exp(logvar) - 1 - logvar)
-   A small beta keeps reconstructions sharp; the KL only stops the latent from drifting.
+       L_VAE = ||x - x_hat||^2 + kl_weight * KL,  KL = 1/2 sum(mu^2 + exp(logvar) - 1 - logvar)
+   A small KL weight keeps reconstructions sharp; the KL only stops the latent from drifting.
 2. Latent scale factor (as in Stable Diffusion): the latents are the posterior means mu of the
    training set, multiplied by s = 1 / std(mu), so the diffusion model sees unit-variance data,
    matched to its N(0, I) prior.
 3. DDPM on z0 = s * mu(x) with a small UNet; samples z0 (DDPM or DDIM, imported unchanged from
    ddpm_mnist.py) are decoded: x = x_hat(z0 / s). 7 is odd, so the latent UNet has a single 7x7
    resolution (self-attention over all 49 positions); an 8x8 latent (CIFAR) gets two.
-Images live in [-1, 1]. The VAE is saved at --vae (runs/latent_diffusion/vae.pt) as
-{model, config (VAE kwargs), scale, ...}; rectified_flow.py reuses it, and trains it when missing.
+Images live in [-1, 1]; DDPM time t is an integer step 0..T-1. The VAE is saved at --vae
+(default OUT/vae.pt) with its scale factor; rectified_flow.py and dit_cifar.py reuse it through
+`ensure_vae` (which trains it when missing) and `load_vae`.
 
 Run:
     python latent_diffusion.py                  # VAE (once), latent DDPM, figures in runs/latent_diffusion/
@@ -27,6 +28,7 @@ samples_epochNNN.png and loss.png; printed: scale factor, test reconstruction er
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -35,42 +37,50 @@ import torch.nn as nn
 import common
 from ddpm_mnist import DDPM, UNet, norm
 
+VAE_KIND, UNET_KIND = "latent_diffusion.py VAE", "latent_diffusion.py latent UNet"
+
 
 @dataclass
 class Config:
     dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder"})
     data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
     download: bool = field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
-    vae: str = field(default="", metadata={"help": "VAE checkpoint, trained when missing (default OUT/vae.pt)"})
-    vae_epochs: int = 20
-    vae_base: int = 32
-    latent_channels: int = 4
-    beta: float = field(default=1e-3, metadata={"help": "KL weight of the VAE"})
-    unet_base: int = 128
-    unet_res: int = field(default=2, metadata={"help": "residual blocks per UNet level"})
+    vae: str = field(default="", metadata={"help": "VAE checkpoint, trained there when missing, reused "
+                     "when finished (default OUT/vae.pt)"})
+    vae_epochs: int = field(default=20, metadata={"min": 1})
+    vae_base: int = field(default=32, metadata={"min": 1, "help": "VAE width"})
+    latent_channels: int = field(default=4, metadata={"min": 1})
+    kl_weight: float = field(default=1e-3, metadata={"min": 0, "help": "weight of the KL term of the VAE loss"})
+    unet_base: int = field(default=128, metadata={"min": 1, "help": "latent UNet width"})
+    unet_res: int = field(default=2, metadata={"min": 1, "help": "residual blocks per UNet level"})
     schedule: str = field(default="linear", metadata={"choices": ["linear", "cosine", "sigmoid"]})
-    T: int = 1000
-    epochs: int = 50
-    batch_size: int = field(default=256, metadata={"help": "for the VAE and the latent UNet"})
+    T: int = field(default=1000, metadata={"min": 1, "help": "diffusion steps"})
+    epochs: int = field(default=50, metadata={"min": 1, "help": "latent UNet epochs"})
+    batch_size: int = field(default=256, metadata={"min": 1, "help": "for the VAE and the latent UNet"})
     lr: float = field(default=5e-4, metadata={"help": "for the VAE and the latent UNet"})
-    warmup_steps: int = 500
-    ema_decay: float = 0.999
-    ddim_steps: int = 50
-    n_samples: int = field(default=32, metadata={"help": "images per sample grid"})
-    sample_every: int = field(default=10, metadata={"help": "epochs between progress grids"})
-    eval: int = field(default=0, metadata={"help": "score N samples of DDIM and of DDPM with evaluate.py "
-                      "into OUT/eval.md; 0 = off; costs N x (T + ddim_steps) latent UNet calls"})
+    warmup_steps: int = field(default=500, metadata={"min": 0})
+    ema_decay: float = field(default=0.999, metadata={"min": 0})
+    ddim_steps: int = field(default=50, metadata={"min": 1})
+    n_samples: int = field(default=32, metadata={"min": 1, "help": "images per sample grid"})
+    sample_every: int = field(default=10, metadata={"min": 1, "help": "epochs between progress grids"})
+    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples of DDIM and of DDPM with "
+                      "evaluate.py into OUT/eval.md; 0 = off; costs N x (T + ddim_steps) latent UNet calls"})
     out: str = "runs/latent_diffusion"
-    resume: bool = False
-    sample_only: bool = field(default=False, metadata={"help": "load OUT/ckpt.pt and make figures, no training"})
+    resume: bool = field(default=False, metadata={"help": "continue OUT/ckpt.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "replace OUT/ckpt.pt (a finished --vae is reused)"})
+    sample_only: bool = field(default=False, metadata={"help": "load OUT/ckpt.pt and the VAE, make figures"})
     seed: int = 0
     device: str = "auto"
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
 
 
-def load_data(cfg: Config, device, train: bool = True):
-    return common.load_images(cfg.dataset, cfg.data_dir, train=train, download=cfg.download, device=device)
+def check_config(cfg: Config) -> None:
+    """The checks that the flags' choices and minimums do not make."""
+    common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    common.check(cfg.ema_decay < 1, f"--ema-decay must be < 1, got {cfg.ema_decay}")
+    common.check(cfg.ddim_steps <= cfg.T, f"--ddim-steps must be in 1..--T ({cfg.T}), got {cfg.ddim_steps}")
+    common.check(cfg.eval != 1, "--eval must be 0 (off) or >= 2 samples, got 1")
 
 
 # ----------------------------------------------------------------------------- the VAE
@@ -121,11 +131,11 @@ class VAE(nn.Module):
         return self.decode(z), mu, logvar
 
 
-def vae_loss(x, x_hat, mu, logvar, beta: float):
+def vae_loss(x, x_hat, mu, logvar, kl_weight: float):
     """-> (loss, recon, kl), each summed over one image's entries and averaged over the batch."""
     recon = (x_hat.float() - x).pow(2).flatten(1).sum(1).mean()                          # ||x - x_hat||^2
     kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).flatten(1).sum(1).mean()
-    return recon + beta * kl, recon, kl
+    return recon + kl_weight * kl, recon, kl
 
 
 @torch.no_grad()
@@ -139,48 +149,78 @@ def latent_scale(z) -> float:
     return 1.0 / z.float().std().item()
 
 
+@torch.no_grad()
+def decode(vae: VAE, z0, scale: float, batch_size: int = 1000):
+    """x = x_hat(z0 / s): scaled latents (N, c_z, h, w) -> images (N, C, H, W) in [-1, 1]."""
+    return torch.cat([vae.decode(b / scale).float().clamp(-1, 1) for b in z0.split(batch_size)])
+
+
 def check_vae_fits(vae: VAE, shape, path: str) -> None:
     """One-line error when the VAE at `path` was made for other images than (C, H, W) `shape`."""
-    c = vae.config
-    f = 2 ** len(c["mults"])
+    c, f = vae.config, 2 ** len(vae.config["mults"])
     common.check(c["channels"] == shape[0] and shape[1] % f == 0 and shape[2] % f == 0,
                  f"VAE '{path}' takes {c['channels']}-channel images with sides divisible by {f}, but "
                  f"the data are {tuple(shape)}; pass --vae of a VAE trained on these images, or a new path")
 
 
-def load_vae(path: str, device, state: dict | None = None) -> tuple[VAE, float]:
-    """-> (the trained VAE in eval mode, its latent scale factor); `state`: the file, if already read."""
-    state = state or common.load_checkpoint(path, device, hint="train it with `python latent_diffusion.py`")
-    common.check("scale" in state and "config" in state, f"'{path}' is not a finished VAE checkpoint "
-                 "of latent_diffusion.py; delete it to train a new one")
-    vae = VAE(**state["config"]).to(device)
+def load_vae(path: str, device) -> tuple[VAE, float]:
+    """-> (the trained VAE of `path` in eval mode, its latent scale factor s)."""
+    state = common.load_checkpoint(path, device, VAE_KIND, keys=("net", "model", "scale"),
+                                   hint="train it with `python latent_diffusion.py`, or pass --vae")
+    vae = VAE(**state["net"]).to(device)
     common.load_weights(vae, state["model"], path)
     return vae.eval().requires_grad_(False), float(state["scale"])
 
 
-def ensure_vae(cfg: Config, x_train, device) -> tuple[VAE, float]:
-    """Load the VAE at cfg.vae, or train it (resuming an interrupted run), then compute and save
-    the latent scale factor. x_train: (N, C, H, W) in [-1, 1]. -> (vae, scale)."""
-    path = cfg.vae or os.path.join(cfg.out, "vae.pt")
-    state = common.load_checkpoint(path, device) if os.path.isfile(path) else {}
-    if "scale" in state:
-        vae, scale = load_vae(path, device, state)
+def ensure_vae(path: str, x_train, device, *, epochs: int = 20, base: int = 32, latent_channels: int = 4,
+               kl_weight: float = 1e-3, batch_size: int = 256, lr: float = 5e-4, seed: int = 0,
+               amp: bool = True) -> tuple[VAE, float]:
+    """The finished VAE at `path`, or else train it there (continuing the unfinished run the file
+    holds, if any) and add its latent scale factor s. x_train: (N, C, H, W) in [-1, 1]. -> (vae, s)"""
+    common.check(path and not os.path.isdir(path), f"--vae '{path}' is not a file path; pass one such as vae.pt")
+    device = torch.device(device)                         # (a name such as "cpu" will do)
+    old = common.load_checkpoint(path, device, VAE_KIND, keys=("net",)) if os.path.isfile(path) else None
+    if old and "scale" in old:                            # finished: reuse it
+        vae, scale = load_vae(path, device)
         check_vae_fits(vae, x_train.shape[1:], path)
         print(f"VAE from {path}, latent scale factor {scale:.4f}")
         return vae, scale
-    common.check(not state or "config" in state, f"'{path}' is not a VAE checkpoint; delete it or pass --vae")
-    vae = VAE(**state["config"]) if state else VAE(x_train.shape[1], cfg.latent_channels, cfg.vae_base)
-    vae = vae.to(device)
+    torch.manual_seed(seed)                               # the same VAE whichever script trains it
+    vae = (VAE(**old["net"]) if old else VAE(x_train.shape[1], latent_channels, base)).to(device)
     check_vae_fits(vae, x_train.shape[1:], path)
+    ema = common.make_ema(vae, decay=0.0)                 # decay 0: no averaging, the VAE is used as trained
+    opt = common.make_optimizer(vae, lr)
+    step, start, losses = common.resume(path, device, VAE_KIND, None, (), vae, ema, opt) if old else (0, 0, [])
+    config = dict(epochs=epochs, kl_weight=kl_weight, batch_size=batch_size, lr=lr, seed=seed)
     print(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, training {path}")
-    gen, unlabelled = torch.Generator().manual_seed(cfg.seed), x_train.new_zeros(len(x_train))
-    vae, _ = common.fit(vae, lambda net, b: vae_loss(b[0], *net(b[0]), cfg.beta)[0],
-                        lambda epoch: common.batches(x_train, unlabelled, cfg.batch_size, generator=gen),
-                        epochs=cfg.vae_epochs, ckpt=path, device=device, lr=cfg.lr, amp=cfg.amp,
-                        resume=bool(state), config=vae.config)
-    scale = latent_scale(encode_latents(vae, x_train))
+    unlabelled, n_batches = x_train.new_zeros(len(x_train)), len(x_train) // min(batch_size, len(x_train))
+    for epoch in range(start, epochs):
+        vae.train()
+        t0, epoch_losses = time.perf_counter(), []
+        for x, _ in common.progress(common.batches(x_train, unlabelled, batch_size, seed + epoch),
+                                    f"VAE epoch {epoch + 1}/{epochs}", n_batches):
+            common.set_lr(opt, lr, step, 0, epochs * n_batches)             # constant lr, no warm-up
+            with common.autocast(device, amp):
+                loss = vae_loss(x, *vae(x), kl_weight)[0]                    # ||x - x_hat||^2 + w KL
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update_parameters(vae)
+            epoch_losses.append(loss.detach())
+            step += 1
+        mean = torch.stack(epoch_losses).mean()
+        common.check_finite(mean, step, path)             # before saving: the last good epoch stays
+        losses += torch.stack(epoch_losses).tolist()
+        common.sync(device)
+        seconds = time.perf_counter() - t0
+        print(f"VAE epoch {epoch + 1}/{epochs}  loss {mean.item():.3f}  {seconds:.1f}s  "
+              f"{n_batches * min(batch_size, len(x_train)) / seconds:.0f} img/s")
+        common.save_checkpoint(path, kind=VAE_KIND, net=vae.config, config=config,
+                               **common.training_state(vae, ema, opt, step, epoch + 1, losses))
+    scale = latent_scale(encode_latents(vae.eval(), x_train))   # s = 1 / std(mu) over the training set
     print(f"latent scale factor s = 1 / std(mu) = {scale:.4f} (over {len(x_train)} training latents)")
-    common.save_checkpoint(path, **common.load_checkpoint(path, device), scale=scale)
+    common.save_checkpoint(path, kind=VAE_KIND, net=vae.config, config=config, scale=scale,
+                           **common.training_state(vae, ema, opt, step, epochs, losses))
     return vae.requires_grad_(False), scale
 
 
@@ -193,49 +233,58 @@ def latent_unet(shape, base: int, num_res: int, cls=UNet) -> UNet:
     return cls(image_size=shape[1], channels=shape[0], base=base, mults=mults, num_res=num_res)
 
 
-@torch.no_grad()
-def decode(vae: VAE, z0, scale: float, batch_size: int = 1000):
-    """x = x_hat(z0 / s): scaled latents (N, c_z, h, w) -> images (N, C, H, W) in [-1, 1]."""
-    return torch.cat([vae.decode(b / scale).float().clamp(-1, 1) for b in z0.split(batch_size)])
-
-
-def train(cfg: Config, z_train, vae: VAE, scale: float, device) -> tuple[UNet, DDPM]:
-    """DDPM on the scaled latents z_train (N, c_z, h, w); one atomic checkpoint per epoch."""
-    ckpt = os.path.join(cfg.out, "ckpt.pt")
+def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tuple[UNet, DDPM]:
+    """DDPM (Algorithm 1) on the scaled latents z_train (N, c_z, h, w); one checkpoint per epoch.
+    -> (the EMA UNet in eval mode, the diffusion process)"""
     model = latent_unet(z_train.shape[1:], cfg.unet_base, cfg.unet_res).to(device)
+    ema, opt = common.make_ema(model, cfg.ema_decay), common.make_optimizer(model, cfg.lr)
     ddpm = DDPM(cfg.T, cfg.schedule).to(device)
+    step, start, losses = 0, 0, []
+    if cfg.resume:
+        same = ("T", "schedule", "unet_base", "unet_res", "dataset")
+        step, start, losses = common.resume(ckpt, device, UNET_KIND, cfg, same, model, ema, opt)
+    net = torch.compile(model) if cfg.compile else model
     print(f"latent UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(z_train)} latents of shape {tuple(z_train.shape[1:])} on {device}")
-
-    def progress(epoch, net):
-        if epoch % cfg.sample_every == 0 or epoch == cfg.epochs:
-            z0 = ddpm.ddim_sample(net, (cfg.n_samples, *z_train.shape[1:]), cfg.ddim_steps,
+    unlabelled, n_batches = z_train.new_zeros(len(z_train)), len(z_train) // min(cfg.batch_size, len(z_train))
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        t0, epoch_losses = time.perf_counter(), []
+        for z0, _ in common.progress(common.batches(z_train, unlabelled, cfg.batch_size, cfg.seed + epoch),
+                                     f"epoch {epoch + 1}/{cfg.epochs}", n_batches):
+            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, cfg.epochs * n_batches)
+            with common.autocast(device, cfg.amp):
+                loss = ddpm.loss(net, z0)                 # || eps - eps_theta(z_t, t) ||^2, z_t from z0 = s mu(x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update_parameters(model)
+            epoch_losses.append(loss.detach())
+            step += 1
+        mean = torch.stack(epoch_losses).mean()
+        common.check_finite(mean, step, ckpt)             # before saving: the last good epoch stays
+        losses += torch.stack(epoch_losses).tolist()
+        common.sync(device)
+        seconds = time.perf_counter() - t0
+        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {mean.item():.4f}  {seconds:.1f}s  "
+              f"{n_batches * min(cfg.batch_size, len(z_train)) / seconds:.0f} latents/s")
+        common.save_checkpoint(ckpt, kind=UNET_KIND, net=model.config, config=asdict(cfg), scale=scale,
+                               **common.training_state(model, ema, opt, step, epoch + 1, losses))
+        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # progress grid (own generator)
+            z0 = ddpm.ddim_sample(ema.module.eval(), (cfg.n_samples, *z_train.shape[1:]), cfg.ddim_steps,
                                   generator=torch.Generator(device).manual_seed(cfg.seed))
-            common.save_grid(decode(vae, z0, scale), os.path.join(cfg.out, f"samples_epoch{epoch:03d}.png"))
-
-    gen, unlabelled = torch.Generator().manual_seed(cfg.seed), z_train.new_zeros(len(z_train))
-    model, losses = common.fit(
-        model, lambda net, b: ddpm.loss(net, b[0]),
-        lambda epoch: common.batches(z_train, unlabelled, cfg.batch_size, generator=gen),
-        epochs=cfg.epochs, ckpt=ckpt, device=device, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-        ema_decay=cfg.ema_decay, resume=cfg.resume, amp=cfg.amp, compile=cfg.compile, on_epoch=progress,
-        config=asdict(cfg), unet=model.config, scale=scale)
+            common.save_grid(decode(vae, z0, scale), os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
     common.plot_curves(os.path.join(cfg.out, "loss.png"), {"latent DDPM loss": common.smooth(losses)})
-    return model, ddpm
+    return ema.module.eval(), ddpm
 
 
-def load_trained(cfg: Config, latent_shape, scale: float, device) -> tuple[UNet, DDPM]:
-    """The EMA UNet and diffusion process of OUT/ckpt.pt, checked against the VAE it needs."""
-    path = os.path.join(cfg.out, "ckpt.pt")
-    state = common.load_checkpoint(path, device, hint="train first (drop --sample-only)")
-    common.check("unet" in state and "scale" in state, f"'{path}' is not a latent_diffusion.py checkpoint")
-    u = state["unet"]
-    common.check((u["channels"], u["image_size"]) == tuple(latent_shape[:2]),
-                 f"'{path}' was trained on {u['channels']}x{u['image_size']}x{u['image_size']} latents but the "
-                 f"VAE makes {'x'.join(map(str, latent_shape))}; use the VAE it was trained with (--vae)")
+def load_trained(path: str, device, scale: float, vae_path: str) -> tuple[UNet, DDPM]:
+    """The EMA UNet and diffusion process of `path`, checked against the VAE (scale s) it needs."""
+    state = common.load_checkpoint(path, device, UNET_KIND, keys=("net", "ema", "config", "scale"),
+                                   hint="train first (drop --sample-only)")
     common.check(abs(state["scale"] - scale) < 1e-6 * scale, f"'{path}' was trained with another VAE "
-                 f"(scale {state['scale']:.4f}, this one {scale:.4f}); pass the --vae it was trained with")
-    model = UNet(**u).to(device)
+                 f"(scale {state['scale']:.4f}; '{vae_path}' has {scale:.4f}); pass the --vae it was trained with")
+    model = UNet(**state["net"]).to(device)
     common.load_weights(model, state["ema"], path)
     return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device)
 
@@ -244,20 +293,19 @@ def load_trained(cfg: Config, latent_shape, scale: float, device) -> tuple[UNet,
 
 
 @torch.no_grad()
-def vae_figure(cfg: Config, vae: VAE, x_test) -> float:
-    """Originals (top row) over reconstructions (bottom row); -> test MSE per pixel."""
+def vae_figure(vae: VAE, x_test, path: str) -> float:
+    """Originals (top row) over reconstructions (bottom row) saved at `path`; -> test MSE per pixel."""
     x_hat = decode(vae, encode_latents(vae, x_test), 1.0)
     mse = (x_hat - x_test).pow(2).mean().item()
     print(f"VAE test reconstruction error: {mse:.4f} MSE per pixel in [-1, 1] ({len(x_test)} test images)")
-    common.save_grid(torch.cat([x_test[:10], x_hat[:10]]), os.path.join(cfg.out, "vae_reconstructions.png"), nrow=10)
+    common.save_grid(torch.cat([x_test[:10], x_hat[:10]]), path, nrow=10)
     return mse
 
 
-def make_figures(cfg: Config, model, ddpm: DDPM, vae: VAE, scale: float, device) -> None:
+def make_figures(cfg: Config, model, ddpm: DDPM, vae: VAE, scale: float, x_test, device) -> None:
     """VAE reconstructions, DDIM (top) against DDPM (bottom) from the same noise, sampling times,
     and (with --eval N) the FD of each sampler."""
-    x_test, _ = load_data(cfg, device, train=False)
-    vae_figure(cfg, vae, x_test)
+    vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
     c = model.config
     shape = (cfg.n_samples, c["channels"], c["image_size"], c["image_size"])   # (N, c_z, h, w)
     z_T = torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
@@ -283,27 +331,35 @@ def make_figures(cfg: Config, model, ddpm: DDPM, vae: VAE, scale: float, device)
 
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    common.check(min(cfg.epochs, cfg.vae_epochs, cfg.n_samples, cfg.batch_size) >= 1,
-                 "--epochs, --vae-epochs, --n-samples and --batch-size must be >= 1")
-    common.check(1 <= cfg.ddim_steps <= cfg.T, f"--ddim-steps must be in 1..--T ({cfg.T}), got {cfg.ddim_steps}")
-    common.check(cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}")
-    common.check(cfg.eval == 0 or cfg.eval >= 2, f"--eval must be 0 (off) or >= 2 samples, got {cfg.eval}")
-    common.seed_everything(cfg.seed)
+    check_config(cfg)
     device = common.get_device(cfg.device)
     common.setup_speed(device)
-    os.makedirs(cfg.out, exist_ok=True)
-    x_train, _ = load_data(cfg, device)
-    vae, scale = ensure_vae(cfg, x_train, device)
-    latent_shape = vae.encode(x_train[:1])[0].shape[1:]  # (c_z, h, w)
-    if cfg.sample_only:
-        model, ddpm = load_trained(cfg, latent_shape, scale, device)
+    ckpt, vae_path = os.path.join(cfg.out, "ckpt.pt"), cfg.vae or os.path.join(cfg.out, "vae.pt")
+    if cfg.sample_only:                                   # both files first: never train a VAE only to stop
+        for path, flag in ((vae_path, "--vae"), (ckpt, "--out")):
+            common.check(os.path.isfile(path), f"--sample-only: '{path}' not found; train first (drop "
+                         f"--sample-only), or pass the {flag} of a trained run")
+        common.prepare_out(cfg.out)
+        vae, scale = load_vae(vae_path, device)
+        model, ddpm = load_trained(ckpt, device, scale, vae_path)
     else:
-        if cfg.resume and os.path.isfile(os.path.join(cfg.out, "ckpt.pt")):  # trained with this VAE?
-            load_trained(cfg, latent_shape, scale, device)
-        z_train = encode_latents(vae, x_train) * scale   # z0 = s * mu(x): unit variance
+        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)   # before any work: nothing is overwritten
+        if cfg.resume:                                    # the run to continue is ours, and its VAE is there
+            common.load_checkpoint(ckpt, device, UNET_KIND)
+            load_trained(ckpt, device, load_vae(vae_path, device)[1], vae_path)
+    # the test images of the figures, read now: a bad file stops the run before any training
+    x_test, _ = common.load_images(cfg.dataset, cfg.data_dir, False, cfg.download, device=device)
+    if not cfg.sample_only:
+        x_train, _ = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, device=device)
+        vae, scale = ensure_vae(vae_path, x_train, device, epochs=cfg.vae_epochs, base=cfg.vae_base,
+                                latent_channels=cfg.latent_channels, kl_weight=cfg.kl_weight,
+                                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, amp=cfg.amp)
+        z_train = encode_latents(vae, x_train) * scale    # z0 = s * mu(x): unit variance
         print(f"training latents: std {z_train.std().item():.3f} after scaling")
-        model, ddpm = train(cfg, z_train, vae, scale, device)
-    make_figures(cfg, model, ddpm, vae, scale, device)
+        common.seed_everything(cfg.seed)                  # the same UNet run whether the VAE was trained now or not
+        model, ddpm = train(cfg, z_train, vae, scale, ckpt, device)
+    check_vae_fits(vae, x_test.shape[1:], vae_path)
+    make_figures(cfg, model, ddpm, vae, scale, x_test, device)
     print(f"figures in {cfg.out}/")
 
 

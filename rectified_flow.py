@@ -22,7 +22,7 @@ Run:
     python rectified_flow.py                      # pixel space: Flow-1, pairs, Flow-2, figures
     python rectified_flow.py --space latent       # in the VAE's latent space (trained when missing)
     python rectified_flow.py --sample-only        # figures from OUT/flow1.pt and OUT/flow2.pt
-    python rectified_flow.py --resume --eval 10000
+    python rectified_flow.py --resume --eval 10000  # continue an interrupted run, then score the flows
 Figures in OUT (runs/rectified_flow/SPACE): noise_vs_flow-1.png and noise_vs_flow-2.png (noise x0
 on top, in latent space decoded by the VAE, over its generation below), steps_comparison.png (rows:
 Flow-1 at each --steps, then Flow-2, same noise), steps_error.png, loss.png, and
@@ -42,6 +42,8 @@ import common
 import latent_diffusion as ld
 from ddpm_mnist import PRESETS, UNet
 
+KIND, PAIRS_KIND = "rectified_flow.py flow", "rectified_flow.py reflow pairs"
+
 
 @dataclass
 class Config:
@@ -49,26 +51,28 @@ class Config:
     dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder"})
     data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
     download: bool = field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
-    vae: str = field(default="runs/latent_diffusion/vae.pt", metadata={"help": "--space latent: the VAE"})
-    vae_epochs: int = field(default=20, metadata={"help": "epochs when the VAE must be trained first"})
+    vae: str = field(default="runs/latent_diffusion/vae.pt", metadata={"help": "--space latent: the VAE of "
+                     "latent_diffusion.py, trained there (its defaults) when missing"})
+    vae_epochs: int = field(default=20, metadata={"min": 1, "help": "epochs when the VAE must be trained first"})
     preset: str = field(default="mnist", metadata={"help": "pixel UNet", "choices": list(PRESETS)})
-    unet_base: int = field(default=128, metadata={"help": "latent UNet width"})
-    unet_res: int = 2
-    epochs: int = field(default=30, metadata={"help": "Flow-1 epochs"})
-    reflow_epochs: int = field(default=30, metadata={"help": "Flow-2 epochs on the fixed pairs"})
-    n_pairs: int = field(default=20000, metadata={"help": "(noise, sample) pairs made by Flow-1"})
-    pair_steps: int = field(default=100, metadata={"help": "Euler steps to make the pairs"})
-    batch_size: int = 128
+    unet_base: int = field(default=128, metadata={"min": 1, "help": "latent UNet width"})
+    unet_res: int = field(default=2, metadata={"min": 1, "help": "latent UNet residual blocks per level"})
+    epochs: int = field(default=30, metadata={"min": 1, "help": "Flow-1 epochs"})
+    reflow_epochs: int = field(default=30, metadata={"min": 1, "help": "Flow-2 epochs on the fixed pairs"})
+    n_pairs: int = field(default=20000, metadata={"min": 1, "help": "(noise, sample) pairs made by Flow-1"})
+    pair_steps: int = field(default=100, metadata={"min": 1, "help": "Euler steps to make the pairs"})
+    batch_size: int = field(default=128, metadata={"min": 1})
     lr: float = 5e-4
-    warmup_steps: int = 500
-    ema_decay: float = 0.999
-    steps: tuple[int, ...] = field(default=(1, 2, 4, 8, 50), metadata={"help": "Euler steps to compare"})
-    n_samples: int = field(default=64, metadata={"help": "images per grid and per timing"})
-    sample_every: int = field(default=5, metadata={"help": "epochs between progress grids"})
-    eval: int = field(default=0, metadata={"help": "score N samples per flow and step count with evaluate.py "
-                      "into OUT/eval.md; 0 = off; costs N x 2 x sum(steps) UNet calls"})
+    warmup_steps: int = field(default=500, metadata={"min": 0})
+    ema_decay: float = field(default=0.999, metadata={"min": 0})
+    steps: tuple[int, ...] = field(default=(1, 2, 4, 8, 50), metadata={"min": 1, "help": "Euler steps to compare"})
+    n_samples: int = field(default=64, metadata={"min": 1, "help": "images per grid and per timing"})
+    sample_every: int = field(default=5, metadata={"min": 1, "help": "Flow-1 epochs between progress grids"})
+    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples per flow and step count with "
+                      "evaluate.py into OUT/eval.md; 0 = off; costs N x 2 x sum(steps) UNet calls"})
     out: str = field(default="", metadata={"help": "default runs/rectified_flow/SPACE"})
-    resume: bool = False
+    resume: bool = field(default=False, metadata={"help": "continue OUT/flow1.pt (then OUT/flow2.pt)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace OUT/flow1.pt and OUT/flow2.pt"})
     sample_only: bool = field(default=False, metadata={"help": "load the flows and make figures, no training"})
     seed: int = 0
     device: str = "auto"
@@ -76,26 +80,38 @@ class Config:
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
 
 
+def check_config(cfg: Config) -> None:
+    """The checks that the flags' choices and minimums do not make."""
+    common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    common.check(cfg.ema_decay < 1, f"--ema-decay must be < 1, got {cfg.ema_decay}")
+    common.check(cfg.eval != 1, "--eval must be 0 (off) or >= 2 samples, got 1")
+
+
 # ----------------------------------------------------------------------------- data: images or latents
 
 
 class Space:
-    """Where the flow runs: pixels, or the VAE's scaled latents z = s * mu(x). `to_images` maps a
-    point of the space back to images in [-1, 1] for figures and evaluation."""
+    """Where the flow runs: pixels (vae None), or the VAE's scaled latents z = s * mu(x) of shape
+    (c_z, h, w). `to_images` maps a point of the space back to images in [-1, 1]."""
 
-    def __init__(self, cfg: Config, device):
-        x_train, _ = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, device=device)
-        self.vae, self.scale = None, 1.0
-        if cfg.space == "latent":
-            vae_cfg = ld.Config(dataset=cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, vae=cfg.vae,
-                                vae_epochs=cfg.vae_epochs, seed=cfg.seed, amp=cfg.amp)
-            self.vae, self.scale = ld.ensure_vae(vae_cfg, x_train, device)
-            x_train = ld.encode_latents(self.vae, x_train) * self.scale   # (N, c_z, h, w), unit variance
-        self.x1 = x_train                                                   # data, t = 1
-        self.shape = tuple(x_train.shape[1:])
+    def __init__(self, shape, vae=None, scale: float = 1.0):
+        self.shape, self.vae, self.scale = tuple(shape), vae, scale
 
     def to_images(self, x):
         return x.clamp(-1, 1) if self.vae is None else ld.decode(self.vae, x, self.scale)
+
+
+def load_space(cfg: Config, device) -> tuple[torch.Tensor, Space]:
+    """-> (the training data x1 (N, ...) in the flow's space, the Space). Latents are s * mu(x) of
+    the VAE at --vae, trained there when missing; --sample-only encodes one image, for the shape."""
+    x1, _ = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, device=device)  # data: t = 1
+    if cfg.space == "pixel":
+        return x1, Space(x1.shape[1:])
+    vae, scale = (ld.load_vae(cfg.vae, device) if cfg.sample_only else
+                  ld.ensure_vae(cfg.vae, x1, device, epochs=cfg.vae_epochs, seed=cfg.seed, amp=cfg.amp))
+    ld.check_vae_fits(vae, x1.shape[1:], cfg.vae)
+    z = ld.encode_latents(vae, x1[:1] if cfg.sample_only else x1) * scale   # z = s * mu(x): unit variance
+    return z, Space(z.shape[1:], vae, scale)
 
 
 # ----------------------------------------------------------------------------- network
@@ -109,6 +125,7 @@ class VelocityUNet(UNet):
 
 
 def build_net(cfg: Config, shape) -> VelocityUNet:
+    """The velocity network for points of shape (C, H, W): a PRESETS UNet on pixels, the latent UNet on latents."""
     if cfg.space == "latent":
         return ld.latent_unet(shape, cfg.unet_base, cfg.unet_res, cls=VelocityUNet)
     return VelocityUNet(shape[1], shape[0], **PRESETS[cfg.preset])
@@ -165,37 +182,58 @@ def make_pairs(model, n: int, shape, steps: int, seed: int, device, batch_size: 
 # ----------------------------------------------------------------------------- training
 
 
-def ckpt_path(cfg: Config, stage: int) -> str:
-    return os.path.join(cfg.out, f"flow{stage}.pt")
-
-
-def train_flow(cfg: Config, stage: int, space: Space, x1, x0, init=None, on_epoch=None):
-    """Flow-1 (x0 None: fresh noise per batch) or Flow-2 (x0: the fixed partner of every x1).
-    -> (the EMA network, the per-step losses)"""
-    ckpt, device = ckpt_path(cfg, stage), x1.device
-    model = build_net(cfg, space.shape).to(device)
-    if init is not None:
-        model.load_state_dict(init.state_dict())    # reflow starts from Flow-1 (Liu et al.)
-    epochs = cfg.epochs if stage == 1 else cfg.reflow_epochs
-    partner = x0 if x0 is not None else x1.new_zeros(len(x1))
-    loss = (lambda net, b: rf_loss(net, b[0])) if x0 is None else (lambda net, b: rf_loss(net, b[0], b[1]))
-    gen = torch.Generator().manual_seed(cfg.seed + stage)
+def train_flow(cfg: Config, stage: int, model: VelocityUNet, x1, x0, space: Space, device, resume: bool,
+               flow1_step: int = 0):
+    """Flow-1 (x0 None: fresh noise for every batch) or Flow-2 (x0: the fixed partner noise of
+    every x1, made by Flow-1 after `flow1_step` steps), one checkpoint OUT/flowSTAGE.pt per epoch;
+    resume: continue that file. -> (the EMA network, the per-step losses)"""
+    ckpt, epochs = os.path.join(cfg.out, f"flow{stage}.pt"), (cfg.epochs if stage == 1 else cfg.reflow_epochs)
+    ema, opt = common.make_ema(model, cfg.ema_decay), common.make_optimizer(model, cfg.lr)
+    step, start, losses = 0, 0, []
+    if resume:
+        same = ("space", "preset") if cfg.space == "pixel" else ("space", "unet_base", "unet_res")
+        step, start, losses = common.resume(ckpt, device, KIND, cfg, same + ("dataset",), model, ema, opt)
+    net = torch.compile(model) if cfg.compile else model
     print(f"Flow-{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(x1)} {'data points' if x0 is None else 'fixed pairs'} of shape {space.shape}")
-    model, losses = common.fit(
-        model, loss, lambda epoch: common.batches(x1, partner, cfg.batch_size, generator=gen),
-        epochs=epochs, ckpt=ckpt, device=device, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-        ema_decay=cfg.ema_decay, resume=cfg.resume and (stage == 1 or os.path.isfile(ckpt)),
-        amp=cfg.amp, compile=cfg.compile, on_epoch=on_epoch, config=asdict(cfg), unet=model.config,
-        scale=space.scale)
-    return model, losses
+    partner, n_batches = (x0 if x0 is not None else x1.new_zeros(len(x1))), len(x1) // min(cfg.batch_size, len(x1))
+    for epoch in range(start, epochs):
+        model.train()
+        t0, epoch_losses = time.perf_counter(), []
+        for x1_b, x0_b in common.progress(common.batches(x1, partner, cfg.batch_size, cfg.seed + epoch),
+                                          f"Flow-{stage} epoch {epoch + 1}/{epochs}", n_batches):
+            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, epochs * n_batches)
+            with common.autocast(device, cfg.amp):    # || (x1 - x0) - v_theta(x_t, t) ||^2
+                loss = rf_loss(net, x1_b, x0_b if x0 is not None else None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update_parameters(model)
+            epoch_losses.append(loss.detach())
+            step += 1
+        mean = torch.stack(epoch_losses).mean()
+        common.check_finite(mean, step, ckpt)             # before saving: the last good epoch stays
+        losses += torch.stack(epoch_losses).tolist()
+        common.sync(device)
+        seconds = time.perf_counter() - t0
+        print(f"Flow-{stage} epoch {epoch + 1}/{epochs}  loss {mean.item():.4f}  {seconds:.1f}s  "
+              f"{n_batches * min(cfg.batch_size, len(x1)) / seconds:.0f} samples/s")
+        common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg), flow1_step=flow1_step,
+                               scale=space.scale, **common.training_state(model, ema, opt, step, epoch + 1, losses))
+        if stage == 1 and (epoch + 1) % cfg.sample_every == 0:             # progress grid (own generator)
+            x0_grid = torch.randn((cfg.n_samples, *space.shape), device=device,
+                                  generator=torch.Generator(device).manual_seed(cfg.seed))
+            common.save_grid(space.to_images(euler_sample(ema.module.eval(), x0_grid, 50)),
+                             os.path.join(cfg.out, f"flow1_epoch{epoch + 1:03d}.png"))
+    return ema.module.eval(), losses
 
 
-def load_flow(cfg: Config, stage: int, space: Space, device) -> VelocityUNet:
-    path = ckpt_path(cfg, stage)
-    state = common.load_checkpoint(path, device, hint="train first (drop --sample-only)")
-    u = state.get("unet", {})
-    common.check((u.get("channels"), u.get("image_size")) == space.shape[:2] and state["scale"] == space.scale,
+def load_flow(path: str, device, space: Space) -> VelocityUNet:
+    """The EMA velocity network of `path`, checked against the space (shape, VAE scale) it runs in."""
+    state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "scale"),
+                                   hint="train first (drop --sample-only)")
+    u = state["net"]
+    common.check((u["channels"], u["image_size"]) == space.shape[:2] and state["scale"] == space.scale,
                  f"'{path}' was trained in another space than {'x'.join(map(str, space.shape))} "
                  f"(scale {space.scale:.4f}); pass the --space and --vae it was trained with")
     model = VelocityUNet(**u).to(device)
@@ -203,20 +241,24 @@ def load_flow(cfg: Config, stage: int, space: Space, device) -> VelocityUNet:
     return model.eval()
 
 
-def get_pairs(cfg: Config, flow1, space: Space, device):
-    """Make the pairs with `make_pairs` and save them to OUT/pairs.pt: they never change while
-    Flow-2 trains, and --resume reuses the file (a fresh run has a fresh Flow-1, so new pairs)."""
-    path = os.path.join(cfg.out, "pairs.pt")
-    if cfg.resume and os.path.isfile(path):
-        state = common.load_checkpoint(path, device)
-        if tuple(state["x0"].shape) == (cfg.n_pairs, *space.shape):
+def get_pairs(path: str, flow1, flow1_step: int, n: int, shape, steps: int, seed: int, device, reuse: bool):
+    """Reflow's pairs, made with `make_pairs` and kept in `path`: they never change while Flow-2
+    trains, and with `reuse` (--resume) the file is used again when it came from this Flow-1 (same
+    step, n, shape, Euler steps). Any other file there (older pairs, damaged, foreign) is replaced."""
+    want = dict(kind=PAIRS_KIND, flow1_step=flow1_step, n=n, shape=tuple(shape), steps=steps, seed=seed)
+    if reuse and os.path.isfile(path):
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except Exception:                                 # a damaged file: made again below
+            state = {}
+        if isinstance(state, dict) and all(state.get(k) == v for k, v in want.items()) and "x1" in state:
             print(f"reflow pairs from {path}")
             return state["x0"], state["x1"]
+        print(f"'{path}' holds no pairs of this Flow-1: making them again")
     t0 = time.perf_counter()
-    x0, x1 = make_pairs(flow1, cfg.n_pairs, space.shape, cfg.pair_steps, cfg.seed + 12345, device)
-    common.save_checkpoint(path, x0=x0, x1=x1, steps=cfg.pair_steps)
-    print(f"made {cfg.n_pairs} reflow pairs with {cfg.pair_steps} Euler steps of Flow-1 in "
-          f"{time.perf_counter() - t0:.1f}s -> {path}")
+    x0, x1 = make_pairs(flow1, n, shape, steps, seed, device)
+    common.save_checkpoint(path, x0=x0, x1=x1, **want)
+    print(f"made {n} reflow pairs with {steps} Euler steps of Flow-1 in {time.perf_counter() - t0:.1f}s -> {path}")
     return x0, x1
 
 
@@ -258,28 +300,41 @@ def compare(cfg: Config, flows: dict, space: Space, device) -> None:
 
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    check_config(cfg)
     cfg.out = cfg.out or os.path.join("runs/rectified_flow", cfg.space)
-    common.check(min(cfg.epochs, cfg.reflow_epochs, cfg.n_pairs, cfg.pair_steps, cfg.batch_size) >= 1,
-                 "--epochs, --reflow-epochs, --n-pairs, --pair-steps and --batch-size must be >= 1")
-    common.check(cfg.n_samples >= 1 and min(cfg.steps) >= 1, "--n-samples and every --steps must be >= 1")
-    common.check(cfg.eval == 0 or cfg.eval >= 2, f"--eval must be 0 (off) or >= 2 samples, got {cfg.eval}")
-    common.seed_everything(cfg.seed)
     device = common.get_device(cfg.device)
     common.setup_speed(device)
-    os.makedirs(cfg.out, exist_ok=True)
-    space = Space(cfg, device)
+    ckpt1, ckpt2 = os.path.join(cfg.out, "flow1.pt"), os.path.join(cfg.out, "flow2.pt")
+    if cfg.sample_only:                                   # the files first: never train a VAE only to stop
+        for path in (ckpt1, ckpt2) + ((cfg.vae,) if cfg.space == "latent" else ()):
+            common.check(os.path.isfile(path), f"--sample-only: '{path}' not found; train first (drop "
+                         "--sample-only), or pass the --out (and --vae) of a trained run")
+        common.prepare_out(cfg.out)
+    else:                                                 # before any work: nothing is overwritten
+        common.new_or_resume(ckpt1, cfg.resume, cfg.overwrite)
+        if cfg.resume:                                    # a flow of this script, and the VAE it ran on
+            common.load_checkpoint(ckpt1, device, KIND)
+            common.check(cfg.space == "pixel" or os.path.isfile(cfg.vae), f"--resume: the VAE '{cfg.vae}' "
+                         "is not found; pass the --vae this run was trained with")
+        else:
+            common.new_or_resume(ckpt2, False, cfg.overwrite)
+    x1, space = load_space(cfg, device)
     if cfg.sample_only:
-        flow1, flow2 = load_flow(cfg, 1, space, device), load_flow(cfg, 2, space, device)
+        flow1, flow2 = load_flow(ckpt1, device, space), load_flow(ckpt2, device, space)
     else:
-        def progress(epoch, net):
-            if epoch % cfg.sample_every == 0:
-                x0 = torch.randn((cfg.n_samples, *space.shape), device=device,
-                                 generator=torch.Generator(device).manual_seed(cfg.seed))
-                common.save_grid(space.to_images(euler_sample(net, x0, 50)),
-                                 os.path.join(cfg.out, f"flow1_epoch{epoch:03d}.png"))
-        flow1, losses1 = train_flow(cfg, 1, space, space.x1, None, on_epoch=progress)
-        x0, x1 = get_pairs(cfg, flow1, space, device)
-        flow2, losses2 = train_flow(cfg, 2, space, x1, x0, init=flow1)
+        if cfg.resume:
+            load_flow(ckpt1, device, space)               # the run to continue ran in this space
+        common.seed_everything(cfg.seed)                  # the same flows whether the VAE was trained now or not
+        flow1, losses1 = train_flow(cfg, 1, build_net(cfg, space.shape).to(device), x1, None, space, device, cfg.resume)
+        x0, x1 = get_pairs(os.path.join(cfg.out, "pairs.pt"), flow1, len(losses1), cfg.n_pairs, space.shape,
+                           cfg.pair_steps, cfg.seed + 12345, device, reuse=cfg.resume)
+        model = build_net(cfg, space.shape).to(device)
+        model.load_state_dict(flow1.state_dict())        # reflow starts from Flow-1 (Liu et al.)
+        resume2 = cfg.resume and os.path.isfile(ckpt2)    # a Flow-2 reflowed from this very Flow-1?
+        if resume2 and common.load_checkpoint(ckpt2, device, KIND).get("flow1_step") != len(losses1):
+            print(f"'{ckpt2}' was reflowed from an earlier Flow-1: Flow-2 starts again from this one")
+            resume2 = False
+        flow2, losses2 = train_flow(cfg, 2, model, x1, x0, space, device, resume2, flow1_step=len(losses1))
         common.plot_curves(os.path.join(cfg.out, "loss.png"), {      # Flow-2's steps follow Flow-1's
             "Flow-1": common.smooth(losses1),
             "Flow-2 (reflow)": [(len(losses1) + i, v) for i, v in common.smooth(losses2)]})

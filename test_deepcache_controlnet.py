@@ -4,18 +4,20 @@ import os
 import pytest
 import torch
 
-import common
 import controlnet_canny as cn
 import ddpm_mnist
 import deepcache as dc
 
 
 @pytest.fixture(scope="module")
-def base(ddpm_ckpt):
-    unet, ddpm, _ = ddpm_mnist.load_trained(ddpm_ckpt, "cpu")
-    for p in unet.out[-1].parameters():         # a 1-epoch UNet outputs ~0: make eps depend on x
-        p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
-    return unet, ddpm
+def base():
+    """A tiny random UNet and a T = 50 process: the properties below hold for any weights, so no
+    training is needed (the output layer, zero at init, is made random so eps depends on x)."""
+    torch.manual_seed(0)
+    unet = ddpm_mnist.UNet(28, 1, **ddpm_mnist.PRESETS["tiny"]).eval()
+    for p in unet.out[-1].parameters():
+        p.data.normal_(0, 0.05)
+    return unet, ddpm_mnist.DDPM(50, "linear")
 
 
 def noise(n=4, seed=0):
@@ -26,6 +28,11 @@ def one_line_error(excinfo) -> str:
     msg = str(excinfo.value)
     assert msg.startswith("error:") and "\n" not in msg, msg
     return msg
+
+
+def digest(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 # ----------------------------------------------------------------------------- DeepCache
@@ -67,11 +74,14 @@ def test_flops_fraction_shrinks_with_a_shallower_branch(base):
     assert 0 < f1 < f2 < 1
 
 
+DC_FAST = ["--device", "cpu", "--steps", "2", "--n-samples", "2", "--batch-size", "2", "--warmup", "0",
+           "--repeats", "1"]
+
+
 def test_deepcache_main(ddpm_ckpt, mnist_dir, tmp_path):
     out = str(tmp_path / "dc")
-    dc.main(["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--out", out,
-             "--device", "cpu", "--steps", "2", "--n-samples", "2", "--sweep-steps", "2", "4",
-             "--sweep-intervals", "1", "3", "--batch-size", "2", "--warmup", "0", "--repeats", "1"])
+    dc.main(["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--out", out, *DC_FAST,
+             "--sweep-steps", "2", "4", "--sweep-intervals", "1", "3"])
     for f in ("samples.png", "samples_plain.png", "intervals.png", "speedup.png", "quality.png",
               "tradeoff.png", "speed_quality.md"):
         assert os.path.isfile(os.path.join(out, f)), f
@@ -80,10 +90,29 @@ def test_deepcache_main(ddpm_ckpt, mnist_dir, tmp_path):
     assert "| 4 | 3 | 2 |" in table[-1]                         # 4 steps, interval 3: 2 full steps
 
 
+def test_default_base_is_ddpm_mnists(ddpm_ckpt, tmp_path, monkeypatch):
+    """No --base-ckpt: ddpm_mnist.ensure_trained gets its default path (and trains it when missing)."""
+    asked = []
+    monkeypatch.setattr(ddpm_mnist, "ensure_trained", lambda path, device, **kw: asked.append((path, kw)) or ddpm_ckpt)
+    dc.main(["--out", str(tmp_path), "--no-analysis", "--data-dir", "somewhere", *DC_FAST])
+    assert asked == [(ddpm_mnist.DEFAULT_CKPT, dict(data_dir="somewhere", download=True))]
+
+
+@pytest.fixture(scope="module")
+def foreign_ckpt(tmp_path_factory) -> str:
+    """A file of another script (a latent_diffusion.py VAE checkpoint, as far as its header goes)."""
+    path = str(tmp_path_factory.mktemp("foreign") / "vae.pt")
+    torch.save(dict(kind="latent_diffusion.py VAE", net={"base": 32}, config={}, model={}, ema={}), path)
+    return path
+
+
 @pytest.mark.parametrize("args, words", [
     (["--interval", "0"], "--interval must be >= 1"),
-    (["--branch", "3"], "--branch 3 is not in this UNet"),
-    (["--sweep-steps", "51"], "sampling steps must be in 1..T (50)"),
+    (["--sweep-intervals", "1", "0"], "--sweep-intervals must be >= 1"),
+    (["--eval", "1"], "--eval must be 0 (off) or >= 2"),
+    (["--eval", "8", "--no-analysis"], "drop --no-analysis"),
+    (["--branch", "4"], "--branch 4 is not in this UNet"),
+    (["--sweep-steps", "51"], "must be <= T = 50"),
 ])
 def test_deepcache_bad_input(ddpm_ckpt, tmp_path, args, words):
     with pytest.raises(SystemExit) as e:
@@ -98,14 +127,24 @@ def test_missing_base_checkpoint(main, tmp_path):
     assert "not found" in one_line_error(e)
 
 
+@pytest.mark.parametrize("main", [dc.main, cn.main])
+def test_another_scripts_checkpoint_as_base(main, foreign_ckpt, mnist_dir, tmp_path):
+    """Issue 15: a latent_diffusion.py file as the base gave "images" of latents; now one line."""
+    with pytest.raises(SystemExit) as e:
+        main(["--base-ckpt", foreign_ckpt, "--data-dir", mnist_dir, "--no-download", "--out", str(tmp_path),
+              "--device", "cpu"])
+    assert "latent_diffusion.py VAE" in one_line_error(e)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".png")]
+
+
 def test_deepcache_eval(ddpm_ckpt, mnist_dir, tmp_path, monkeypatch):
     evaluate = pytest.importorskip("evaluate")
     real = evaluate.Evaluator
-    monkeypatch.setattr(evaluate, "Evaluator", lambda *a, **k: real(*a, **k, cache_dir=str(tmp_path / "c"), classifier_epochs=1))
+    monkeypatch.setattr(evaluate, "Evaluator",
+                        lambda *a, **k: real(*a, **k, cache_dir=str(tmp_path / "c"), classifier_epochs=1))
     out = str(tmp_path / "dc")
-    dc.main(["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--out", out,
-             "--device", "cpu", "--steps", "2", "--n-samples", "2", "--sweep-steps", "2",
-             "--sweep-intervals", "1", "2", "--batch-size", "8", "--warmup", "0", "--repeats", "1", "--eval", "8"])
+    dc.main(["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--out", out, *DC_FAST,
+             "--sweep-steps", "2", "--sweep-intervals", "1", "2", "--batch-size", "8", "--eval", "8"])
     assert "FD" in open(os.path.join(out, "speed_quality.md")).read()
 
 
@@ -125,15 +164,16 @@ def test_controlnet_starts_as_the_frozen_unet(base):
 def test_only_the_control_branch_trains(base, tmp_path):
     unet, ddpm = base
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    model = cn.ControlledUNet(unet, cn.ControlNet(unet))
-    x = noise(16)
+    x = noise(4)
     c = cn.canny(x, 100, 200)
-    cfg = cn.Config(epochs=2, batch_size=8, out=str(tmp_path))
-    cn.train(cfg, model, ddpm, x, c, torch.device("cpu"))
+    cfg = cn.Config(epochs=2, batch_size=2, out=str(tmp_path))
+    control, losses = cn.train(cfg, unet, ddpm, x, c, torch.device("cpu"))
     assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
-    assert model.control.zero_convs[0].weight.abs().sum() > 0   # the zero_convs did learn
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert state["step"] == 4 and all(map(lambda v: v == v and abs(v) < 1e3, state["losses"]))
+    assert state["kind"] == cn.KIND and state["net"] == unet.config
+    assert state["model"]["zero_convs.0.weight"].abs().sum() > 0   # the zero_convs did learn
+    assert control.zero_convs[0].weight.abs().sum() > 0           # and so did their EMA
+    assert state["step"] == 4 and state["losses"] == losses and all(v == v and abs(v) < 1e3 for v in losses)
     assert not any(k.startswith("unet.") for k in state["model"])  # only the control branch is saved
 
 
@@ -152,25 +192,94 @@ def test_edge_maps_are_computed_once(tmp_path, monkeypatch):
     assert cn.edge_f1(x, e1, 100, 200, 0)["f1"] == 1.0
 
 
-def test_controlnet_main(ddpm_ckpt, mnist_dir, tmp_path):
-    out = str(tmp_path / "cn")
-    args = ["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--out", out,
-            "--device", "cpu", "--epochs", "1", "--batch-size", "32", "--ddim-steps", "3",
-            "--n-digits", "2", "--samples-per-edge", "2", "--n-eval", "8"]
-    cn.main(args)
+@pytest.mark.parametrize("damage", [b"not a torch file", b"", "foreign"])
+def test_a_corrupt_edge_cache_is_rebuilt(tmp_path, damage):
+    x = noise(3)
+    path = str(tmp_path / "edges.pt")
+    if damage == "foreign":
+        torch.save({"edges": torch.zeros(2)}, path)           # a readable file without the key
+    else:
+        with open(path, "wb") as f:
+            f.write(damage)
+    assert torch.equal(cn.edge_maps(x, 100, 200, path), cn.canny(x, 100, 200))
+    assert torch.load(path, weights_only=True)["key"]["n"] == 3   # rewritten, readable again
+
+
+CN_FAST = ["--device", "cpu", "--epochs", "1", "--batch-size", "32", "--ddim-steps", "2", "--n-digits", "2",
+           "--samples-per-edge", "2", "--n-eval", "4"]
+
+
+@pytest.fixture(scope="module")
+def cn_run(ddpm_ckpt, mnist_dir, tmp_path_factory):
+    """One 1-epoch ControlNet run: (argv without --out, its --out)."""
+    out = str(tmp_path_factory.mktemp("cn"))
+    args = ["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", *CN_FAST]
+    cn.main(args + ["--out", out])
+    return args, out
+
+
+def test_controlnet_main(cn_run):
+    args, out = cn_run
     for f in ("control.png", "loss.png", "edge_fidelity.md", "ckpt.pt", "edges_train_100_200.pt", "edges_test_100_200.pt"):
         assert os.path.isfile(os.path.join(out, f)), f
     assert "| ControlNet |" in open(os.path.join(out, "edge_fidelity.md")).read()
-    cn.main(args + ["--sample-only"])
+    before = digest(os.path.join(out, "ckpt.pt"))
+    os.remove(os.path.join(out, "control.png"))
+    cn.main(args + ["--out", out, "--sample-only"])
+    assert os.path.isfile(os.path.join(out, "control.png")) and digest(os.path.join(out, "ckpt.pt")) == before
 
 
-def test_controlnet_bad_thresholds(ddpm_ckpt, tmp_path):
+def test_controlnet_resume_is_the_uninterrupted_run(base, tmp_path):
+    """2 epochs straight == 1 epoch + --resume --epochs 2: the same weights, EMA, steps and losses
+    (the batches are seeded by seed + epoch, and the checkpoint carries the random-number state)."""
+    unet, ddpm = base
+    x = noise(4)
+    c, device = cn.canny(x, 100, 200), torch.device("cpu")
+    runs = {"straight": [dict(epochs=2)], "resumed": [dict(epochs=1), dict(epochs=2, resume=True)]}
+    for name, stages in runs.items():
+        torch.manual_seed(0)                                   # what main's seed_everything does
+        for kw in stages:
+            cn.train(cn.Config(batch_size=2, out=str(tmp_path / name), **kw), unet, ddpm, x, c, device)
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in runs)
+    assert a["step"] == b["step"] == 4 and a["losses"] == b["losses"]
+    for k in ("model", "ema"):
+        assert all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
+
+
+def test_controlnet_never_overwrites_by_mistake(cn_run, monkeypatch):
+    """Issue 15: training into an --out with a checkpoint, without --resume, stops before any work."""
+    args, out = cn_run
+    before = digest(os.path.join(out, "ckpt.pt"))
+    monkeypatch.setattr(ddpm_mnist, "load_trained", lambda *a: pytest.fail("loaded the base"))
     with pytest.raises(SystemExit) as e:
-        cn.main(["--base-ckpt", ddpm_ckpt, "--low", "200", "--high", "100", "--out", str(tmp_path)])
-    assert "--low < --high" in one_line_error(e)
+        cn.main(args + ["--out", out, "--epochs", "2"])
+    assert "--resume" in one_line_error(e) and digest(os.path.join(out, "ckpt.pt")) == before
 
 
-def test_default_base_is_trained_when_missing(tmp_path):
-    trained = []
-    path = common.checkpoint_or_train("", str(tmp_path / "ckpt.pt"), lambda: trained.append(1))
-    assert path == str(tmp_path / "ckpt.pt") and trained == [1]
+def test_controlnet_resume_keeps_the_thresholds(cn_run):
+    args, out = cn_run
+    before = digest(os.path.join(out, "ckpt.pt"))
+    with pytest.raises(SystemExit) as e:
+        cn.main(args + ["--out", out, "--epochs", "2", "--resume", "--low", "50"])
+    assert "--low is 50 but" in one_line_error(e) and digest(os.path.join(out, "ckpt.pt")) == before
+
+
+def test_sample_only_without_a_checkpoint_stops_at_once(ddpm_ckpt, mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cn, "canny", lambda *a: pytest.fail("computed edges"))
+    monkeypatch.setattr(ddpm_mnist, "ensure_trained", lambda *a, **k: pytest.fail("looked for a base"))
+    with pytest.raises(SystemExit) as e:
+        cn.main(["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--out", str(tmp_path / "new"), "--sample-only"])
+    assert "--sample-only" in one_line_error(e)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--low", "200", "--high", "100"], "--low < --high"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+    (["--resume"], "--resume: there is no checkpoint"),
+])
+def test_controlnet_bad_input(ddpm_ckpt, tmp_path, args, words):
+    with pytest.raises(SystemExit) as e:
+        cn.main(["--base-ckpt", ddpm_ckpt, "--out", str(tmp_path), "--device", "cpu", *args])
+    assert words in one_line_error(e)

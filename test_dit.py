@@ -1,6 +1,6 @@
-"""Tests of dit_cifar.py: a CPU smoke run on a tiny image folder (then --resume and --sample-only
-with --eval), adaLN-Zero at initialisation, patchify/unpatchify, a 2-process torchrun run on the
-gloo backend, and one-line errors for bad input."""
+"""Tests of dit_cifar.py: a CPU smoke run on a tiny image folder (then --resume, equal to an
+uninterrupted run, and --sample-only with --eval), adaLN-Zero at initialisation, patchify/unpatchify,
+a 2-process torchrun run on the gloo backend, and one-line errors for bad input."""
 import functools
 import os
 import signal
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import common
 import dit_cifar
+import latent_diffusion
 from dit_cifar import DiT, patchify, unpatchify
 from latent_diffusion import VAE, load_vae
 
@@ -31,7 +32,7 @@ def torchrun(image_folder, tmp_path_factory):
     -> (output folder, process, log file)."""
     out = tmp_path_factory.mktemp("ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           dit_cifar.__file__, "--dataset", image_folder, *tiny(out, "--ws", "1")]
+           dit_cifar.__file__, "--dataset", image_folder, *tiny(out, "--scales", "1")]
     with open(out / "log.txt", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 cwd=os.path.dirname(dit_cifar.__file__), env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -58,25 +59,35 @@ def one_line_error(argv) -> str:
     return msg
 
 
-def test_smoke_resume_and_sample_only(run, image_folder, monkeypatch):
+def test_smoke_resume_and_sample_only(run, image_folder, tmp_path, monkeypatch):
     names = ["vae.pt", "ckpt.pt", "vae_reconstructions.png", "loss.png", "samples_epoch001_w3.png",
              "cfg_w1.png", "cfg_w3.png", "cfg_w5.png", "cfg_w7.5.png"]
     assert all((run / n).is_file() for n in names), sorted(os.listdir(run))
     state = torch.load(run / "ckpt.pt", weights_only=True)
-    assert {"model", "ema", "opt", "step", "config", "dit", "scale"} <= set(state)
+    assert {"kind", "net", "model", "ema", "opt", "step", "epoch", "config", "rng", "scale", "test_losses"} <= set(state)
+    assert state["kind"] == "dit_cifar.py DiT" and state["net"]["depth"] == 2
     assert state["step"] == 3 and torch.isfinite(torch.tensor(state["losses"])).all()
     model, ddpm, _ = dit_cifar.load_trained(str(run / "ckpt.pt"), "cpu")
     vae, scale = load_vae(str(run / "vae.pt"), "cpu")
     x = [dit_cifar.sample(model, ddpm, vae, scale, torch.tensor([0, 1, 2]), 3.0, 2, seed=0) for _ in range(2)]
     assert x[0].shape == (3, 3, 32, 32) and torch.isfinite(x[0]).all() and torch.equal(x[0], x[1])
-    dit_cifar.main(["--dataset", image_folder, *tiny(run, "--resume", "--epochs", "2", "--ws", "1")])
+
+    # 1 epoch, then --resume to 2, gives the weights of 2 epochs straight (same batches, same RNG)
+    dit_cifar.main(["--dataset", image_folder, *tiny(run, "--resume", "--epochs", "2", "--scales", "1")])
     state = torch.load(run / "ckpt.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (2, 6) and len(state["test_losses"]) == 2
-    evaluate = pytest.importorskip("evaluate")
+    straight = tmp_path / "straight"
+    dit_cifar.main(["--dataset", image_folder, *tiny(straight, "--vae", str(run / "vae.pt"), "--epochs", "2", "--scales", "1")])
+    other = torch.load(straight / "ckpt.pt", weights_only=True)
+    for key in "model", "ema":
+        assert all(torch.equal(v, other[key][k]) for k, v in state[key].items()), key
+
+    evaluate = pytest.importorskip("evaluate")                        # a small, 1-epoch classifier
+    monkeypatch.setitem(evaluate.NETS, "resnet", functools.partial(evaluate.ResNet, width=8))
     monkeypatch.setattr(evaluate, "Evaluator", functools.partial(evaluate.Evaluator, classifier_epochs=1, cache_dir=str(run)))
     os.remove(run / "cfg_w3.png")
-    dit_cifar.main(["--dataset", image_folder, *tiny(run, "--sample-only", "--ws", "3", "--eval", "6")])
-    assert (run / "cfg_w3.png").is_file() and (run / "eval.md").is_file()
+    dit_cifar.main(["--dataset", image_folder, *tiny(run, "--sample-only", "--scales", "3", "--eval", "6")])
+    assert (run / "cfg_w3.png").is_file() and (run / "eval.md").is_file() and (run / "eval.png").is_file()
 
 
 def test_adaln_zero_blocks_start_as_identity_and_output_is_zero():
@@ -102,12 +113,6 @@ def test_patchify_then_unpatchify_is_identity(p):
     assert torch.equal(unpatchify(tokens, p, 4), z)
 
 
-def test_shard_batches_give_each_rank_a_disjoint_share():
-    x, y = torch.arange(20.0)[:, None], torch.arange(20)
-    seen = [torch.cat([b for _, b in common.shard_batches(x, y, 5, epoch=3, rank=r, world=2)]) for r in range(2)]
-    assert len(seen[0]) == len(seen[1]) == 10 and len(set(torch.cat(seen).tolist())) == 20
-
-
 def test_torchrun_two_processes_on_gloo_stay_in_sync(torchrun):
     out, proc, log = torchrun
     proc.wait(timeout=180)
@@ -122,10 +127,22 @@ def test_torchrun_two_processes_on_gloo_stay_in_sync(torchrun):
 
 def test_bad_input_is_one_line(run, image_folder, tmp_path):
     assert "unknown model 'DiT-XXL/2'" in one_line_error(tiny(tmp_path, "--model", "DiT-XXL/2"))
-    msg = one_line_error(["--dataset", image_folder, *tiny(tmp_path, "--vae-ckpt", str(run / "vae.pt"),
+    msg = one_line_error(["--dataset", image_folder, *tiny(tmp_path, "--vae", str(run / "vae.pt"),
                                                               "--model", "DiT-T/3")])
     assert "patch size 3 does not divide the latent size 8" in msg
     other = VAE(channels=3, latent_channels=2, base=16)                 # latents (2, 8, 8), not (4, 8, 8)
-    common.save_checkpoint(str(tmp_path / "vae2.pt"), model=other.state_dict(), config=other.config, scale=1.0)
-    msg = one_line_error(["--dataset", image_folder, *tiny(run, "--sample-only", "--vae-ckpt", str(tmp_path / "vae2.pt"))])
-    assert "(4, 8, 8)" in msg and "(2, 8, 8)" in msg
+    common.save_checkpoint(str(tmp_path / "vae2.pt"), kind=latent_diffusion.VAE_KIND, net=other.config,
+                           model=other.state_dict(), scale=1.0)
+    before = (run / "ckpt.pt").read_bytes()
+    for flag in "--sample-only", "--resume":
+        msg = one_line_error(["--dataset", image_folder, *tiny(run, flag, "--epochs", "3", "--vae", str(tmp_path / "vae2.pt"))])
+        assert "(4, 8, 8)" in msg and "(2, 8, 8)" in msg and "--vae" in msg
+    msg = one_line_error(["--dataset", image_folder, *tiny(run)])          # no --resume: never replaced
+    assert "--resume" in msg and "--overwrite" in msg
+    msg = one_line_error(["--dataset", image_folder, *tiny(run, "--resume", "--epochs", "3", "--model", "DiT-T/4")])
+    assert "--model is DiT-T/4" in msg
+    assert (run / "ckpt.pt").read_bytes() == before
+    msg = one_line_error(["--dataset", image_folder, *tiny(tmp_path / "new", "--sample-only")])
+    assert "not found" in msg and not (tmp_path / "new" / "vae.pt").exists()   # stopped before any VAE
+    msg = one_line_error(["--dataset", image_folder, *tiny(tmp_path, "--ckpt", str(run / "vae.pt"), "--sample-only")])
+    assert "latent_diffusion.py VAE checkpoint, not a dit_cifar.py DiT one" in msg

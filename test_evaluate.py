@@ -1,12 +1,14 @@
 """Tests of evaluate.py on tiny data: the Frechet distance behaves like a distance, the classifier
-is trained once and then reused, the command line works and fails in one line, and
-`ddpm_mnist.py --eval N` writes its table."""
+is trained once and then reused (a damaged cache is rebuilt, another --classifier-epochs trains
+another), the command line works, warns about [0, 1] images and fails in one line on bad samples,
+and `ddpm_mnist.py --eval N` writes its table."""
 import os
 import shutil
 
 import pytest
 import torch
 
+import common
 import evaluate
 
 
@@ -18,8 +20,6 @@ def ev(mnist_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_train(mnist_dir):
-    import common
-
     return common.load_images("mnist", mnist_dir, train=True, download=False)  # disjoint from the test split
 
 
@@ -58,9 +58,25 @@ def test_accuracy_and_histogram(ev, real_train):
 def test_cached_classifier_is_reused(ev, mnist_dir, monkeypatch):
     mtime = os.path.getmtime(ev.path)
     monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: pytest.fail("retrained"))
-    again = evaluate.Evaluator("mnist", mnist_dir, download=False, cache_dir=os.path.dirname(ev.path))
-    assert os.path.getmtime(ev.path) == mtime
+    again = evaluate.Evaluator("mnist", mnist_dir, download=False, cache_dir=os.path.dirname(ev.path), classifier_epochs=3)
+    assert os.path.getmtime(ev.path) == mtime and again.path == ev.path
     assert again.fd(ev.x_test[:16]) == pytest.approx(ev.fd(ev.x_test[:16]), rel=1e-6)
+    assert torch.load(ev.path, weights_only=True)["kind"] == "evaluate.py classifier"
+
+
+def test_other_epochs_train_another_classifier_and_a_bad_cache_is_rebuilt(ev, mnist_dir, tmp_path, capsys):
+    cache = str(tmp_path)
+    one = evaluate.Evaluator("mnist", mnist_dir, download=False, cache_dir=cache, classifier_epochs=1)
+    assert one.path != ev.path and one.path.endswith("_e1.pt")
+    for bad in "garbage", "foreign":
+        if bad == "garbage":
+            open(one.path, "wb").write(b"not a checkpoint")
+        else:
+            common.save_checkpoint(one.path, kind="latent_diffusion.py VAE", net={}, model={}, scale=1.0)
+        capsys.readouterr()
+        again = evaluate.Evaluator("mnist", mnist_dir, download=False, cache_dir=cache, classifier_epochs=1)
+        assert "training a new one" in capsys.readouterr().out
+        assert torch.load(again.path, weights_only=True)["kind"] == "evaluate.py classifier"
 
 
 def test_cache_key_is_a_safe_name_that_follows_the_data():
@@ -102,13 +118,53 @@ def test_cli_scores_a_samples_file(ev, mnist_dir, tmp_path, capsys):
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("samples, message", [
+    (torch.zeros(0, 1, 28, 28), "empty tensor"),
+    (torch.zeros(0), "empty tensor"),
+    ({"x": torch.full((4, 1, 28, 28), float("nan"))}, "the samples contain NaN (4 of 4 images): the sampler diverged"),
+    (torch.full((4, 1, 28, 28), 3.0), "must lie in [-1, 1]"),
+    ({"x": torch.zeros(4, 1, 28, 28), "y": torch.tensor([0.0, 1.0, 2.0, 3.0])}, "must be integer class ids"),
+    ({"x": torch.zeros(4, 1, 28, 28), "y": torch.tensor([0, 1, 2, 12])}, "class ids 0..9 of mnist, got values in 0..12"),
+    ({"x": torch.zeros(4, 1, 28, 28), "y": torch.tensor([-1, 1, 2, 3])}, "class ids 0..9"),
+])
+def test_bad_samples_are_one_line(ev, mnist_dir, tmp_path, samples, message):
+    path = str(tmp_path / "samples.pt")
+    torch.save(samples, path)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([path, "--dataset", "mnist", "--data-dir", mnist_dir, "--no-download", "--classifier-epochs", "3",
+                       "--cache-dir", os.path.dirname(ev.path), "--device", "cpu", "--no-calibrate"])
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_images_in_0_1_get_a_warning_not_an_error(ev, capsys):
+    x = (ev.x_test[:8] + 1) / 2                                       # [0, 1]: the usual mistake
+    ev._warned = False
+    ev.fd(x)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("warning: ") and "[-1, 1]" in out
+    ev.fd(ev.x_test[:8])                                                # in [-1, 1]: no warning
+    assert "warning" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="labels must be integer class ids") as e:
+        ev.accuracy(ev.x_test[:4], [0.5, 1.0, 2.0, 3.0])
+    with pytest.raises(SystemExit, match="NaN or inf .1 of 2 images.: the sampler diverged"):
+        ev.fd(torch.stack([ev.x_test[0], torch.full_like(ev.x_test[0], float("inf"))]))
+
+
+def test_within_class_diversity():
+    x = torch.tensor([[0.0], [3.0], [10.0], [10.0], [7.0]])[:, :, None, None]  # (5, 1, 1, 1)
+    y = torch.tensor([0, 0, 1, 1, 2])                                    # class 2 has one image: skipped
+    assert evaluate.within_class_diversity(x, y) == pytest.approx((3.0 + 0.0) / 2)
+    with pytest.raises(SystemExit, match="at least two images"):
+        evaluate.within_class_diversity(x[:1], y[:1])
+
+
 def test_ddpm_eval_writes_table(ev, mnist_dir, tmp_path, monkeypatch):
     import ddpm_mnist
 
     monkeypatch.setitem(ddpm_mnist.PRESETS, "tiny", dict(base=8, mults=(1, 2, 2), num_res=1))  # attention at 7x7
     monkeypatch.chdir(tmp_path)                                   # its classifier cache: ./checkpoints
     os.makedirs("checkpoints")
-    shutil.copy(ev.path, "checkpoints")                           # the tiny classifier, not a default run
+    shutil.copy(ev.path, os.path.join("checkpoints", os.path.basename(ev.path).replace("_e3", "")))  # as the default
     out = str(tmp_path / "run")
     ddpm_mnist.main(["--data-dir", mnist_dir, "--no-download", "--out", out, "--preset", "tiny",
                      "--T", "10", "--schedule", "cosine", "--epochs", "1", "--batch-size", "16",

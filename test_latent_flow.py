@@ -53,8 +53,9 @@ def test_latent_diffusion_smoke_resume_sample_only(ld_out, mnist_dir, quick_eval
     for name in ("vae.pt", "ckpt.pt", "vae_reconstructions.png", "ddim_vs_ddpm.png", "loss.png"):
         assert os.path.isfile(os.path.join(ld_out, name)), name
     vae_state = torch.load(os.path.join(ld_out, "vae.pt"), weights_only=True)
-    assert vae_state["config"]["base"] == 8 and vae_state["scale"] > 0
+    assert vae_state["kind"] == ld.VAE_KIND and vae_state["net"]["base"] == 8 and vae_state["scale"] > 0
     state = torch.load(os.path.join(ld_out, "ckpt.pt"), weights_only=True)
+    assert state["kind"] == ld.UNET_KIND and state["net"]["channels"] == 4 and state["scale"] == vae_state["scale"]
     assert state["epoch"] == 1 and all(map(torch.isfinite, torch.tensor(state["losses"])))
     vae_mtime = os.path.getmtime(os.path.join(ld_out, "vae.pt"))
     skip_plots(monkeypatch)
@@ -72,7 +73,7 @@ def test_vae_shapes_and_loss():
         x_hat, mu, logvar = vae(x)
         assert x_hat.shape == x.shape and mu.shape == logvar.shape == (2, 4, side, side)
         assert vae.decode(mu).shape == x.shape and ld.encode_latents(vae, x, batch_size=1).shape == mu.shape
-    loss, recon, kl = ld.vae_loss(x, x, torch.zeros_like(mu), torch.zeros_like(mu), beta=1.0)
+    loss, recon, kl = ld.vae_loss(x, x, torch.zeros_like(mu), torch.zeros_like(mu), kl_weight=1.0)
     assert loss == recon == kl == 0                        # q(z|x) = N(0, I) = the prior: KL = 0
 
 
@@ -82,6 +83,57 @@ def test_scale_factor_gives_unit_variance_test_latents(ld_out, mnist_dir):
     x_test, _ = common.load_images("mnist", mnist_dir, train=False, download=False)
     assert scale == pytest.approx(ld.latent_scale(ld.encode_latents(vae, x_train)), rel=1e-5)
     assert (ld.encode_latents(vae, x_test) * scale).std().item() == pytest.approx(1.0, abs=0.15)
+
+
+def test_latent_diffusion_resume_is_the_uninterrupted_run(ld_out, mnist_dir, tmp_path, monkeypatch):
+    """2 epochs straight == 1 epoch + --resume --epochs 2: same batches (seed + epoch), RNG restored."""
+    monkeypatch.setattr(ld, "make_figures", lambda *a, **k: None)
+    skip_plots(monkeypatch)
+    run = lambda out, *argv: ld.main(["--data-dir", mnist_dir, "--out", str(out), "--vae",  # noqa: E731
+                                      os.path.join(ld_out, "vae.pt")] + LD_TINY + ["--batch-size", "16"] + list(argv))
+    run(tmp_path / "straight", "--epochs", "2")
+    run(tmp_path / "resumed", "--epochs", "1")
+    run(tmp_path / "resumed", "--epochs", "2", "--resume")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 8 and a["losses"] == b["losses"]
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    with pytest.raises(SystemExit) as e:                    # a changed network is refused, in one line
+        run(tmp_path / "resumed", "--epochs", "3", "--resume", "--T", "50")
+    one_line_error(e, "--T is 50", "40")
+
+
+def test_ensure_vae_continues_an_interrupted_vae_exactly(mnist_dir, tmp_path):
+    x, _ = common.load_images("mnist", mnist_dir, download=False)
+    kw = dict(base=8, batch_size=32, seed=3)
+    ld.ensure_vae(str(tmp_path / "straight.pt"), x, "cpu", epochs=2, **kw)
+    ld.ensure_vae(str(tmp_path / "cut.pt"), x, "cpu", epochs=1, **kw)
+    state = torch.load(tmp_path / "cut.pt", weights_only=True)
+    del state["scale"]                                      # as if stopped before the scale factor was saved
+    common.save_checkpoint(str(tmp_path / "cut.pt"), **state)
+    torch.manual_seed(123)                                  # whatever the process did before
+    ld.ensure_vae(str(tmp_path / "cut.pt"), x, "cpu", epochs=2, **kw)
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("straight.pt", "cut.pt"))
+    assert a["epoch"] == b["epoch"] == 2 and a["scale"] == b["scale"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_latent_diffusion_sample_only_in_an_empty_folder_trains_nothing(mnist_dir, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        ld.main(["--data-dir", mnist_dir, "--out", str(tmp_path)] + LD_TINY + ["--sample-only"])
+    one_line_error(e, "--sample-only", "vae.pt", "not found")
+    assert os.listdir(tmp_path) == []                       # no VAE was trained first
+
+
+def test_another_scripts_checkpoint_as_vae_is_a_one_line_error(mnist_dir, ddpm_ckpt, ld_out, tmp_path):
+    for out, argv in ((str(tmp_path), []), (ld_out, ["--sample-only"])):
+        with pytest.raises(SystemExit) as e:
+            ld.main(["--data-dir", mnist_dir, "--out", out, "--vae", ddpm_ckpt] + LD_TINY + argv)
+        one_line_error(e, "ddpm_mnist.py UNet", "latent_diffusion.py VAE")
+    assert os.listdir(tmp_path) == []                       # stopped before training anything
+    with pytest.raises(SystemExit) as e:
+        rf.main(["--data-dir", mnist_dir, "--out", str(tmp_path), "--space", "latent", "--vae", ddpm_ckpt] + RF_TINY)
+    one_line_error(e, "ddpm_mnist.py UNet", "latent_diffusion.py VAE")
 
 
 # ----------------------------------------------------------------------------- rectified_flow.py
@@ -144,6 +196,25 @@ def test_rectified_flow_pixel_pairs_made_once(mnist_dir, ld_out, tmp_path, monke
     one_line_error(e, "another space")
 
 
+def test_pairs_cache_is_reused_only_when_it_holds_this_flow1s_pairs(tmp_path, monkeypatch):
+    calls = []
+    make_pairs = rf.make_pairs
+    monkeypatch.setattr(rf, "make_pairs", lambda *a, **k: calls.append(1) or make_pairs(*a, **k))
+    path, flow1 = str(tmp_path / "pairs.pt"), (lambda x, t: 1 - x)    # any velocity field will do
+    get = lambda step=5, reuse=True: rf.get_pairs(path, flow1, step, 4, (1, 2, 2), 3, 0, "cpu", reuse)  # noqa: E731
+    x0, x1 = get()
+    assert len(calls) == 1 and x0.shape == x1.shape == (4, 1, 2, 2)
+    assert torch.equal(get()[1], x1) and len(calls) == 1    # --resume, the same Flow-1: reused
+    get(reuse=False)                                        # a fresh run (--overwrite): a new Flow-1, new pairs
+    get(step=6)                                             # Flow-1 trained further: made again
+    assert len(calls) == 3
+    (tmp_path / "pairs.pt").write_bytes(b"not a checkpoint")  # a damaged file: made again
+    assert torch.equal(get()[1], x1)
+    common.save_checkpoint(path, kind="ddpm_mnist.py UNet", x0=x0)  # another script's file: made again
+    assert torch.equal(get()[1], x1)
+    assert len(calls) == 5
+
+
 def test_rectified_flow_latent_reuses_the_vae(mnist_dir, ld_out, tmp_path, monkeypatch):
     skip_plots(monkeypatch)
     vae = os.path.join(ld_out, "vae.pt")                    # (trained when missing: see the ld_out run)
@@ -159,17 +230,19 @@ def test_rectified_flow_latent_reuses_the_vae(mnist_dir, ld_out, tmp_path, monke
 def test_vae_of_another_shape_is_a_one_line_error(mnist_dir, tmp_path):
     path = str(tmp_path / "rgb_vae.pt")
     vae = ld.VAE(channels=3, base=8)
-    common.save_checkpoint(path, model=vae.state_dict(), config=vae.config, scale=1.0)
+    common.save_checkpoint(path, kind=ld.VAE_KIND, net=vae.config, model=vae.state_dict(), scale=1.0)
     with pytest.raises(SystemExit) as e:
         rf.main(["--data-dir", mnist_dir, "--out", str(tmp_path), "--space", "latent", "--vae", path] + RF_TINY)
     one_line_error(e, "3-channel", "--vae")
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--sample-only"], ["not found"]),
-    (["--resume"], ["nothing to resume"]),
+    (["--sample-only"], ["--sample-only", "flow1.pt", "not found"]),
+    (["--resume"], ["no checkpoint", "drop --resume"]),
     (["--steps", "0"], ["--steps"]),
     (["--n-pairs", "0"], ["--n-pairs"]),
+    (["--sample-every", "0"], ["--sample-every must be >= 1"]),
+    (["--lr", "-1"], ["--lr must be > 0"]),
 ])
 def test_rectified_flow_bad_input(mnist_dir, tmp_path, argv, words):
     with pytest.raises(SystemExit) as e:
@@ -178,14 +251,26 @@ def test_rectified_flow_bad_input(mnist_dir, tmp_path, argv, words):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--sample-only"], ["not found"]),
+    (["--sample-only"], ["--sample-only", "ckpt.pt", "not found"]),
     (["--ddim-steps", "50"], ["--ddim-steps"]),
+    (["--batch-size", "0"], ["--batch-size must be >= 1"]),
+    (["--kl-weight", "-1"], ["--kl-weight must be >= 0"]),
+    (["--resume"], ["no checkpoint", "drop --resume"]),
 ])
 def test_latent_diffusion_bad_input(mnist_dir, ld_out, tmp_path, argv, words):
     vae = ["--vae", os.path.join(ld_out, "vae.pt")]
     with pytest.raises(SystemExit) as e:
         ld.main(["--data-dir", mnist_dir, "--out", str(tmp_path)] + vae + LD_TINY + argv)
     one_line_error(e, *words)
+
+
+def test_a_second_run_into_a_trained_out_stops_and_keeps_the_checkpoint(mnist_dir, ld_out, tmp_path):
+    ckpt = os.path.join(ld_out, "ckpt.pt")
+    before = open(ckpt, "rb").read()
+    with pytest.raises(SystemExit) as e:
+        ld.main(["--data-dir", mnist_dir, "--out", ld_out] + LD_TINY)
+    one_line_error(e, "already holds a checkpoint", "--resume", "--overwrite")
+    assert open(ckpt, "rb").read() == before
 
 
 def test_latent_checkpoint_with_another_vae_is_a_one_line_error(mnist_dir, ld_out, tmp_path):

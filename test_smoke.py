@@ -1,67 +1,201 @@
-"""Smoke runs of toy_2d.py and ddpm_mnist.py on tiny data, bad input, and the mathematics of DDPM/DDIM.
+"""Smoke runs of the scripts on tiny data; ddpm_mnist.py's checkpoints, resume and bad input; the
+mathematics of DDPM/DDIM; the graded interface (diffusion.py); the plumbing of common.py.
 
 Scripts run in-process through their `main(argv)` (no subprocess: one torch import for the suite),
 on the tiny datasets of conftest.py, written in the real file formats.
 """
+import hashlib
 import os
+import shutil
+import textwrap
 
 import pytest
 import torch
 
 import common
 import ddpm_mnist
+import diffusion
 import toy_2d
 
-TINY = ["--preset", "tiny", "--T", "20", "--batch-size", "16", "--n-samples", "4", "--ddim-steps", "10",
-        "--device", "cpu", "--no-download"]
+TINY = ["--preset", "tiny", "--T", "20", "--batch-size", "16", "--n-samples", "4", "--ddim-steps", "2",
+        "--sweep-steps", "2", "5", "--device", "cpu", "--no-download"]
+FAST = TINY + ["--no-ddpm-grid", "--sweep-steps", "0"]  # training and the cheap figures only
 
 
-# ----------------------------------------------------------------------------- smoke runs
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_toy_2d_runs(tmp_path):
-    result = toy_2d.main(["--steps", "60", "--n-train", "2000", "--n-test", "400", "--n-samples", "300",
-                 "--T", "20", "--out", str(tmp_path)])
-    for name in ("forward.png", "reverse.png", "loss.png", "reverse.gif"):
-        assert (tmp_path / name).stat().st_size > 1000, name
-    assert result["ed_samples"] < result["ed_noise"]  # even 60 steps move the samples toward the data
+def one_line(e) -> str:
+    text = str(e.value)
+    assert text.startswith("error:") and "\n" not in text, text
+    return text
 
 
-def test_ddpm_mnist_train_resume_sample_only(mnist_dir, tmp_path):
-    out = tmp_path / "run"
-    args = TINY + ["--data-dir", mnist_dir, "--out", str(out)]
-    ddpm_mnist.main(args + ["--epochs", "1"])
-    for name in ("ckpt.pt", "loss.png", "loss_per_timestep.png", "ddpm_4x4.png", "ddpm_8x8.png",
-                 "ddim10_4x4.png", "ddim10_8x8.png", "interpolation.png", "ddim_sweep.png",
-                 "ddim_sweep_time.png", "samples_epoch001.png"):
-        assert (out / name).stat().st_size > 100, name
-    state = torch.load(out / "ckpt.pt", weights_only=True)
-    assert set(state) >= {"model", "ema", "opt", "step", "config"}
-    assert state["epoch"] == 1 and all(map(torch.isfinite, torch.tensor(state["losses"])))
-    steps_per_epoch = state["step"]
+# ----------------------------------------------------------------------------- smoke runs of every script
 
-    ddpm_mnist.main(args + ["--epochs", "2", "--resume"])
-    state = torch.load(out / "ckpt.pt", weights_only=True)
-    assert state["epoch"] == 2 and state["step"] == 2 * steps_per_epoch
-    assert len(state["losses"]) == 2 * steps_per_epoch
+MNIST = ["--data-dir", "{mnist}", "--no-download", "--device", "cpu"]
+SMOKE = {  # script: (argv at tiny sizes, files it must write into --out)
+    "toy_2d": (["--steps", "60", "--n-train", "2000", "--n-test", "400", "--n-samples", "300", "--T", "20"],
+               ["forward.png", "reverse.png", "loss.png", "reverse.gif"]),
+    "ddpm_mnist": (MNIST + TINY[:-3] + ["--epochs", "1"], ["ckpt.pt", "loss.png", "loss_per_timestep.png", "ddpm_4x4.png", "ddpm_8x8.png",
+                   "ddim2_4x4.png", "ddim2_8x8.png", "interpolation.png", "ddim_sweep.png", "ddim_sweep_time.png",
+                   "samples_epoch001.png"]),
+    "latent_diffusion": (MNIST + ["--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1", "--T", "20",
+                                  "--epochs", "1", "--batch-size", "32", "--n-samples", "2", "--ddim-steps", "2"],
+                         ["vae.pt", "ckpt.pt", "vae_reconstructions.png", "ddim_vs_ddpm.png", "samples_epoch001.png",
+                          "loss.png"]),
+    "rectified_flow": (MNIST + ["--preset", "tiny", "--epochs", "1", "--reflow-epochs", "1", "--n-pairs", "8",
+                                "--pair-steps", "2", "--steps", "1", "2", "--n-samples", "2", "--batch-size", "32"],
+                       ["flow1.pt", "flow2.pt", "pairs.pt", "loss.png", "noise_vs_flow-1.png", "noise_vs_flow-2.png",
+                        "steps_comparison.png", "steps_error.png", "steps_table.md"]),
+    "cfg": (MNIST + ["--image-size", "8", "--preset", "tiny", "--T", "30", "--epochs", "1", "--batch-size", "32",
+                     "--n-per-class", "2", "--ddim-steps", "3", "--scales", "0", "3", "--classes", "0", "1", "2"],
+            ["ckpt.pt", "loss.png", "samples_epoch001_w3.png", "cfg_w0.png", "cfg_w3.png", "tradeoff.png", "tradeoff.md"]),
+    "classifier_guidance": (MNIST + ["--base-ckpt", "{ddpm}", "--preset", "tiny", "--epochs", "1", "--batch-size", "32",
+                                     "--n-per-class", "2", "--ddim-steps", "3", "--scale", "2", "--scales", "0", "2",
+                                     "--samplers", "ddim", "--classes", "0", "1"],
+                            ["ckpt.pt", "loss.png", "samples_epoch001_s2.png", "accuracy_per_t.png", "guided_ddim_s0.png",
+                             "guided_ddim_s2.png", "accuracy_vs_scale.png", "accuracy_vs_scale.md"]),
+    "deepcache": (MNIST + ["--base-ckpt", "{ddpm}", "--steps", "2", "--n-samples", "2", "--batch-size", "2",
+                           "--warmup", "0", "--repeats", "1", "--sweep-steps", "2", "--sweep-intervals", "1", "2"],
+                  ["samples.png", "samples_plain.png", "intervals.png", "speedup.png", "quality.png", "tradeoff.png",
+                   "speed_quality.md"]),
+    "controlnet_canny": (MNIST + ["--base-ckpt", "{ddpm}", "--epochs", "1", "--batch-size", "32", "--ddim-steps", "2",
+                                  "--n-digits", "2", "--samples-per-edge", "2", "--n-eval", "4"],
+                         ["ckpt.pt", "control.png", "loss.png", "edge_fidelity.md"]),
+    "dit_cifar": (["--dataset", "{folder}", "--model", "DiT-T/2", "--vae-base", "16", "--vae-epochs", "1", "--epochs", "1",
+                   "--batch-size", "12", "--T", "50", "--ddim-steps", "2", "--n-per-class", "2", "--scales", "1", "3",
+                   "--no-download", "--device", "cpu"],
+                  ["vae.pt", "ckpt.pt", "vae_reconstructions.png", "loss.png", "samples_epoch001_w3.png", "cfg_w1.png",
+                   "cfg_w3.png"]),
+}
 
-    (out / "ddpm_4x4.png").unlink()
-    ddpm_mnist.main(args + ["--sample-only"])  # no training: the checkpoint must be unchanged
-    assert (out / "ddpm_4x4.png").exists()
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2 * steps_per_epoch
+
+@pytest.mark.parametrize("script", list(SMOKE))
+def test_every_script_runs_end_to_end(script, mnist_dir, image_folder, ddpm_ckpt, tmp_path, request):
+    """Each lesson trains for a few steps at tiny sizes and writes every figure it promises.
+    (ddpm_mnist.py's run is the `one_epoch` fixture below, which its checkpoint tests share.)"""
+    argv, files = SMOKE[script]
+    if script == "ddpm_mnist":
+        out = request.getfixturevalue("one_epoch")
+    else:
+        out = tmp_path
+        result = __import__(script).main([a.format(mnist=mnist_dir, folder=image_folder, ddpm=ddpm_ckpt)
+                                          for a in argv] + ["--out", str(out)])
+    for name in files:
+        assert (out / name).stat().st_size > 50, name
+    if script == "toy_2d":
+        assert result["ed_samples"] < result["ed_noise"]  # even 60 steps move the samples toward the data
+
+
+def test_toy_2d_counts_t_from_zero():
+    torch.manual_seed(0)
+    d = toy_2d.Diffusion2D(10, 1e-4, 0.1)
+    assert d.alpha_bar[0].item() == pytest.approx(1 - 1e-4)  # step 0 adds the first beta (--beta-1)
+    x = torch.full((20000, 2), 1.5)
+    for t in range(6):                                        # steps 0..5, one at a time ...
+        x = d.q_step(x, t)
+    assert x.mean().item() == pytest.approx(1.5 * d.alpha_bar[5].sqrt().item(), abs=0.02)  # ... = q(x_5 | x_0)
+    assert x.var().item() == pytest.approx(1 - d.alpha_bar[5].item(), rel=0.05)
+    seen = []
+    xs = d.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), 2)
+    assert seen == list(range(9, -1, -1)) and len(xs) == 11  # the network sees t = T-1..0, as in training
 
 
 def test_ddpm_on_image_folder(image_folder, tmp_path):
-    ddpm_mnist.main(TINY + ["--dataset", image_folder, "--image-size", "16", "--epochs", "1",
+    ddpm_mnist.main(FAST + ["--dataset", image_folder, "--image-size", "16", "--epochs", "1",
                             "--out", str(tmp_path)])
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert state["unet"]["channels"] == 3 and state["unet"]["image_size"] == 16
+    assert state["net"]["channels"] == 3 and state["net"]["image_size"] == 16
+
+
+# ----------------------------------------------------------------------------- ddpm_mnist.py: checkpoints, resume
+
+
+@pytest.fixture(scope="module")
+def one_epoch(mnist_dir, tmp_path_factory):
+    """A finished 1-epoch tiny run with every figure; tests copy it before touching it."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    ddpm_mnist.main([a.format(mnist=mnist_dir) for a in SMOKE["ddpm_mnist"][0]] + ["--out", str(out)])
+    return out
+
+
+def copy_run(src, tmp_path):
+    shutil.copytree(src, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_ddpm_mnist_writes_its_figures_and_checkpoint(one_epoch):
+    for name in ("ckpt.pt", "loss.png", "loss_per_timestep.png", "ddpm_4x4.png", "ddpm_8x8.png",
+                 "ddim2_4x4.png", "ddim2_8x8.png", "interpolation.png", "ddim_sweep.png",
+                 "ddim_sweep_time.png", "samples_epoch001.png"):
+        assert (one_epoch / name).stat().st_size > 100, name
+    state = torch.load(one_epoch / "ckpt.pt", weights_only=True)
+    assert set(state) >= {"kind", "net", "config", "model", "ema", "opt", "step", "epoch", "losses", "rng"}
+    assert state["kind"] == "ddpm_mnist.py UNet" and state["net"]["base"] == 16
+    assert state["epoch"] == 1 and state["step"] == 4 == len(state["losses"])  # 64 images, batch 16
+    assert all(map(torch.isfinite, torch.tensor(state["losses"])))
+
+
+def test_resume_reproduces_an_uninterrupted_run(one_epoch, mnist_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", copy_run(one_epoch, tmp_path)
+    ddpm_mnist.main(FAST + ["--data-dir", mnist_dir, "--out", str(straight), "--epochs", "2"])
+    ddpm_mnist.main(FAST + ["--data-dir", mnist_dir, "--out", str(resumed), "--epochs", "2", "--resume"])
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (straight, resumed))
+    assert a["step"] == b["step"] == 8 and a["losses"] == b["losses"]
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_sample_only_leaves_the_checkpoint_alone(one_epoch, mnist_dir, tmp_path):
+    out = copy_run(one_epoch, tmp_path)
+    before = digest(out / "ckpt.pt")
+    (out / "ddim2_4x4.png").unlink()
+    ddpm_mnist.main(FAST + ["--data-dir", mnist_dir, "--out", str(out), "--sample-only"])
+    assert (out / "ddim2_4x4.png").exists() and digest(out / "ckpt.pt") == before
+
+
+def test_training_never_replaces_a_checkpoint_by_mistake(one_epoch, mnist_dir, tmp_path):
+    out = copy_run(one_epoch, tmp_path)
+    before = digest(out / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        ddpm_mnist.main(FAST + ["--data-dir", mnist_dir, "--out", str(out), "--epochs", "1"])
+    assert "already holds a checkpoint" in one_line(e) and "--resume" in str(e.value)
+    assert digest(out / "ckpt.pt") == before
+    ddpm_mnist.main(FAST + ["--data-dir", mnist_dir, "--out", str(out), "--epochs", "1", "--overwrite", "--seed", "1"])
+    assert digest(out / "ckpt.pt") != before  # only when asked to
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--T", "30"], "--T is 30 but"),
+    (["--schedule", "cosine"], "--schedule is cosine but"),
+    (["--preset", "mnist"], "--preset is mnist but"),
+    (["--lr", "1e30", "--warmup-steps", "1"], "still holds the last good epoch"),  # NaN: nothing saved
+])
+def test_resume_refuses_what_would_change_the_run(extra, message, one_epoch, mnist_dir, tmp_path):
+    out = copy_run(one_epoch, tmp_path)
+    before = digest(out / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        ddpm_mnist.main(FAST + ["--data-dir", mnist_dir, "--out", str(out), "--epochs", "2", "--resume"] + extra)
+    assert message in one_line(e)
+    assert digest(out / "ckpt.pt") == before
+
+
+def test_resume_takes_the_new_lr(one_epoch, mnist_dir, tmp_path):
+    out = copy_run(one_epoch, tmp_path)
+    ddpm_mnist.main(FAST + ["--data-dir", mnist_dir, "--out", str(out), "--epochs", "2", "--resume", "--lr", "1e-5"])
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-5)  # warm-up is over: the new lr itself
+    assert state["config"]["lr"] == 1e-5 and state["epoch"] == 2
 
 
 def test_nan_loss_stops_training_without_writing_a_checkpoint(mnist_dir, tmp_path):
-    with pytest.raises(SystemExit, match="loss became"):
-        ddpm_mnist.main(TINY + ["--data-dir", mnist_dir, "--out", str(tmp_path), "--epochs", "1",
+    with pytest.raises(SystemExit) as e:
+        ddpm_mnist.main(FAST + ["--data-dir", mnist_dir, "--out", str(tmp_path), "--epochs", "1",
                                 "--lr", "1e30", "--warmup-steps", "1"])
+    assert "before any checkpoint was written" in one_line(e)
     assert not (tmp_path / "ckpt.pt").exists()
 
 
@@ -69,23 +203,40 @@ def test_nan_loss_stops_training_without_writing_a_checkpoint(mnist_dir, tmp_pat
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--data-dir", "/nonexistent"], "could not be downloaded"),
     (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--sample-every", "0"], "--sample-every must be >= 1, got 0"),
+    (["--lr=-1e-3"], "--lr must be > 0"),
     (["--ddim-steps", "21"], "--ddim-steps must be in 1..--T"),
     (["--eta", "-1"], "--eta must be >= 0"),
+    (["--resume"], "no checkpoint"),
     (["--sample-only", "--ckpt", "/nonexistent/ckpt.pt"], "not found"),
 ])
 def test_bad_input_is_one_line(extra, message, mnist_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
-        ddpm_mnist.main(TINY + ["--data-dir", mnist_dir, "--out", str(tmp_path), "--epochs", "1"] + extra)
-    text = str(e.value)
-    assert message in text and "\n" not in text and text.startswith("error:")
+        ddpm_mnist.main(FAST + ["--data-dir", mnist_dir, "--out", str(tmp_path), "--epochs", "1"] + extra)
+    assert message in one_line(e)
 
 
 def test_mismatched_checkpoint_is_one_line(ddpm_ckpt, tmp_path):
     state = torch.load(ddpm_ckpt, weights_only=True)
-    state["unet"]["base"] = 32  # the weights were trained with base 16
+    state["net"]["base"] = 32  # the weights were trained with base 16
     common.save_checkpoint(str(tmp_path / "ckpt.pt"), **state)
-    with pytest.raises(SystemExit, match="does not fit this network"):
+    with pytest.raises(SystemExit) as e:
         ddpm_mnist.load_trained(str(tmp_path / "ckpt.pt"), "cpu")
+    assert "do not fit the network" in one_line(e) and len(str(e.value)) < 400
+
+
+def test_another_scripts_checkpoint_is_named(ddpm_ckpt, tmp_path):
+    state = torch.load(ddpm_ckpt, weights_only=True)
+    common.save_checkpoint(str(tmp_path / "vae.pt"), **(state | {"kind": "latent_diffusion.py VAE"}))
+    common.save_checkpoint(str(tmp_path / "bare.pt"), model=state["model"], kind="ddpm_mnist.py UNet")
+    with pytest.raises(SystemExit, match="holds a latent_diffusion.py VAE checkpoint, not a ddpm_mnist.py UNet one"):
+        ddpm_mnist.load_trained(str(tmp_path / "vae.pt"), "cpu")
+    with pytest.raises(SystemExit, match="lacks net, ema, config"):
+        ddpm_mnist.load_trained(str(tmp_path / "bare.pt"), "cpu")
+    with pytest.raises(SystemExit, match="--base-ckpt '.*' not found"):
+        ddpm_mnist.ensure_trained(str(tmp_path / "missing.pt"), "cpu")
+    assert ddpm_mnist.ensure_trained(ddpm_ckpt, "cpu") == ddpm_ckpt
 
 
 # ----------------------------------------------------------------------------- mathematics
@@ -155,24 +306,44 @@ def test_ddim_is_deterministic_and_lands_on_clean_data():
 
 
 def test_same_seed_same_samples(ddpm_ckpt):
-    model, ddpm, _ = ddpm_mnist.load_trained(ddpm_ckpt, "cpu")
+    model, _, _ = ddpm_mnist.load_trained(ddpm_ckpt, "cpu")
+    ddpm = ddpm_mnist.DDPM(5)  # a short chain: the generator, not T, is under test
     run = lambda seed: ddpm.ddpm_sample(model, (2, 1, 28, 28), generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
 
 
 def test_assignment_interface():
     torch.manual_seed(0)
-    model = ddpm_mnist.DiffusionModel(image_size=28, channels=1)
+    model = diffusion.DiffusionModel(image_size=28, channels=1)
     x, t = torch.randn(4, 1, 28, 28), torch.randint(0, 1000, (4,))
     assert model(x, t).shape == x.shape
-    process = ddpm_mnist.DiffusionProcess(image_size=28, channels=1, noise_steps=1000,
-                                          model=ddpm_mnist.UNet(28, 1, **ddpm_mnist.PRESETS["tiny"]))
+    process = diffusion.DiffusionProcess(image_size=28, channels=1, noise_steps=1000, device="cpu",
+                                         model=diffusion.DiffusionModel(28, 1, preset="tiny"))
     noisy, noise = process.add_noise(x, t)
-    assert noisy.shape == noise.shape == x.shape
+    assert noisy.shape == noise.shape == x.shape and noisy.device == process.device
     ab = process.ddpm.alpha_bar[t][:, None, None, None]
     assert torch.allclose(noisy, ab.sqrt() * x + (1 - ab).sqrt() * noise, atol=1e-6)
     losses = [process.train_step(x.clamp(-1, 1)) for _ in range(3)]
     assert all(isinstance(v, float) and v == v for v in losses)
+    assert process.model.training
+    assert process.sample(2, steps=3).shape == (2, 1, 28, 28) and process.model.training  # mode restored
+    process.model.eval()
+    process.sample(2, steps=2)
+    assert not process.model.training
+    with pytest.raises(SystemExit, match="unknown --device"):
+        diffusion.DiffusionProcess(device="tpu")
+
+
+def test_the_docstring_example_trains(mnist_dir, tmp_path, monkeypatch):
+    """diffusion.py's example, run as written, on the tiny MNIST of conftest.py with a tiny UNet."""
+    code = textwrap.dedent(diffusion.__doc__.split("Example")[1].split(":\n", 1)[1])
+    code = code.replace('"data"', repr(mnist_dir)).replace("range(10)", "range(2)")
+    code = code.replace("sample(16, steps=50)", "sample(4, steps=2)")
+    assert code.count(repr(mnist_dir)) == 1 and "range(2)" in code and "sample(4, steps=2)" in code
+    monkeypatch.setitem(ddpm_mnist.PRESETS, "mnist", ddpm_mnist.PRESETS["tiny"])
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "diffusion.py docstring", "exec"), {})
+    assert (tmp_path / "samples.png").stat().st_size > 100
 
 
 # ----------------------------------------------------------------------------- plumbing

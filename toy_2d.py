@@ -1,20 +1,22 @@
 """DDPM on 2D points: the whole method where every step can be plotted (runs on a CPU in seconds).
 
-Data x_0 is a 2D point cloud (Swiss roll, spiral or two moons). With T = 100 steps and a linear
-beta schedule (beta_1 = 1e-4 to beta_T = 0.1), the forward process adds Gaussian noise step by step,
+Data x_0 is a 2D point cloud (Swiss roll, spiral or two moons). A linear beta schedule of T = 100
+steps (beta from 1e-4 to 0.1) adds Gaussian noise step by step,
     q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I),
 and, because Gaussians compose, in closed form from the data,
     q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),   alpha_bar_t = prod_{s<=t} (1 - beta_s).
 An MLP eps_theta(x_t, t) learns to predict the added noise (loss ||eps - eps_theta||^2), and
-sampling runs the chain backwards from x_T ~ N(0, I):
-    x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) + sigma_t z.
-Time convention: paper time t = 1..T, where x_0 is the data; the 0-based arrays below hold
-beta_t at index t - 1 (the same as ddpm_mnist.py, whose integer step i = t - 1).
+sampling runs the chain backwards from pure noise N(0, I):
+    x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) + sqrt(beta_t) z.
+Time convention, as in every script of this codebase: t is an integer step 0..T-1 and index t of
+every array holds beta_t. The paper counts t = 1..T, so our step t is its step t + 1 (the data is
+x_0 in both): step 0 already adds noise, step T-1 ends at pure noise, and the last reverse step
+(t = 0) returns the sample without adding noise.
 
-Run:  python toy_2d.py                 # Swiss roll, figures in runs/toy_2d/
+Run:  python toy_2d.py                 # Swiss roll, figures in runs/toy_2d/ (about 40 s on one CPU core)
       python toy_2d.py --data moons
 Figures: forward.png, reverse.png, loss.png, reverse.gif; printed: held-out loss and the energy
-distance of the samples (and of pure noise) to held-out data.
+distance of the samples (and of pure noise) to held-out data, beside its floor for this many points.
 """
 from __future__ import annotations
 
@@ -33,19 +35,25 @@ import common
 @dataclass
 class Config:
     data: str = field(default="swiss_roll", metadata={"choices": ["swiss_roll", "spiral", "moons"]})
-    n_train: int = 20000
-    n_test: int = 2000
-    T: int = 100
-    beta_1: float = 1e-4
-    beta_T: float = field(default=0.1, metadata={"help": "last beta of the linear schedule"})
-    steps: int = field(default=4000, metadata={"help": "training steps"})
-    batch_size: int = 512
-    lr: float = 2e-3
-    hidden: int = 256
-    n_samples: int = 2000
-    gif: bool = field(default=True, metadata={"help": "write reverse.gif"})
+    n_train: int = field(default=20000, metadata={"min": 1})
+    n_test: int = field(default=2000, metadata={"help": "held-out points (loss and energy distance)", "min": 4})
+    T: int = field(default=100, metadata={"help": "number of diffusion steps", "min": 4})
+    beta_1: float = field(default=1e-4, metadata={"help": "beta of step 0 (the paper's beta_1)"})
+    beta_T: float = field(default=0.1, metadata={"help": "beta of step T-1 (the paper's beta_T)"})
+    steps: int = field(default=4000, metadata={"help": "training steps", "min": 1})
+    batch_size: int = field(default=512, metadata={"min": 1})
+    lr: float = field(default=4e-3, metadata={"help": "AdamW learning rate, decayed to 0 by a cosine"})
+    hidden: int = field(default=128, metadata={"help": "width of the MLP's hidden layers", "min": 1})
+    n_samples: int = field(default=2000, metadata={"min": 2})
+    gif: bool = field(default=True, metadata={"help": "write reverse.gif (a few seconds)"})
     out: str = "runs/toy_2d"
     seed: int = 0
+
+
+def check_config(cfg: Config) -> None:
+    common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    common.check(0 < cfg.beta_1 <= cfg.beta_T < 1,
+                 f"need 0 < --beta-1 <= --beta-T < 1, got {cfg.beta_1} and {cfg.beta_T}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -74,7 +82,7 @@ def make_points(name: str, n: int, rng: np.random.Generator) -> torch.Tensor:
 class MLP(nn.Module):
     """eps_theta(x_t, t): the point concatenated with a sinusoidal embedding of t, 3 hidden layers."""
 
-    def __init__(self, hidden: int = 256, t_dim: int = 32):
+    def __init__(self, hidden: int = 128, t_dim: int = 32):
         super().__init__()
         self.t_dim = t_dim
         self.net = nn.Sequential(nn.Linear(2 + t_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
@@ -92,36 +100,38 @@ class Diffusion2D:
 
     def __init__(self, T: int = 100, beta_1: float = 1e-4, beta_T: float = 0.1):
         self.T = T
-        # Linear beta_t, t = 1..T at index t-1. Ending at 0.1 rather than the 0.2 of the images'
-        # schedule rescaled to T = 100 keeps the data visible until t ~ 33, yet alpha_bar_T ~ 0.006.
+        # Linear beta_t, t = 0..T-1. Ending at 0.1 rather than the 0.2 of the images' schedule
+        # rescaled to T = 100 keeps the data visible until t ~ 33, yet alpha_bar_{T-1} ~ 0.006.
         self.beta = torch.linspace(beta_1, beta_T, T)
         self.alpha = 1 - self.beta                                    # alpha_t = 1 - beta_t
         self.alpha_bar = torch.cumprod(self.alpha, 0)                 # alpha_bar_t = prod_{s<=t} alpha_s
 
-    def q_step(self, x_prev, t):
-        """One forward step: x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)."""
-        return (1 - self.beta[t - 1]).sqrt() * x_prev + self.beta[t - 1].sqrt() * torch.randn_like(x_prev)
+    def q_step(self, x_prev, t: int):
+        """Forward step t: x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)."""
+        return (1 - self.beta[t]).sqrt() * x_prev + self.beta[t].sqrt() * torch.randn_like(x_prev)
 
     def q_sample(self, x0, t, eps):
-        """Closed form: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.  t (N,) in 1..T."""
-        ab = self.alpha_bar[t - 1][:, None]
+        """Closed form: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.  t (N,) in 0..T-1."""
+        ab = self.alpha_bar[t][:, None]
         return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
     def loss(self, model, x0):
-        t = torch.randint(1, self.T + 1, (len(x0),))
+        """Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), || eps - eps_theta(x_t, t) ||^2."""
+        t = torch.randint(0, self.T, (len(x0),))
         eps = torch.randn_like(x0)
-        return F.mse_loss(model(self.q_sample(x0, t, eps), t - 1), eps)  # the network sees index t-1
+        return F.mse_loss(model(self.q_sample(x0, t, eps), t), eps)
 
     @torch.no_grad()
     def sample(self, model, n: int, generator=None) -> list[torch.Tensor]:
-        """Reverse chain from x_T ~ N(0, I) with sigma_t^2 = beta_t. Returns [x_T, ..., x_0]."""
+        """Algorithm 2, sigma_t^2 = beta_t, from x_{T-1} ~ N(0, I) down to a sample.
+        Returns the T + 1 states [x_{T-1}, x_{T-2}, ..., x_0, sample]: state k has noise level T-1-k."""
         x = torch.randn(n, 2, generator=generator)
         xs = [x]
-        for t in range(self.T, 0, -1):
-            eps = model(x, torch.full((n,), t - 1))
-            x = (x - self.beta[t - 1] / (1 - self.alpha_bar[t - 1]).sqrt() * eps) / self.alpha[t - 1].sqrt()
-            if t > 1:
-                x = x + self.beta[t - 1].sqrt() * torch.randn(n, 2, generator=generator)
+        for t in range(self.T - 1, -1, -1):
+            eps = model(x, torch.full((n,), t))
+            x = (x - self.beta[t] / (1 - self.alpha_bar[t]).sqrt() * eps) / self.alpha[t].sqrt()
+            if t > 0:
+                x = x + self.beta[t].sqrt() * torch.randn(n, 2, generator=generator)
             xs.append(x)
         return xs
 
@@ -135,11 +145,12 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def train(cfg: Config, diffusion: Diffusion2D, x_train: torch.Tensor) -> tuple[MLP, list[float]]:
+    """AdamW with a cosine decay of the learning rate; a fresh random batch every step."""
     model = MLP(cfg.hidden)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     losses = []
-    for step in range(cfg.steps):
+    for step in common.progress(range(cfg.steps), "training"):
         x0 = x_train[torch.randint(0, len(x_train), (cfg.batch_size,))]
         loss = diffusion.loss(model, x0)
         opt.zero_grad(set_to_none=True)
@@ -170,41 +181,42 @@ def scatter_row(path: str, clouds: list[torch.Tensor], titles: list[str], suptit
     plt.close(fig)
 
 
-def reverse_gif(path: str, xs: list[torch.Tensor], T: int) -> None:
+def reverse_gif(path: str, xs: list[torch.Tensor], frames: int = 20) -> None:
+    """`frames` states of the reverse chain, evenly spaced, then the samples held for a second."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.animation import FuncAnimation, PillowWriter
 
-    frames = list(range(0, T + 1, max(1, T // 25))) + [T] * 8  # hold the last frame
-    fig, ax = plt.subplots(figsize=(4, 4))
+    T = len(xs) - 1
+    ks = list(range(0, T, max(1, T // frames))) + [T] * 5
+    fig, ax = plt.subplots(figsize=(3.5, 3.5))
     dots = ax.scatter(xs[0][:, 0], xs[0][:, 1], s=2, alpha=0.5)
     ax.set(xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), aspect="equal", xticks=[], yticks=[])
 
-    def draw(i):
-        dots.set_offsets(xs[i].numpy())
-        ax.set_title(f"reverse process, t = {T - i}")
+    def draw(k):
+        dots.set_offsets(xs[k].numpy())
+        ax.set_title("samples" if k == T else f"reverse process, t = {T - 1 - k}")
         return (dots,)
 
-    FuncAnimation(fig, draw, frames=frames, blit=False).save(path, writer=PillowWriter(fps=10), dpi=72)
+    FuncAnimation(fig, draw, frames=ks, blit=False).save(path, writer=PillowWriter(fps=5), dpi=60)
     plt.close(fig)
 
 
 def main(argv=None) -> dict:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    common.check(cfg.T >= 4, f"--T must be >= 4, got {cfg.T}")
-    common.check(cfg.steps >= 1 and cfg.batch_size >= 1, "--steps and --batch-size must be >= 1")
+    check_config(cfg)
+    common.prepare_out(cfg.out)
     common.seed_everything(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
+    torch.set_num_threads(1)  # a tiny MLP: more CPU threads mostly wait on each other (and on other programs)
     rng = np.random.default_rng(cfg.seed)
     x_train, x_test = make_points(cfg.data, cfg.n_train, rng), make_points(cfg.data, cfg.n_test, rng)
     diffusion = Diffusion2D(cfg.T, cfg.beta_1, cfg.beta_T)
 
     # Forward process, from the closed form; the step-by-step chain gives the same distribution.
-    shown = [0, cfg.T // 3, 2 * cfg.T // 3, cfg.T]
-    noisy = [x_test if t == 0 else diffusion.q_sample(x_test, torch.full((len(x_test),), t), torch.randn_like(x_test))
-             for t in shown]
-    scatter_row(os.path.join(cfg.out, "forward.png"), noisy, [f"t = {t}" for t in shown],
+    shown = [cfg.T // 3, 2 * cfg.T // 3, cfg.T - 1]
+    noisy = [diffusion.q_sample(x_test, torch.full((len(x_test),), t), torch.randn_like(x_test)) for t in shown]
+    scatter_row(os.path.join(cfg.out, "forward.png"), [x_test] + noisy, ["data"] + [f"t = {t}" for t in shown],
                 "forward process q(x_t | x_0)")
 
     t0 = time.perf_counter()
@@ -217,16 +229,16 @@ def main(argv=None) -> dict:
     print(f"held-out loss {test_loss:.4f}")
 
     xs = diffusion.sample(model, cfg.n_samples, generator=torch.Generator().manual_seed(cfg.seed))
-    scatter_row(os.path.join(cfg.out, "reverse.png"), [xs[cfg.T - t] for t in reversed(shown)],
-                [f"t = {t}" for t in reversed(shown)], "reverse process p(x_{t-1} | x_t), from noise")
+    scatter_row(os.path.join(cfg.out, "reverse.png"), [xs[cfg.T - 1 - t] for t in reversed(shown)] + [xs[-1]],
+                [f"t = {t}" for t in reversed(shown)] + ["samples"], "reverse process p(x_{t-1} | x_t), from noise")
     if cfg.gif:
-        reverse_gif(os.path.join(cfg.out, "reverse.gif"), xs, cfg.T)
-    ed_samples = energy_distance(xs[-1], x_test)
-    ed_noise = energy_distance(xs[0], x_test)
+        reverse_gif(os.path.join(cfg.out, "reverse.gif"), xs)
+    ed_samples, ed_noise = energy_distance(xs[-1], x_test), energy_distance(xs[0], x_test)
+    ed_floor = energy_distance(x_test[::2], x_test[1::2])
     print(f"energy distance to held-out data: samples {ed_samples:.4f}, pure noise {ed_noise:.4f} "
-          f"(two held-out halves: {energy_distance(x_test[::2], x_test[1::2]):.4f})")
+          f"(two held-out halves: {ed_floor:.4f})")
     print(f"figures in {cfg.out}/")
-    return {"test_loss": test_loss, "ed_samples": ed_samples, "ed_noise": ed_noise}
+    return {"test_loss": test_loss, "ed_samples": ed_samples, "ed_noise": ed_noise, "ed_floor": ed_floor}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""The course's graded interface to ddpm_mnist.py: `from diffusion import DiffusionModel, DiffusionProcess`.
+
+DiffusionModel is ddpm_mnist.py's UNet, model(x, t) -> eps (x's shape), t an integer step in
+[0, noise_steps). DiffusionProcess holds the DDPM process of ddpm_mnist.py, an AdamW optimizer
+and a device: add_noise(x, t) -> (x_t, eps), train_step(x) -> loss (the very loss the script
+trains with), sample(n, steps) -> images in [-1, 1] (DDPM through every step, or DDIM in `steps`).
+
+Example (10 epochs of MNIST with the default UNet: run it on a GPU):
+
+    import common
+    from diffusion import DiffusionProcess
+    process = DiffusionProcess(image_size=28, channels=1, device="auto")        # a new DiffusionModel()
+    x_train, y_train = common.load_images("mnist", "data", device=process.device)  # (60000, 1, 28, 28) in [-1, 1]
+    for epoch in range(10):
+        for x, _ in common.batches(x_train, y_train, 128, seed=epoch):
+            loss = process.train_step(x)
+        print(f"epoch {epoch + 1}: loss {loss:.4f}")
+    images = process.sample(16, steps=50)                  # DDIM-50; steps=None: all 1000 DDPM steps
+    common.save_grid(images, "samples.png", nrow=4)
+"""
+from __future__ import annotations
+
+import torch
+
+import common
+from ddpm_mnist import DDPM, PRESETS, UNet
+
+
+class DiffusionModel(UNet):
+    """The noise predictor eps_theta(x_t, t): ddpm_mnist.py's UNet of the given preset."""
+
+    def __init__(self, image_size: int = 28, channels: int = 1, preset: str = "mnist"):
+        common.check(preset in PRESETS, f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        super().__init__(image_size, channels, **PRESETS[preset])
+
+
+class DiffusionProcess:
+    """DDPM training and sampling of `model` (a new DiffusionModel when None) on `device`
+    ('auto': CUDA when there is one, else the CPU)."""
+
+    def __init__(self, image_size: int = 28, channels: int = 1, noise_steps: int = 1000,
+                 schedule: str = "linear", model=None, lr: float = 2e-4, device="auto"):
+        self.device = common.get_device(device) if isinstance(device, str) else torch.device(device)
+        self.shape = (channels, image_size, image_size)
+        self.model = (model if model is not None else DiffusionModel(image_size, channels)).to(self.device)
+        self.ddpm = DDPM(noise_steps, schedule).to(self.device)
+        self.opt = common.make_optimizer(self.model, lr)
+
+    def add_noise(self, x, t):
+        """-> (x_t, eps): x_t = sqrt(alpha_bar_t) x + sqrt(1 - alpha_bar_t) eps, eps ~ N(0, I)."""
+        x, t = x.to(self.device), t.to(self.device)
+        eps = torch.randn_like(x)
+        return self.ddpm.q_sample(x, t, eps), eps
+
+    def train_step(self, x) -> float:
+        """One AdamW step on || eps - eps_theta(x_t, t) ||^2 at a random t for each image of x."""
+        self.model.train()
+        loss = self.ddpm.loss(self.model, x.to(self.device))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def sample(self, n: int, steps: int | None = None, generator=None) -> torch.Tensor:
+        """n images (n, C, H, W) in [-1, 1]: DDPM when steps is None, else DDIM in `steps` steps.
+        The model is put in eval mode to sample and left in the mode it was in."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if steps is None:
+                return self.ddpm.ddpm_sample(self.model, (n, *self.shape), generator=generator)
+            return self.ddpm.ddim_sample(self.model, (n, *self.shape), steps, generator=generator)
+        finally:
+            self.model.train(was_training)
