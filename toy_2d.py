@@ -5,18 +5,25 @@ steps (beta from 1e-4 to 0.1) adds Gaussian noise step by step,
     q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I),
 and, because Gaussians compose, in closed form from the data,
     q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),   alpha_bar_t = prod_{s<=t} (1 - beta_s).
-An MLP eps_theta(x_t, t) learns to predict the added noise (loss ||eps - eps_theta||^2), and
-sampling runs the chain backwards from pure noise N(0, I):
+An MLP eps_theta(x_t, t) learns to predict the added noise (loss ||eps - eps_theta||^2, the mean over
+the two coordinates), and sampling runs the chain backwards from pure noise N(0, I):
     x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) + sqrt(beta_t) z.
 Time convention, as in every script of this codebase: t is an integer step 0..T-1 and index t of
 every array holds beta_t. The paper counts t = 1..T, so our step t is its step t + 1 (the data is
 x_0 in both): step 0 already adds noise, step T-1 ends at pure noise, and the last reverse step
 (t = 0) returns the sample without adding noise.
 
+The network sees t in one of three ways (--time-input): "embed", a sinusoidal embedding of t (the
+default); "raw", the scalar t / T concatenated to the point; "none", no t at all, the ablation: the
+network must then guess the noise level from x_t alone, and one x_t is reached from many noise levels.
+
 Run:  python toy_2d.py                 # Swiss roll, figures in runs/toy_2d/ (about 40 s on one CPU core)
       python toy_2d.py --data moons
-Figures: forward.png, reverse.png, loss.png, reverse.gif; printed: held-out loss and the energy
-distance of the samples (and of pure noise) to held-out data, beside its floor for this many points.
+      python toy_2d.py --time-input none --out runs/toy_2d_none
+Figures: forward.png (the dissolve: steps evenly spaced in log-SNR, alpha_bar_t on each panel),
+closed_form_vs_chain.png (q(x_t | x_0) against t + 1 applications of q_step), reverse.png, samples.png,
+loss.png, reverse.gif; printed: the held-out loss and the energy distance of the samples (and of pure
+noise) to held-out data, beside its floor for this many points.
 """
 from __future__ import annotations
 
@@ -44,6 +51,9 @@ class Config:
     batch_size: int = field(default=512, metadata={"min": 1})
     lr: float = field(default=4e-3, metadata={"help": "AdamW learning rate, decayed to 0 by a cosine"})
     hidden: int = field(default=128, metadata={"help": "width of the MLP's hidden layers", "min": 1})
+    time_input: str = field(default="embed", metadata={
+        "choices": ["embed", "raw", "none"],
+        "help": "how the MLP sees t: sinusoidal embedding, the scalar t / T, or not at all (ablation)"})
     n_samples: int = field(default=2000, metadata={"min": 2})
     gif: bool = field(default=True, metadata={"help": "write reverse.gif (a few seconds)"})
     out: str = "runs/toy_2d"
@@ -80,16 +90,23 @@ def make_points(name: str, n: int, rng: np.random.Generator) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    """eps_theta(x_t, t): the point concatenated with a sinusoidal embedding of t, 3 hidden layers."""
+    """eps_theta(x_t, t): the point concatenated with t, 3 hidden layers. time_input says how t enters:
+    "embed" a sinusoidal embedding (t_dim numbers), "raw" the one number t / T (scaled to [0, 1): a raw
+    t of up to T - 1 would dwarf the unit-scale coordinates), "none" not at all (the ablation)."""
 
-    def __init__(self, hidden: int = 128, t_dim: int = 32):
+    def __init__(self, hidden: int = 128, time_input: str = "embed", T: int = 100, t_dim: int = 32):
         super().__init__()
-        self.t_dim = t_dim
-        self.net = nn.Sequential(nn.Linear(2 + t_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+        self.time_input, self.T, self.t_dim = time_input, T, t_dim
+        n_t = {"embed": t_dim, "raw": 1, "none": 0}[time_input]
+        self.net = nn.Sequential(nn.Linear(2 + n_t, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
 
     def forward(self, x, t):                        # x (N, 2), t (N,) integer -> eps (N, 2)
-        return self.net(torch.cat([x, common.timestep_embedding(t, self.t_dim)], dim=1))
+        if self.time_input == "embed":
+            x = torch.cat([x, common.timestep_embedding(t, self.t_dim)], dim=1)    # (N, 2 + t_dim)
+        elif self.time_input == "raw":
+            x = torch.cat([x, t[:, None].float() / self.T], dim=1)                # (N, 3)
+        return self.net(x)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -101,14 +118,15 @@ class Diffusion2D:
     def __init__(self, T: int = 100, beta_1: float = 1e-4, beta_T: float = 0.1):
         self.T = T
         # Linear beta_t, t = 0..T-1. Ending at 0.1 rather than the 0.2 of the images' schedule
-        # rescaled to T = 100 keeps the data visible until t ~ 33, yet alpha_bar_{T-1} ~ 0.006.
+        # rescaled to T = 100 dissolves the data more slowly, yet alpha_bar_{T-1} ~ 0.006.
         self.beta = torch.linspace(beta_1, beta_T, T)
         self.alpha = 1 - self.beta                                    # alpha_t = 1 - beta_t
         self.alpha_bar = torch.cumprod(self.alpha, 0)                 # alpha_bar_t = prod_{s<=t} alpha_s
 
-    def q_step(self, x_prev, t: int):
+    def q_step(self, x_prev, t: int, generator=None):
         """Forward step t: x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)."""
-        return (1 - self.beta[t]).sqrt() * x_prev + self.beta[t].sqrt() * torch.randn_like(x_prev)
+        z = torch.randn(x_prev.shape, generator=generator)
+        return (1 - self.beta[t]).sqrt() * x_prev + self.beta[t].sqrt() * z
 
     def q_sample(self, x0, t, eps):
         """Closed form: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.  t (N,) in 0..T-1."""
@@ -141,12 +159,36 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return (2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()).item()
 
 
+def forward_steps(alpha_bar: torch.Tensor, n: int = 6) -> list[int]:
+    """n steps t evenly spaced in log-SNR_t = log(alpha_bar_t / (1 - alpha_bar_t)), from step 0 (not
+    shown: the data panel stands for it) to T-1. Evenly spaced t would not show the dissolve: with the
+    default schedule alpha_bar_33 = 0.58, and the arms already blur by alpha_bar = 0.9.
+    -> increasing t, decreasing alpha_bar_t."""
+    log_snr = (alpha_bar / (1 - alpha_bar)).log()
+    targets = torch.linspace(log_snr[0].item(), log_snr[-1].item(), n + 1)[1:]
+    return sorted({int((log_snr - v).abs().argmin()) for v in targets})
+
+
+def closed_form_vs_chain(diffusion: Diffusion2D, x0: torch.Tensor, ts: list[int], generator):
+    """For each t: x_t from the closed form q(x_t | x_0), x_t from t + 1 applications of q_step
+    (steps 0..t), and a second closed-form draw; -> list of (closed, chain, closed_again)."""
+    out, x, done = [], x0, -1
+    for t in sorted(ts):
+        for s in range(done + 1, t + 1):
+            x = diffusion.q_step(x, s, generator)
+        done = t
+        closed = [diffusion.q_sample(x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=generator))
+                  for _ in range(2)]
+        out.append((closed[0], x, closed[1]))
+    return out
+
+
 # ----------------------------------------------------------------------------- training
 
 
 def train(cfg: Config, diffusion: Diffusion2D, x_train: torch.Tensor) -> tuple[MLP, list[float]]:
     """AdamW with a cosine decay of the learning rate; a fresh random batch every step."""
-    model = MLP(cfg.hidden)
+    model = MLP(cfg.hidden, cfg.time_input, cfg.T)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     losses = []
@@ -166,18 +208,26 @@ def train(cfg: Config, diffusion: Diffusion2D, x_train: torch.Tensor) -> tuple[M
 # ----------------------------------------------------------------------------- figures
 
 
-def scatter_row(path: str, clouds: list[torch.Tensor], titles: list[str], suptitle: str) -> None:
+def scatter_grid(path: str, rows: list[list[torch.Tensor]], titles: list[list[str]], suptitle: str,
+                 size: float = 2.4) -> None:
+    """One point cloud per panel, rows of panels on a common [-3.5, 3.5]^2 frame."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(clouds), figsize=(3.2 * len(clouds), 3.3))
-    for ax, x, title in zip(axes, clouds, titles):
-        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
-        ax.set(xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), title=title, aspect="equal", xticks=[], yticks=[])
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size * n_cols, size * n_rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (clouds, row_titles) in enumerate(zip(rows, titles)):
+        for ax, x, title in zip(axes[i], clouds, row_titles):
+            ax.axis("on")
+            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
+            ax.set(xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), aspect="equal", xticks=[], yticks=[])
+            ax.set_title(title, fontsize=9)
     fig.suptitle(suptitle)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.tight_layout(h_pad=1.5)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -212,12 +262,29 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(cfg.seed)
     x_train, x_test = make_points(cfg.data, cfg.n_train, rng), make_points(cfg.data, cfg.n_test, rng)
     diffusion = Diffusion2D(cfg.T, cfg.beta_1, cfg.beta_T)
+    g = torch.Generator().manual_seed(cfg.seed + 1)  # figure noise, apart from training's random numbers
 
-    # Forward process, from the closed form; the step-by-step chain gives the same distribution.
-    shown = [cfg.T // 3, 2 * cfg.T // 3, cfg.T - 1]
-    noisy = [diffusion.q_sample(x_test, torch.full((len(x_test),), t), torch.randn_like(x_test)) for t in shown]
-    scatter_row(os.path.join(cfg.out, "forward.png"), [x_test] + noisy, ["data"] + [f"t = {t}" for t in shown],
-                "forward process q(x_t | x_0)")
+    # Forward process from the closed form, at steps evenly spaced in log-SNR.
+    shown, ab = forward_steps(diffusion.alpha_bar), diffusion.alpha_bar
+    noisy = [diffusion.q_sample(x_test, torch.full((len(x_test),), t), torch.randn(x_test.shape, generator=g))
+             for t in shown]
+    titles = ["data x_0"] + [f"t = {t}, $\\bar\\alpha$ = {ab[t]:.3f}" for t in shown]
+    scatter_grid(os.path.join(cfg.out, "forward.png"), [[x_test] + noisy], [titles], "forward process q(x_t | x_0)")
+
+    # The closed form against the chain of single steps: the same distribution at every t.
+    checked = shown[1::2] if len(shown) > 3 else shown
+    pairs = closed_form_vs_chain(diffusion, x_test, checked, g)
+    ed_chain = [energy_distance(closed, chain) for closed, chain, _ in pairs]
+    ed_chain_floor = [energy_distance(closed, again) for closed, _, again in pairs]
+    scatter_grid(os.path.join(cfg.out, "closed_form_vs_chain.png"),
+                 [[c for c, _, _ in pairs], [x for _, x, _ in pairs]],
+                 [[f"closed form, t = {t}" for t in checked],
+                  [f"{t + 1} q_steps: ED {e:.4f} (floor {f:.4f})"
+                   for t, e, f in zip(checked, ed_chain, ed_chain_floor)]],
+                 "x_t from the closed form q(x_t | x_0) (top) and from steps 0..t of q_step (bottom)\n"
+                 "ED: energy distance between the two; floor: between two closed-form draws", size=3.2)
+    print("closed form vs chain, energy distance: " + ", ".join(
+        f"t = {t}: {e:.4f} (floor {f:.4f})" for t, e, f in zip(checked, ed_chain, ed_chain_floor)))
 
     t0 = time.perf_counter()
     model, losses = train(cfg, diffusion, x_train)
@@ -229,16 +296,20 @@ def main(argv=None) -> dict:
     print(f"held-out loss {test_loss:.4f}")
 
     xs = diffusion.sample(model, cfg.n_samples, generator=torch.Generator().manual_seed(cfg.seed))
-    scatter_row(os.path.join(cfg.out, "reverse.png"), [xs[cfg.T - 1 - t] for t in reversed(shown)] + [xs[-1]],
-                [f"t = {t}" for t in reversed(shown)] + ["samples"], "reverse process p(x_{t-1} | x_t), from noise")
+    scatter_grid(os.path.join(cfg.out, "reverse.png"), [[xs[cfg.T - 1 - t] for t in reversed(shown)] + [xs[-1]]],
+                 [[f"t = {t}" for t in reversed(shown)] + ["samples"]], "reverse process p(x_{t-1} | x_t), from noise")
     if cfg.gif:
         reverse_gif(os.path.join(cfg.out, "reverse.gif"), xs)
     ed_samples, ed_noise = energy_distance(xs[-1], x_test), energy_distance(xs[0], x_test)
     ed_floor = energy_distance(x_test[::2], x_test[1::2])
+    scatter_grid(os.path.join(cfg.out, "samples.png"), [[xs[-1]]],
+                 [[f"held-out loss {test_loss:.3f}\nenergy distance {ed_samples:.4f}"]],
+                 f"--time-input {cfg.time_input}", size=3)
     print(f"energy distance to held-out data: samples {ed_samples:.4f}, pure noise {ed_noise:.4f} "
           f"(two held-out halves: {ed_floor:.4f})")
     print(f"figures in {cfg.out}/")
-    return {"test_loss": test_loss, "ed_samples": ed_samples, "ed_noise": ed_noise, "ed_floor": ed_floor}
+    return {"test_loss": test_loss, "ed_samples": ed_samples, "ed_noise": ed_noise, "ed_floor": ed_floor,
+            "ed_chain": ed_chain, "ed_chain_floor": ed_chain_floor}
 
 
 if __name__ == "__main__":
