@@ -19,19 +19,26 @@ The cache lives in the `DeepCache` wrapper, which the sampler calls as its netwo
 `cached_sample` resets it at the start of every run, so no features leak from one run (a previous
 batch of noise) into the next: the "stale cache" bug.
 
-The base network is the UNet of ddpm_mnist.py, sampled with its deterministic DDIM (eta = 0), so
-cached and uncached samples from the same noise can be compared pixel for pixel (MSE, PSNR, SSIM).
+Two bases (--base), both deterministic, so cached and uncached samples from the same noise can be
+compared pixel for pixel (MSE, PSNR, SSIM):
+    ddim: the UNet of ddpm_mnist.py with its DDIM sampler (eta = 0); it embeds the integer step t;
+    rf:   the VelocityUNet of rectified_flow.py with its Euler sampler x_{t+dt} = x_t + dt v(x_t, t),
+          t in [0, 1] from noise (t = 0) to data (t = 1); it embeds 1000 t, so the wrapper does too.
 `DeepCache` only needs the UNet's blocks, not the sampler: any sampler that calls its network once
-per step can use it (reset it with `full_steps`, then pass it as the network). rectified_flow.py's
-velocity UNet is the same UNet and could be wrapped the same way, with its Euler sampler.
+per step can use it (reset it with `full_steps`, then pass it as the network).
+With S steps, an interval N > S has the single full step of N = S: it caches nothing new, so the
+sweep leaves it out. With S = 1 there is nothing to reuse at all: caching needs steps to share.
 
 Run:
-    python deepcache.py                          # uses runs/ddpm_mnist/ckpt.pt (trained first if missing)
+    python deepcache.py                          # ddim base: runs/ddpm_mnist/ckpt.pt (trained first if missing)
+    python deepcache.py --base rf                # rf base: runs/rectified_flow/pixel/flow2.pt (the reflowed
+                                                 #   flow; train it with `python rectified_flow.py`)
     python deepcache.py --interval 3 --branch 2 --cache-schedule nonuniform
-    python deepcache.py --eval 2000              # + FD of evaluate.py per setting (18 x 2000 samples)
+    python deepcache.py --eval 2000              # + FD of evaluate.py per setting (2000 samples each)
     python deepcache.py --no-analysis            # only the sample grids, no timed sweep
-Figures in runs/deepcache/: samples.png (cached) beside samples_plain.png, speedup.png,
-quality.png, tradeoff.png, intervals.png (one row per interval) and the table speed_quality.md.
+Figures in runs/deepcache/BASE: samples.png (cached) beside samples_plain.png, speedup.png,
+quality.png (MSE, PSNR, SSIM), tradeoff.png (speedup vs SSIM), grid_steps{S}.png (one row of 8
+samples per interval, for each sweep step count S) and the table speed_quality.md.
 """
 from __future__ import annotations
 
@@ -45,12 +52,18 @@ import torch.nn as nn
 
 import common
 import ddpm_mnist
+import rectified_flow as rf
+
+DEFAULT_BASE = {"ddim": ddpm_mnist.DEFAULT_CKPT, "rf": "runs/rectified_flow/pixel/flow2.pt"}
+SWEEP_STEPS = {"ddim": (10, 50, 100), "rf": (1, 10, 100)}
 
 
 @dataclass
 class Config:
-    base_ckpt: str = field(default=ddpm_mnist.DEFAULT_CKPT, metadata={
-        "help": "ddpm_mnist.py checkpoint to accelerate (the default one is trained first when missing)"})
+    base: str = field(default="ddim", metadata={"choices": ["ddim", "rf"], "help": "the model and sampler to "
+                      "accelerate: ddpm_mnist.py's UNet with DDIM, or rectified_flow.py's flow with Euler steps"})
+    base_ckpt: str = field(default="", metadata={"help": f"its checkpoint; default {DEFAULT_BASE['ddim']} (ddim, "
+                           f"trained first when missing) or {DEFAULT_BASE['rf']} (rf: a pixel-space flow)"})
     data_dir: str = field(default="data", metadata={"help": "datasets root (for the default base, and --eval)"})
     download: bool = True
     interval: int = field(default=3, metadata={"help": "N: one full UNet step, then N - 1 cached steps", "min": 1})
@@ -58,18 +71,20 @@ class Config:
         "help": "skip connection where the shallow branch rejoins (1 = shallowest, fastest)", "min": 1})
     cache_schedule: str = field(default="uniform", metadata={"choices": ["uniform", "nonuniform"]})
     power: float = field(default=2.0, metadata={"help": "non-uniform: full steps at S (k/K)^power", "min": 1.0})
-    steps: int = field(default=50, metadata={"help": "DDIM steps for the sample grids", "min": 1})
+    steps: int = field(default=50, metadata={"help": "sampling steps for samples.png", "min": 1})
     n_samples: int = field(default=64, metadata={"help": "images in samples.png", "min": 1})
     analysis: bool = field(default=True, metadata={"help": "the timed sweep over steps x intervals: (warmup + "
                            "repeats) x (1 + len(sweep intervals)) runs of batch-size images per sweep step count"})
-    sweep_steps: tuple[int, ...] = field(default=(10, 50, 100), metadata={"min": 1})
-    sweep_intervals: tuple[int, ...] = field(default=(1, 2, 3, 5, 10, 20), metadata={"min": 1})
+    sweep_steps: tuple[int, ...] = field(default=(), metadata={"min": 1, "help": "step counts of the sweep; "
+                                         f"default {SWEEP_STEPS['ddim']} (ddim), {SWEEP_STEPS['rf']} (rf)"})
+    sweep_intervals: tuple[int, ...] = field(default=(1, 2, 3, 5, 10, 20, 50, 100), metadata={
+        "min": 1, "help": "intervals N of the sweep; those > the step count are left out (nothing new to cache)"})
     batch_size: int = field(default=256, metadata={"help": "images per timed sampling run", "min": 1})
     warmup: int = field(default=2, metadata={"help": "untimed rounds before timing", "min": 0})
     repeats: int = field(default=7, metadata={"help": "timed rounds (the median is reported)", "min": 1})
     eval: int = field(default=0, metadata={"help": "FD of evaluate.py over N samples per (steps, interval); "
                       "0 = off; costs N x sum(sweep steps) x len(sweep intervals) cached UNet calls", "min": 0})
-    out: str = "runs/deepcache"
+    out: str = field(default="", metadata={"help": "default runs/deepcache/BASE"})
     seed: int = 0
     device: str = "auto"
 
@@ -92,6 +107,9 @@ class DeepCache(nn.Module):
 
     def __init__(self, unet: ddpm_mnist.UNet, branch: int):
         super().__init__()
+        # the time the UNet embeds: DDPM's integer step t as it is; rectified_flow.py's VelocityUNet
+        # takes t in [0, 1] and embeds 1000 t (its forward does it, and this wrapper skips that forward)
+        self.time_scale = 1000 if isinstance(unet, rf.VelocityUNet) else 1
         n_skips = sum(len(level.blocks) for level in unet.downs)
         common.check(1 <= branch <= n_skips, f"--branch {branch} is not in this UNet: it has {n_skips} "
                      f"skip connections, so choose 1 (shallowest) to {n_skips} (deepest)")
@@ -108,11 +126,11 @@ class DeepCache(nn.Module):
     def reset(self, full_steps) -> None:
         self.step, self.cache, self.full_steps = 0, None, set(full_steps)
 
-    def forward(self, x, t):                                 # x (N, C, H, W), t (N,) -> eps
+    def forward(self, x, t):                                 # x (N, C, H, W), t (N,) -> eps or v
         u = self.unet
         full = self.cache is None or self.step in self.full_steps
         self.step += 1
-        emb = u.embed_time(t)
+        emb = u.embed_time(t * self.time_scale)
         h, hs = u.inc(x), []
         for m, is_block in (self.enc if full else self.enc[:self.enc_stop]):
             h = m(h, emb) if is_block else m(h)
@@ -142,11 +160,11 @@ def full_steps(S: int, interval: int, schedule: str = "uniform", power: float = 
 
 
 @torch.no_grad()
-def cached_sample(ddpm: ddpm_mnist.DDPM, cache: DeepCache, x_T, steps: int, interval: int,
-                  schedule: str = "uniform", power: float = 2.0):
-    """DDIM (eta = 0) with the DeepCache network; the cache is reset first, every run."""
+def cached_sample(sample, cache: DeepCache, x_T, steps: int, interval: int, schedule: str = "uniform",
+                  power: float = 2.0):
+    """The base's sampler `sample(model, x_T, steps)` run on the DeepCache network, reset first, every run."""
     cache.reset(full_steps(steps, interval, schedule, power))
-    return ddpm.ddim_sample(cache, x_T.shape, steps, x_T=x_T)
+    return sample(cache, x_T, steps)
 
 
 @torch.no_grad()
@@ -163,6 +181,26 @@ def flops_fraction(cache: DeepCache, shape, device) -> float:
     return flops[1] / flops[0]
 
 
+# ----------------------------------------------------------------------------- the two bases
+
+
+def load_base(base: str, path: str, device, data_dir: str, download: bool):
+    """-> (the UNet, its deterministic sampler sample(model, x_T, steps), the checkpoint, the most steps).
+    ddim: ddpm_mnist.py's EMA UNet (the default path is trained first when missing) with DDIM, eta = 0;
+    rf: rectified_flow.py's EMA VelocityUNet with Euler steps, pixel space only (latents are no images)."""
+    if base == "ddim":
+        path = ddpm_mnist.ensure_trained(path, device, data_dir=data_dir, download=download)
+        unet, ddpm, state = ddpm_mnist.load_trained(path, device)   # one line if it is another script's file
+        return unet, (lambda model, x_T, S: ddpm.ddim_sample(model, x_T.shape, S, x_T=x_T)), state, ddpm.T
+    state = common.load_checkpoint(path, device, rf.KIND, keys=("net", "ema", "config"), hint="train one with "
+                                   "`python rectified_flow.py` (it writes runs/rectified_flow/pixel/flow1.pt and flow2.pt)")
+    common.check(state["config"].get("space") == "pixel", f"'{path}' is a latent-space flow: its samples are "
+                 "VAE latents, not images; pass a pixel-space one (`python rectified_flow.py` trains it)")
+    flow = rf.VelocityUNet(**state["net"]).to(device)
+    common.load_weights(flow, state["ema"], path)
+    return flow.eval(), rf.euler_sample, state, math.inf
+
+
 # ----------------------------------------------------------------------------- analysis
 
 
@@ -176,19 +214,24 @@ def quality(x, ref) -> dict:
                 ssim=structural_similarity_index_measure(a, b, data_range=1.0).item())
 
 
-def sweep(cfg: Config, unet, ddpm, device, shape, evaluator=None) -> list[dict]:
-    """Speed and quality for every (steps, interval). Timings: each round runs every interval once,
-    in alternating order (so slow drifts of the machine, and the position in a round, hit all
-    alike), GPU synchronised around each run, `warmup` rounds discarded, the median of `repeats`
-    rounds kept. With an evaluate.py `evaluator`, also the FD of cfg.eval cached samples."""
+def sweep(cfg: Config, unet, sample, device, shape, evaluator=None) -> list[dict]:
+    """Speed and quality for every (steps S, interval N <= S), and OUT/grid_steps{S}.png: 8 samples
+    per interval, one row each. Timings: each round runs every interval once, in alternating order
+    (so slow drifts of the machine, and the position in a round, hit all alike), GPU synchronised
+    around each run, `warmup` rounds discarded, the median of `repeats` rounds kept. With an
+    evaluate.py `evaluator`, also the FD of cfg.eval cached samples."""
     cache = DeepCache(unet, cfg.branch)
     f = flops_fraction(cache, (cfg.batch_size, *shape), device)
     print(f"a cached step (branch {cfg.branch}) costs f = {f:.3f} of a full step's FLOPs")
     x_T = torch.randn((cfg.batch_size, *shape), device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
     rows = []
     for S in cfg.sweep_steps:
-        runs = {0: lambda: ddpm.ddim_sample(unet, x_T.shape, S, x_T=x_T)}  # 0 = the plain sampler
-        runs.update({N: (lambda N=N: cached_sample(ddpm, cache, x_T, S, N)) for N in cfg.sweep_intervals})
+        intervals = [N for N in cfg.sweep_intervals if N <= S]
+        if len(intervals) < len(cfg.sweep_intervals):          # N > S: one full step, as N = S
+            print(f"{S} steps: intervals {', '.join(str(N) for N in cfg.sweep_intervals if N > S)} left out "
+                  f"(longer than the run: one full step, like interval {S}; nothing new is cached)")
+        runs = {0: lambda: sample(unet, x_T, S)}                # 0 = the plain sampler
+        runs.update({N: (lambda N=N: cached_sample(sample, cache, x_T, S, N)) for N in intervals})
         times, out = {k: [] for k in runs}, {}
         for r in common.progress(range(cfg.warmup + cfg.repeats), f"{S} steps, timing {len(runs)} samplers"):
             for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
@@ -196,14 +239,16 @@ def sweep(cfg: Config, unet, ddpm, device, shape, evaluator=None) -> list[dict]:
                 if r >= cfg.warmup:
                     times[k].append(seconds)
         t_plain = statistics.median(times[0])
-        for N in cfg.sweep_intervals:
+        common.save_grid(torch.cat([out[N][:8] for N in intervals]), os.path.join(cfg.out, f"grid_steps{S}.png"),
+                         nrow=min(8, len(x_T)))
+        for N in intervals:
             K = len(full_steps(S, N))
-            x_nonuniform = cached_sample(ddpm, cache, x_T, S, N, "nonuniform", cfg.power)
+            x_nonuniform = cached_sample(sample, cache, x_T, S, N, "nonuniform", cfg.power)
             row = dict(steps=S, interval=N, K=K, ms=1e3 * statistics.median(times[N]),
                        speedup=t_plain / statistics.median(times[N]), theory=S / (K + (S - K) * f),
                        **quality(out[N], out[0]), psnr_nonuniform=quality(x_nonuniform, out[0])["psnr"])
             if evaluator is not None:
-                x = torch.cat([cached_sample(ddpm, cache, z, S, N) for z in common.progress(
+                x = torch.cat([cached_sample(sample, cache, z, S, N) for z in common.progress(
                     eval_noise(cfg, shape, device), f"{S} steps, interval {N}: {cfg.eval} samples for FD")])
                 row["fd"] = evaluator.fd(x)
             rows.append(row)
@@ -232,7 +277,7 @@ def write_table(rows: list[dict], path: str) -> None:
 
 
 def plot_sweep(rows: list[dict], out: str) -> None:
-    """speedup.png (measured, solid; theory, dashed), quality.png (PSNR, SSIM) and tradeoff.png."""
+    """speedup.png (measured, solid; theory, dashed), quality.png (MSE, PSNR, SSIM) and tradeoff.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -247,15 +292,18 @@ def plot_sweep(rows: list[dict], out: str) -> None:
     ax.set(ylabel="speedup over the plain sampler", title="DeepCache speedup (dashed: if time went with FLOPs)")
     figure_done(fig, ax, os.path.join(out, "speedup.png"), intervals=intervals)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for j, S in enumerate(steps):
-        finite = [r for r in by[S] if math.isfinite(r["psnr"])]         # interval 1 is exact: PSNR = inf
-        N = [r["interval"] for r in finite]
-        axes[0].plot(N, [r["psnr"] for r in finite], "o-", color=f"C{j}", label=f"{S} steps")
-        axes[0].plot(N, [r["psnr_nonuniform"] for r in finite], "x--", color=f"C{j}", alpha=0.6)
-        axes[1].plot([r["interval"] for r in by[S]], [r["ssim"] for r in by[S]], "o-", color=f"C{j}", label=f"{S} steps")
-    axes[0].set(ylabel="PSNR vs uncached, dB (dashed: non-uniform)")
-    axes[1].set(ylabel="SSIM vs uncached")
+        axes[2].plot([r["interval"] for r in by[S]], [r["ssim"] for r in by[S]], "o-", color=f"C{j}", label=f"{S} steps")
+        inexact = [r for r in by[S] if r["mse"] > 0]                     # interval 1 is exact: MSE 0, PSNR inf
+        if inexact:                                                      # (1 step has only interval 1)
+            N = [r["interval"] for r in inexact]
+            axes[0].plot(N, [r["mse"] for r in inexact], "o-", color=f"C{j}", label=f"{S} steps")
+            axes[1].plot(N, [r["psnr"] for r in inexact], "o-", color=f"C{j}", label=f"{S} steps")
+            axes[1].plot(N, [r["psnr_nonuniform"] for r in inexact], "x--", color=f"C{j}", alpha=0.6)
+    axes[0].set(ylabel="MSE vs uncached (interval 1: 0, not drawn)", yscale="log")
+    axes[1].set(ylabel="PSNR vs uncached, dB (dashed: non-uniform)")
+    axes[2].set(ylabel="SSIM vs uncached")
     figure_done(fig, axes, os.path.join(out, "quality.png"), intervals=intervals)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -289,30 +337,31 @@ def figure_done(fig, axes, path, intervals=None) -> None:
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
     check_config(cfg)
+    cfg.base_ckpt = cfg.base_ckpt or DEFAULT_BASE[cfg.base]
+    cfg.sweep_steps = cfg.sweep_steps or SWEEP_STEPS[cfg.base]
+    cfg.out = cfg.out or os.path.join("runs/deepcache", cfg.base)
     common.prepare_out(cfg.out)
     device = common.get_device(cfg.device)
     common.setup_speed(device)
     common.seed_everything(cfg.seed)
-    ckpt = ddpm_mnist.ensure_trained(cfg.base_ckpt, device, data_dir=cfg.data_dir, download=cfg.download)
-    unet, ddpm, state = ddpm_mnist.load_trained(ckpt, device)   # one line if it is another script's file
+    unet, sample, state, T = load_base(cfg.base, cfg.base_ckpt, device, cfg.data_dir, cfg.download)
     cache = DeepCache(unet, cfg.branch)                        # checks --branch against this UNet
     S_max = max((cfg.steps, *(cfg.sweep_steps if cfg.analysis else ())))
-    common.check(S_max <= ddpm.T, f"--steps and --sweep-steps must be <= T = {ddpm.T} of the base model "
-                 f"'{ckpt}', got {S_max}")
+    common.check(S_max <= T, f"--steps and --sweep-steps must be <= T = {T} of the base model "
+                 f"'{cfg.base_ckpt}', got {S_max}")
     c = unet.config
     shape = (c["channels"], c["image_size"], c["image_size"])
 
     gen = torch.Generator(device).manual_seed(cfg.seed)
     x_T = torch.randn((cfg.n_samples, *shape), device=device, generator=gen)
-    plain = ddpm.ddim_sample(unet, x_T.shape, cfg.steps, x_T=x_T)
-    x = cached_sample(ddpm, cache, x_T, cfg.steps, cfg.interval, cfg.cache_schedule, cfg.power)
+    plain = sample(unet, x_T, cfg.steps)
+    x = cached_sample(sample, cache, x_T, cfg.steps, cfg.interval, cfg.cache_schedule, cfg.power)
     common.save_grid(plain, os.path.join(cfg.out, "samples_plain.png"))
     common.save_grid(x, os.path.join(cfg.out, "samples.png"))
     q = quality(x, plain)
-    print(f"DeepCache interval {cfg.interval}, branch {cfg.branch}, {cfg.cache_schedule}, {cfg.steps} DDIM steps: "
-          f"PSNR {q['psnr']:.1f} dB, SSIM {q['ssim']:.4f} against the uncached samples")
-    rows = [cached_sample(ddpm, cache, x_T[:8], cfg.steps, N) for N in cfg.sweep_intervals]
-    common.save_grid(torch.cat(rows), os.path.join(cfg.out, "intervals.png"), nrow=8)
+    print(f"DeepCache interval {cfg.interval}, branch {cfg.branch}, {cfg.cache_schedule}, {cfg.steps} "
+          f"{'DDIM' if cfg.base == 'ddim' else 'Euler'} steps: PSNR {q['psnr']:.1f} dB, SSIM {q['ssim']:.4f} "
+          "against the uncached samples")
 
     if cfg.analysis:
         evaluator = None
@@ -321,7 +370,7 @@ def main(argv=None) -> None:
             evaluator = evaluate.Evaluator(state["config"].get("dataset", "mnist"), data_dir=cfg.data_dir,
                                            download=cfg.download, device=device, image_size=shape[-1],
                                            channels=shape[0])
-        table = sweep(cfg, unet, ddpm, device, shape, evaluator)
+        table = sweep(cfg, unet, sample, device, shape, evaluator)
         write_table(table, os.path.join(cfg.out, "speed_quality.md"))
         plot_sweep(table, cfg.out)
     print(f"figures in {cfg.out}/")

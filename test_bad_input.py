@@ -94,6 +94,10 @@ CASES = [
     ("deepcache", DC + ["--sweep-steps", "10", "51"], "must be <= T = 50", None),
     ("deepcache", DC + ["--repeats", "0"], "--repeats must be >= 1", None),
     ("deepcache", DC + ["--device", "foo"], "unknown --device", None),
+    ("deepcache", DC + ["--base", "rf", "--base-ckpt", "{ddpm}"],
+     "holds a ddpm_mnist.py UNet checkpoint, not a rectified_flow.py flow one", None),
+    ("deepcache", DC + ["--base", "rf", "--base-ckpt", "{tmp}/nope.pt"], "python rectified_flow.py", None),
+    ("deepcache", DC + ["--base", "rf", "--base-ckpt", "{garbage}"], "cannot read checkpoint", None),
     # ----------------------------------------------------------------------------- controlnet_canny.py
     ("controlnet_canny", CN + ["--out", "{tmp}", "--batch-size", "0"], "--batch-size must be >= 1", None),
     ("controlnet_canny", CN + ["--out", "{tmp}", "--low", "200", "--high", "100"], "--low < --high", None),

@@ -7,6 +7,7 @@ import torch
 import controlnet_canny as cn
 import ddpm_mnist
 import deepcache as dc
+import rectified_flow as rf
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +19,21 @@ def base():
     for p in unet.out[-1].parameters():
         p.data.normal_(0, 0.05)
     return unet, ddpm_mnist.DDPM(50, "linear")
+
+
+@pytest.fixture(scope="module")
+def flow():
+    """A tiny random rectified_flow.py VelocityUNet (t in [0, 1]; it embeds 1000 t)."""
+    torch.manual_seed(1)
+    net = rf.VelocityUNet(28, 1, **ddpm_mnist.PRESETS["tiny"]).eval()
+    for p in net.out[-1].parameters():
+        p.data.normal_(0, 0.05)
+    return net
+
+
+def ddim(ddpm):
+    """The ddim base's sampler, sample(model, x_T, steps)."""
+    return lambda model, x_T, steps: ddpm.ddim_sample(model, x_T.shape, steps, x_T=x_T)
 
 
 def noise(n=4, seed=0):
@@ -43,17 +59,36 @@ def test_interval_1_is_the_plain_sampler(base):
     x_T = noise()
     plain = ddpm.ddim_sample(unet, x_T.shape, 6, x_T=x_T)
     for branch in (1, 2):                       # the tiny UNet has 2 skip connections
-        assert torch.equal(dc.cached_sample(ddpm, dc.DeepCache(unet, branch), x_T, 6, 1), plain)
-    cached = dc.cached_sample(ddpm, dc.DeepCache(unet, 1), x_T, 6, 3)
+        assert torch.equal(dc.cached_sample(ddim(ddpm), dc.DeepCache(unet, branch), x_T, 6, 1), plain)
+    cached = dc.cached_sample(ddim(ddpm), dc.DeepCache(unet, 1), x_T, 6, 3)
     assert not torch.equal(cached, plain) and cached.isfinite().all()
+
+
+def test_interval_1_is_the_plain_euler_sampler(flow):
+    x0 = noise()
+    plain = rf.euler_sample(flow, x0, 5)
+    for branch in (1, 2):
+        assert torch.equal(dc.cached_sample(rf.euler_sample, dc.DeepCache(flow, branch), x0, 5, 1), plain)
+    cached = dc.cached_sample(rf.euler_sample, dc.DeepCache(flow, 1), x0, 5, 3)
+    assert not torch.equal(cached, plain) and cached.isfinite().all()
+
+
+def test_rf_full_step_embeds_1000_t(flow):
+    """A full step of the wrapper is VelocityUNet.forward at the same t in [0, 1] (which embeds 1000 t)."""
+    x, t = noise(), torch.tensor([0.0, 0.3, 0.7, 0.99])
+    cache = dc.DeepCache(flow, 2)
+    cache.reset([0])
+    with torch.no_grad():
+        assert torch.equal(cache(x, t), flow(x, t))
+        assert not torch.equal(ddpm_mnist.UNet.forward(flow, x, t), flow(x, t))   # so the scale matters
 
 
 def test_cache_is_reset_between_runs(base):
     unet, ddpm = base
     cache = dc.DeepCache(unet, 1)
-    dc.cached_sample(ddpm, cache, noise(seed=1), 6, 3)           # leaves features of other noise
-    again = dc.cached_sample(ddpm, cache, noise(seed=2), 6, 3)
-    fresh = dc.cached_sample(ddpm, dc.DeepCache(unet, 1), noise(seed=2), 6, 3)
+    dc.cached_sample(ddim(ddpm), cache, noise(seed=1), 6, 3)           # leaves features of other noise
+    again = dc.cached_sample(ddim(ddpm), cache, noise(seed=2), 6, 3)
+    fresh = dc.cached_sample(ddim(ddpm), dc.DeepCache(unet, 1), noise(seed=2), 6, 3)
     assert torch.equal(again, fresh)
     stale = ddpm.ddim_sample(cache, (4, 1, 28, 28), 6, x_T=noise(seed=2))  # no reset: stale cache
     assert not torch.equal(stale, fresh)
@@ -82,11 +117,11 @@ def test_deepcache_main(ddpm_ckpt, mnist_dir, tmp_path):
     out = str(tmp_path / "dc")
     dc.main(["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--out", out, *DC_FAST,
              "--sweep-steps", "2", "4", "--sweep-intervals", "1", "3"])
-    for f in ("samples.png", "samples_plain.png", "intervals.png", "speedup.png", "quality.png",
-              "tradeoff.png", "speed_quality.md"):
+    for f in ("samples.png", "samples_plain.png", "grid_steps2.png", "grid_steps4.png", "speedup.png",
+              "quality.png", "tradeoff.png", "speed_quality.md"):
         assert os.path.isfile(os.path.join(out, f)), f
     table = open(os.path.join(out, "speed_quality.md")).read().splitlines()
-    assert len(table) == 2 + 2 * 2 and "| 2 | 1 | 2 |" in table[2] and "inf" in table[2]
+    assert len(table) == 2 + 1 + 2 and "| 2 | 1 | 2 |" in table[2] and "inf" in table[2]   # 2 steps: no interval 3
     assert "| 4 | 3 | 2 |" in table[-1]                         # 4 steps, interval 3: 2 full steps
 
 
@@ -118,6 +153,40 @@ def test_deepcache_bad_input(ddpm_ckpt, tmp_path, args, words):
     with pytest.raises(SystemExit) as e:
         dc.main(["--base-ckpt", ddpm_ckpt, "--out", str(tmp_path), "--device", "cpu", *args])
     assert words in one_line_error(e)
+
+
+def flow_ckpt(path, net, space="pixel") -> str:
+    """A rectified_flow.py checkpoint of `net` (the entries deepcache.py reads)."""
+    torch.save(dict(kind=rf.KIND, net=net.config, config=dict(space=space, dataset="mnist"), model=net.state_dict(),
+                    ema=net.state_dict(), scale=1.0), path)
+    return str(path)
+
+
+def test_deepcache_rf_main(flow, tmp_path, capsys):
+    """The rf base end to end; the sweep leaves out the intervals longer than the run."""
+    out = str(tmp_path / "dc")
+    dc.main(["--base", "rf", "--base-ckpt", flow_ckpt(tmp_path / "flow2.pt", flow), "--out", out, *DC_FAST,
+             "--sweep-steps", "1", "3", "--sweep-intervals", "1", "2", "5"])
+    assert "3 steps: intervals 5 left out" in capsys.readouterr().out
+    for f in ("samples.png", "samples_plain.png", "grid_steps1.png", "grid_steps3.png", "speedup.png",
+              "quality.png", "tradeoff.png", "speed_quality.md"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    table = open(os.path.join(out, "speed_quality.md")).read().splitlines()[2:]
+    assert [row.split("|")[1:3] for row in table] == [[" 1 ", " 1 "], [" 3 ", " 1 "], [" 3 ", " 2 "]]
+
+
+def test_rf_base_must_be_a_pixel_space_flow(flow, ddpm_ckpt, tmp_path, monkeypatch):
+    for path, words in ((flow_ckpt(tmp_path / "latent.pt", flow, "latent"), "is a latent-space flow"),
+                        (ddpm_ckpt, "holds a ddpm_mnist.py UNet checkpoint, not a rectified_flow.py flow one")):
+        with pytest.raises(SystemExit) as e:
+            dc.main(["--base", "rf", "--base-ckpt", path, "--out", str(tmp_path / "o"), "--device", "cpu"])
+        assert words in one_line_error(e)
+    monkeypatch.chdir(tmp_path)                                 # no runs/ here: the default flow is missing
+    with pytest.raises(SystemExit) as e:
+        dc.main(["--base", "rf", "--device", "cpu"])
+    msg = one_line_error(e)
+    assert dc.DEFAULT_BASE["rf"] in msg and "python rectified_flow.py" in msg
+    assert not [f for f in os.listdir(tmp_path / "runs/deepcache/rf") if f.endswith(".png")]
 
 
 @pytest.mark.parametrize("main", [dc.main, cn.main])
