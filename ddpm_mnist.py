@@ -14,6 +14,11 @@ DDIM sampling on a strided subsequence tau_1 > ... > tau_S of real timesteps:
     x_prev = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z
     sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)
     and the last step lands on clean data: alpha_bar_prev = 1 after tau_S (no off-by-one).
+What the network predicts (--predict): eps, x0, or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0.
+    Each is a fixed linear function of the other given x_t, so all three learn the same estimator
+    E[eps | x_t]; only the loss weight over noise levels differs: x0-MSE = eps-MSE (1 - ab)/ab and
+    v-MSE = eps-MSE / ab (ab = alpha_bar_t). x0 stresses noisy steps, eps clean ones. The samplers
+    always take an eps-predictor: DDPM.eps_from converts the network's output in one place.
 Images live in [-1, 1] inside the model. The file reads as the paper does: the process (DDPM:
 schedule, loss, samplers), the network that predicts eps (UNet), the training loop (train), figures.
 
@@ -26,14 +31,21 @@ Run:
     python ddpm_mnist.py --sample-only --eval 10000   # + FD-LeNet of DDPM and the DDIM sweep (evaluate.py)
     python ddpm_mnist.py --dataset cifar10    # pixel-space CIFAR-10 with the wider UNet preset
     python ddpm_mnist.py --dataset PATH       # your own images, PATH/<class>/<image>.png
+Course exercises (each run writes OUT/per_timestep.json; compare_runs.py overlays several runs):
+    python ddpm_mnist.py --base 32 --mults 1 2 4 --out runs/unet3          # 3 levels [32, 64, 128]
+    python ddpm_mnist.py --base 64 --mults 1 2 4 8 --pad-to 32 --out runs/unet4  # 4 levels need 32x32
+    python ddpm_mnist.py --schedule cosine --cosine-clip 0.95 --out runs/cos95
+    python ddpm_mnist.py --predict x0 --out runs/x0  # or v; --time-embed concat for the other embedding
+    python compare_runs.py --runs runs/ddpm_mnist runs/cos95 runs/x0 --out runs/compare
 The graded course interface (DiffusionModel, DiffusionProcess) lives in diffusion.py.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -50,11 +62,25 @@ class Config:
     dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder ROOT/<class>/<image>"})
     data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
     download: bool = field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
-    image_size: int = field(default=0, metadata={"help": "image folders only: resize to this (0 = 32)", "min": 0})
+    image_size: int = field(default=0, metadata={"help": "resize to this (0: 32 for image folders, native size "
+                            "for mnist/cifar10)", "min": 0})
+    pad_to: int = field(default=0, metadata={"min": 0, "help": "pad the images with -1 (black) to this size, e.g. "
+                        "32 so that 4 UNet levels fit 28x28 MNIST; 0 = no padding"})
     channels: int = field(default=3, metadata={"help": "image folders only: 1 (gray) or 3 (RGB)", "choices": [1, 3]})
     preset: str = field(default="auto", metadata={"help": "UNet size (auto: cifar for 32x32 RGB, else mnist)",
                                                   "choices": ["auto", "tiny", "mnist", "cifar"]})
+    base: int = field(default=0, metadata={"help": "UNet base channels (0 = the preset's)", "min": 0})
+    mults: tuple[int, ...] = field(default=(), metadata={"min": 1, "help": "channel multiplier per level, e.g. "
+                                   "1 2 4 8 for 4 levels (empty = the preset's); 2^(levels-1) must divide the size"})
+    num_res: int = field(default=0, metadata={"help": "residual blocks per level (0 = the preset's)", "min": 0})
+    time_embed: str = field(default="add", metadata={"choices": ["add", "concat"], "help": "add: each ResBlock adds "
+                            "its own projection of the time embedding; concat: the embedding, broadcast to maps, is "
+                            "concatenated to the input of each ResBlock's first convolution"})
+    predict: str = field(default="eps", metadata={"help": "the network's target: eps, x0 or v (see the docstring)",
+                                                  "choices": ["eps", "x0", "v"]})
     schedule: str = field(default="linear", metadata={"help": "beta_t", "choices": ["linear", "cosine", "sigmoid"]})
+    cosine_clip: float = field(default=0.999, metadata={"help": "--schedule cosine: the largest beta_t (0.999 as "
+                               "in Nichol & Dhariwal; 0.99, 0.95 keep the last steps less noisy)"})
     T: int = field(default=1000, metadata={"help": "number of diffusion steps", "min": 1})
     epochs: int = field(default=40, metadata={"help": "epochs in all (with --resume: up to this many)", "min": 1})
     batch_size: int = field(default=128, metadata={"help": "images per step", "min": 1})
@@ -67,10 +93,10 @@ class Config:
     n_samples: int = field(default=64, metadata={"help": "images per sample grid", "min": 2})
     sample_every: int = field(default=5, metadata={"help": "epochs between progress grids", "min": 1})
     ddpm_grid: bool = field(default=True, metadata={"help": "DDPM grids ddpm_4x4/8x8.png: T UNet passes over "
-                            "--n-samples images (2-core CPU: ~10 min with --preset tiny, ~1 h with the mnist UNet)"})
+                            "--n-samples images (2-core CPU, 64 images: ~3 min with --preset tiny, ~35 min with the mnist UNet)"})
     sweep_steps: tuple[int, ...] = field(default=(10, 20, 50, 100, 1000), metadata={"min": 0, "help": "DDIM step "
                                          "counts of ddim_sweep.png, 8 images each; counts above --T are left out, 0 = "
-                                         "no sweep (2-core CPU, per 1000 steps: ~1.5 min tiny, ~8 min mnist UNet)"})
+                                         "no sweep (2-core CPU, per 1000 steps: ~0.5 min tiny, ~4 min mnist UNet)"})
     eval: int = field(default=0, metadata={"min": 0, "help": "score N samples from DDPM and from each DDIM sweep "
                       "step count with evaluate.py into OUT/eval.md; 0 = off; costs N x (T + sweep steps) UNet passes"})
     out: str = field(default="runs/ddpm_mnist", metadata={"help": "folder of the checkpoint and figures"})
@@ -90,6 +116,9 @@ def check_config(cfg: Config) -> None:
     common.check(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     common.check(cfg.ddim_steps <= cfg.T, f"--ddim-steps must be in 1..--T ({cfg.T}), got {cfg.ddim_steps}")
     common.check(cfg.eval != 1, "--eval must be 0 (off) or >= 2 samples, got 1")
+    common.check(0 < cfg.cosine_clip <= 0.999, f"--cosine-clip must be in (0, 0.999], got {cfg.cosine_clip}")
+    common.check(cfg.cosine_clip == 0.999 or cfg.schedule == "cosine", "--cosine-clip applies to --schedule "
+                 f"cosine only, not {cfg.schedule}; add --schedule cosine or leave --cosine-clip out")
 
 
 # ----------------------------------------------------------------------------- the method
@@ -97,12 +126,15 @@ def check_config(cfg: Config) -> None:
 
 class DDPM(nn.Module):
     """The diffusion process: schedule buffers named after the paper's symbols, the training loss,
-    and the two samplers. Samplers take the noise predictor `model(x_t, t)` as an argument."""
+    and the two samplers. Samplers take the noise predictor `model(x_t, t)` as an argument; a network
+    that predicts x0 or v (`predict`) is turned into one by `eps_from`."""
 
-    def __init__(self, T: int = 1000, schedule: str = "linear"):
+    def __init__(self, T: int = 1000, schedule: str = "linear", cosine_clip: float = 0.999, predict: str = "eps"):
         super().__init__()
-        self.T = T
+        self.T, self.predict = T, predict
         beta = common.make_beta_schedule(schedule, T)                    # beta_t, float64
+        if schedule == "cosine":                                         # cosine comes clipped at 0.999: a
+            beta = beta.clamp(max=cosine_clip)                           # lower clip is one more clamp
         alpha = 1 - beta                                                 # alpha_t = 1 - beta_t
         alpha_bar = torch.cumprod(alpha, 0)                              # alpha_bar_t = prod_{s<=t} alpha_s
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=beta.dtype), alpha_bar[:-1]])
@@ -121,10 +153,25 @@ class DDPM(nn.Module):
         return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
     def loss(self, model, x0):
-        """Simple DDPM loss: MSE between the true and the predicted noise at a random step."""
+        """Simple DDPM loss: MSE between the true and the predicted target (eps, x0 or v) at a random step."""
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)
-        return F.mse_loss(model(self.q_sample(x0, t, eps), t).float(), eps)
+        ab = self._bc(self.alpha_bar, t)
+        target = {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[self.predict]
+        return F.mse_loss(model(self.q_sample(x0, t, eps), t).float(), target)
+
+    def eps_from(self, model):
+        """The noise predictor that the network's output implies, for the samplers (given x_t):
+        eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)  from x0;   eps = sqrt(ab) v + sqrt(1 - ab) x_t  from v."""
+        if self.predict == "eps":
+            return model
+
+        def eps(x, t):
+            ab, out = self._bc(self.alpha_bar, t), model(x, t).float()
+            if self.predict == "x0":
+                return (x - ab.sqrt() * out) / (1 - ab).sqrt()
+            return ab.sqrt() * out + (1 - ab).sqrt() * x                # from v
+        return eps
 
     def _noise(self, shape, generator, device):
         return torch.randn(shape, generator=generator, device=device)
@@ -211,19 +258,27 @@ class SelfAttention(nn.Module):
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice; the time embedding, projected by a linear layer, is *added* to
-    the feature maps in between. Optional self-attention after the residual."""
+    the feature maps in between. Optional self-attention after the residual.
+    time_embed="concat": the embedding is broadcast to t_dim constant maps and concatenated to the
+    first convolution's input instead. Away from the border that is the same as adding a learned
+    projection of it (a conv of a constant map is a constant); only the zero padding differs."""
 
-    def __init__(self, c_in: int, c_out: int, t_dim: int, dropout: float, attn: bool = False):
+    def __init__(self, c_in: int, c_out: int, t_dim: int, dropout: float, attn: bool = False, time_embed: str = "add"):
         super().__init__()
-        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.t_proj = nn.Linear(t_dim, c_out)
+        self.concat = time_embed == "concat"
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in + t_dim * self.concat, c_out, 3, padding=1)
+        self.t_proj = nn.Identity() if self.concat else nn.Linear(t_dim, c_out)
         self.norm2, self.drop, self.conv2 = norm(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.attn = SelfAttention(c_out) if attn else nn.Identity()
 
     def forward(self, x, emb):                           # x (N, c_in, H, W), emb (N, t_dim)
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.t_proj(emb)[:, :, None, None]       # time enters every block
+        h = F.silu(self.norm1(x))
+        if self.concat:                                  # (N, c_in + t_dim, H, W)
+            h = torch.cat([h, emb[:, :, None, None].expand(-1, -1, *h.shape[-2:]).to(h.dtype)], dim=1)
+            h = self.conv1(h)
+        else:
+            h = self.conv1(h) + self.t_proj(emb)[:, :, None, None]  # time enters every block
         h = self.conv2(self.drop(F.silu(self.norm2(h))))
         return self.attn(self.skip(x) + h)               # (N, c_out, H, W)
 
@@ -240,12 +295,15 @@ class UNet(nn.Module):
     """eps_theta(x_t, t): encoder, bottleneck and decoder with skip connections; self-attention at
     the lowest resolution. `encode`/`decode` are separate so ControlNet and DeepCache can reach in."""
 
-    def __init__(self, image_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, dropout=0.1):
+    def __init__(self, image_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, dropout=0.1, time_embed="add"):
         super().__init__()
-        common.check(image_size % 2 ** (len(mults) - 1) == 0,
-                     f"image size {image_size} is not divisible by 2^{len(mults) - 1}; use fewer levels")
+        k = 2 ** (len(mults) - 1)                        # the lowest level is image_size / k wide
+        common.check(image_size % k == 0, f"image size {image_size} is not divisible by 2^{len(mults) - 1}; "
+                     f"use fewer levels, or --pad-to {-(-image_size // k) * k}")
         self.config = dict(image_size=image_size, channels=channels, base=base, mults=tuple(mults),
                            num_res=num_res, dropout=dropout)
+        if time_embed != "add":  # recorded only when not the default: subclasses' checkpoints keep their keys
+            self.config["time_embed"] = time_embed
         t_dim, last = 4 * base, len(mults) - 1
         self.base = base
         self.time_mlp = nn.Sequential(nn.Linear(base, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
@@ -254,17 +312,18 @@ class UNet(nn.Module):
         for i, m in enumerate(mults):
             blocks = []
             for _ in range(num_res):
-                blocks.append(ResBlock(c, base * m, t_dim, dropout, attn=i == last))
+                blocks.append(ResBlock(c, base * m, t_dim, dropout, i == last, time_embed))
                 c = base * m
                 skip_c.append(c)
             down = nn.Conv2d(c, c, 3, stride=2, padding=1) if i < last else nn.Identity()
             self.downs.append(Level(blocks, down))
-        self.mid = nn.ModuleList([ResBlock(c, c, t_dim, dropout, attn=True), ResBlock(c, c, t_dim, dropout)])
+        self.mid = nn.ModuleList([ResBlock(c, c, t_dim, dropout, True, time_embed),
+                                  ResBlock(c, c, t_dim, dropout, False, time_embed)])
         self.ups = nn.ModuleList()
         for i, m in reversed(list(enumerate(mults))):
             blocks = []
             for _ in range(num_res):
-                blocks.append(ResBlock(c + skip_c.pop(), base * m, t_dim, dropout, attn=i == last))
+                blocks.append(ResBlock(c + skip_c.pop(), base * m, t_dim, dropout, i == last, time_embed))
                 c = base * m
             up = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)) if i > 0 else nn.Identity()
             self.ups.append(Level(blocks, up))
@@ -303,26 +362,49 @@ class UNet(nn.Module):
 # ----------------------------------------------------------------------------- training
 
 
-def load_data(cfg: Config, device, train: bool = True):
-    """The whole split as one tensor on `device`: x (N, C, H, W) in [-1, 1], y (N,)."""
-    return common.load_images(cfg.dataset, cfg.data_dir, train=train, download=cfg.download,
+def load_data(cfg: Config, device, train: bool = True, padded: bool = True):
+    """The whole split as one tensor on `device`: x (N, C, H, W) in [-1, 1], y (N,), padded to --pad-to."""
+    x, y = common.load_images(cfg.dataset, cfg.data_dir, train=train, download=cfg.download,
                               image_size=cfg.image_size or None, channels=cfg.channels, device=device)
+    common.check(x.shape[-1] <= cfg.pad_to or not cfg.pad_to, f"--pad-to {cfg.pad_to} is smaller than the "
+                 f"images ({x.shape[-1]}x{x.shape[-1]}); pass a larger size or leave --pad-to out")
+    return (pad(x, cfg.pad_to) if padded else x), y
+
+
+def pad(x, size: int):
+    """A border of -1 (black, MNIST's background) around (N, C, H, W) images up to size x size (0: none)."""
+    p = size - x.shape[-1] if size else 0
+    return F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2), value=-1.0) if p else x
+
+
+def crop(x, size: int):
+    """The centre size x size of (N, C, H, W) images: undoes `pad`."""
+    p = (x.shape[-1] - size) // 2
+    return x[..., p:p + size, p:p + size]
+
+
+def unet_kwargs(cfg: Config, x) -> dict:
+    """The UNet's constructor arguments: the preset, overridden by --base/--mults/--num-res."""
+    preset = cfg.preset if cfg.preset != "auto" else "cifar" if x.shape[1:] == (3, 32, 32) else "mnist"
+    net = dict(PRESETS[preset], time_embed=cfg.time_embed)
+    net |= {k: v for k, v in dict(base=cfg.base, mults=tuple(cfg.mults), num_res=cfg.num_res).items() if v}
+    return dict(image_size=x.shape[-1], channels=x.shape[1], **net)
 
 
 def train(cfg: Config, x_train, y_train, device) -> tuple[UNet, DDPM]:
     """Algorithm 1 as a loop: AdamW with warm-up, EMA weights that sample, one atomic checkpoint per
     epoch (--resume continues it exactly), a DDIM grid every --sample-every epochs. -> (EMA UNet, DDPM)"""
     ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
-    preset = cfg.preset if cfg.preset != "auto" else "cifar" if x_train.shape[1:] == (3, 32, 32) else "mnist"
-    model = UNet(x_train.shape[-1], x_train.shape[1], **PRESETS[preset]).to(device)
+    model = UNet(**unet_kwargs(cfg, x_train)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ema, opt = common.make_ema(model, cfg.ema_decay), common.make_optimizer(model, cfg.lr)
-    ddpm = DDPM(cfg.T, cfg.schedule).to(device)
+    ddpm = DDPM(cfg.T, cfg.schedule, cfg.cosine_clip, cfg.predict).to(device)
     net = torch.compile(model) if cfg.compile else model
     step, start, losses = 0, 0, []
-    if cfg.resume:  # weights, EMA, optimizer and RNG state; a changed T, schedule or preset is refused
-        step, start, losses = common.resume(ckpt, device, KIND, cfg, ("T", "schedule", "preset"), model, ema, opt)
+    if cfg.resume:  # weights, EMA, optimizer and RNG state; a changed process or network is refused
+        same = ("T", "schedule", "cosine_clip", "predict", "preset", "base", "mults", "num_res", "time_embed", "pad_to")
+        step, start, losses = common.resume(ckpt, device, KIND, cfg, same, model, ema, opt)
     print(f"UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(x_train)} training images on {device}")
     batch = min(cfg.batch_size, len(x_train))
@@ -334,7 +416,7 @@ def train(cfg: Config, x_train, y_train, device) -> tuple[UNet, DDPM]:
                                      f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch):
             common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, cfg.epochs * steps_per_epoch)
             with common.autocast(device, cfg.amp):
-                loss = ddpm.loss(net, x0)                # || eps - eps_theta(x_t, t) ||^2 at a random t
+                loss = ddpm.loss(net, x0)                # || eps - eps_theta(x_t, t) ||^2 at a random t (or x0, v)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -351,7 +433,7 @@ def train(cfg: Config, x_train, y_train, device) -> tuple[UNet, DDPM]:
         common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg),
                                **common.training_state(model, ema, opt, step, epoch + 1, losses))
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:  # own generator: the run's RNG is untouched
-            x = ddpm.ddim_sample(ema.module.eval(), (cfg.n_samples, *x_train.shape[1:]), cfg.ddim_steps,
+            x = ddpm.ddim_sample(ddpm.eps_from(ema.module.eval()), (cfg.n_samples, *x_train.shape[1:]), cfg.ddim_steps,
                                  generator=torch.Generator(device).manual_seed(cfg.seed))
             common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
     common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
@@ -374,14 +456,22 @@ def ensure_trained(path: str, device, *, dataset: str = "mnist", data_dir: str =
     return path
 
 
-def load_trained(path: str, device) -> tuple[UNet, DDPM, dict]:
+def load_trained(path: str, device, eps_only: bool = True) -> tuple[UNet, DDPM, dict]:
     """The EMA network (eval mode), the diffusion process and the whole state of a checkpoint
-    written by `train`; state["net"] holds the UNet's constructor arguments."""
+    written by `train`; state["net"] holds the UNet's constructor arguments. eps_only (for the
+    scripts that build on this one and call the UNet as eps_theta on unpadded images): refuse a
+    network trained with --predict x0/v or --pad-to."""
     state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "config"),
                                    hint="train one with `python ddpm_mnist.py` first")
+    c = state["config"]
+    if eps_only:
+        common.check(c.get("predict", "eps") == "eps" and not c.get("pad_to"), f"'{path}' was trained with "
+                     f"--predict {c.get('predict')} --pad-to {c.get('pad_to')}; this script needs a base trained "
+                     "with --predict eps and no --pad-to")
     model = UNet(**state["net"]).to(device)
     common.load_weights(model, state["ema"], path)
-    return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device), state
+    ddpm = DDPM(c["T"], c["schedule"], c.get("cosine_clip", 0.999), c.get("predict", "eps"))
+    return model.eval(), ddpm.to(device), state
 
 
 # ----------------------------------------------------------------------------- figures
@@ -389,7 +479,8 @@ def load_trained(path: str, device) -> tuple[UNet, DDPM, dict]:
 
 @torch.no_grad()
 def test_loss_per_timestep(model, ddpm: DDPM, x_test, bins: int = 20, max_images: int = 2000, seed: int = 0):
-    """Test loss with one random t per image, averaged overall and within `bins` bins of t."""
+    """Test eps-MSE of the noise predictor `model` with one random t per image, averaged overall and
+    within `bins` bins of t: -> (mean, [(bin centre t, mean), ...])."""
     g = torch.Generator(x_test.device).manual_seed(seed)
     x0 = x_test[:max_images]
     t = torch.randint(0, ddpm.T, (len(x0),), device=x0.device, generator=g)
@@ -402,58 +493,104 @@ def test_loss_per_timestep(model, ddpm: DDPM, x_test, bins: int = 20, max_images
 
 
 def slerp(z0, z1, alpha):
-    """Spherical interpolation: keeps interpolated Gaussian noise at the norm the model expects."""
+    """Spherical interpolation: keeps interpolated Gaussian noise at the norm the model expects.
+    Noise of d pixels lies on the shell ||z|| ~ sqrt(d); the linear midpoint of two independent
+    draws has norm ~ sqrt(d / 2), a noise level the model never saw: the linear path leaves the shell."""
     omega = torch.acos((z0.flatten() @ z1.flatten() / (z0.norm() * z1.norm())).clamp(-1, 1))
     return (torch.sin((1 - alpha) * omega) * z0 + torch.sin(alpha * omega) * z1) / torch.sin(omega)
 
 
 def make_figures(cfg: Config, model, ddpm: DDPM, device, shape) -> None:
-    """Cheap: test loss per timestep, DDIM grids, noise interpolation. Expensive, each timed and
-    optional: the DDPM grids (--no-ddpm-grid), the DDIM step sweep (--sweep-steps), --eval N."""
+    """Cheap: test loss per timestep (+ OUT/per_timestep.json for compare_runs.py), DDIM grids, noise
+    interpolation. Expensive, each timed and optional: the DDPM grids and stochastic_vs_deterministic.png
+    (--no-ddpm-grid), the DDIM step sweep (--sweep-steps), --eval N."""
     out, n, T = cfg.out, cfg.n_samples, ddpm.T
-    gen = lambda: torch.Generator(device).manual_seed(cfg.seed)  # noqa: E731 (same noise for every figure)
+    eps_model = ddpm.eps_from(model)                             # every sampler below takes eps_theta
+    gen = lambda seed=cfg.seed: torch.Generator(device).manual_seed(seed)  # noqa: E731 (same noise everywhere)
     x_T = torch.randn((n, *shape), device=device, generator=gen())
-    x_test, _ = load_data(cfg, device, train=False)
-    test_loss, per_t = test_loss_per_timestep(model, ddpm, x_test, seed=cfg.seed)
-    print(f"test loss {test_loss:.4f} ({min(len(x_test), 2000)} test images)")
+    x_raw, _ = load_data(cfg, device, train=False, padded=False)
+    test_loss, per_t = test_loss_per_timestep(eps_model, ddpm, pad(x_raw, cfg.pad_to), seed=cfg.seed)
+    print(f"test loss {test_loss:.4f} (eps-MSE, {min(len(x_raw), 2000)} test images)")
     common.plot_curves(os.path.join(out, "loss_per_timestep.png"), {"test loss": per_t}, xlabel="t",
-                       title=f"test loss per timestep (mean {test_loss:.4f})")
+                       title=f"test eps-MSE per t (mean {test_loss:.4f}); t = 0: clean data")
+    ab = ddpm.alpha_bar.cpu().double()
+    logsnr = [math.log(ab[int(t)] / (1 - ab[int(t)])) for t, _ in per_t]  # log(alpha_bar / (1 - alpha_bar)), bin centre
+    record = dict(config={k: getattr(cfg, k) for k in ("schedule", "cosine_clip", "predict", "T", "time_embed")},
+                  net=model.config, alpha_bar=ab.tolist(), t=[t for t, _ in per_t], logsnr=logsnr,
+                  loss=[v for _, v in per_t], test_loss=test_loss, fd={})
+    save_record(out, record)
 
-    x, sec = common.timed(device, lambda: ddpm.ddim_sample(model, x_T.shape, cfg.ddim_steps, cfg.eta, x_T=x_T,
+    x, sec = common.timed(device, lambda: ddpm.ddim_sample(eps_model, x_T.shape, cfg.ddim_steps, cfg.eta, x_T=x_T,
                                                           generator=gen()))
     print(f"DDIM grid: {cfg.ddim_steps} steps x {n} images in {sec:.1f}s")
     common.save_grid(x[:16], os.path.join(out, f"ddim{cfg.ddim_steps}_4x4.png"), nrow=4)
     common.save_grid(x, os.path.join(out, f"ddim{cfg.ddim_steps}_8x8.png"), nrow=8)
-    z = torch.stack([slerp(x_T[0], x_T[1], a) for a in torch.linspace(0, 1, 10, device=device)])
-    x = ddpm.ddim_sample(model, z.shape, cfg.ddim_steps, x_T=z)
+    # row 1 spherical, row 2 linear: the linear midpoints leave the noise shell (see slerp)
+    a = torch.linspace(0, 1, 10, device=device)
+    z = torch.stack([slerp(x_T[0], x_T[1], w) for w in a] + [(1 - w) * x_T[0] + w * x_T[1] for w in a])
+    print(f"interpolation: ||z|| = {x_T[0].norm():.1f} and {x_T[1].norm():.1f} at the ends, midpoint "
+          f"{z[4:6].flatten(1).norm(dim=1).mean():.1f} spherical, {z[14:16].flatten(1).norm(dim=1).mean():.1f} linear")
+    x = ddpm.ddim_sample(eps_model, z.shape, cfg.ddim_steps, x_T=z)
     common.save_grid(x, os.path.join(out, "interpolation.png"), nrow=10)
     if cfg.ddpm_grid:
         print(f"DDPM grid: {T} steps x {n} images (--no-ddpm-grid skips it) ...", flush=True)
-        x, sec = common.timed(device, lambda: ddpm.ddpm_sample(model, x_T.shape, cfg.sigma, x_T=x_T, generator=gen()))
+        x, sec = common.timed(device, lambda: ddpm.ddpm_sample(eps_model, x_T.shape, cfg.sigma, x_T=x_T,
+                                                              generator=gen()))
         print(f"DDPM grid: {T} steps x {n} images in {sec:.1f}s")
         common.save_grid(x[:16], os.path.join(out, "ddpm_4x4.png"), nrow=4)
         common.save_grid(x, os.path.join(out, "ddpm_8x8.png"), nrow=8)
+        # 3 runs from the same 4 x_T: DDPM draws fresh noise z at every step (the 3 copies in one batch
+        # draw different z, as 3 seeds would), DDIM with eta = 0 has none: the same digit each run.
+        k = min(4, n)                                    # images per run
+        print(f"stochastic vs deterministic: DDPM {T} steps x {3 * k} images ...", flush=True)
+        stoch = ddpm.ddpm_sample(eps_model, (3 * k, *shape), cfg.sigma, x_T=x_T[:k].repeat(3, 1, 1, 1), generator=gen())
+        det = [ddpm.ddim_sample(eps_model, (k, *shape), cfg.ddim_steps, 0.0, x_T=x_T[:k], generator=gen(cfg.seed + r))
+               for r in range(3)]
+        print(f"  DDPM runs differ by {(stoch[:k] - stoch[k:2 * k]).abs().mean():.3f} per pixel, "
+              f"DDIM runs by {(det[0] - det[1]).abs().mean():.3f}")
+        common.save_grid(torch.cat([torch.cat([stoch[k * r:k * (r + 1)], det[r]]) for r in range(3)]),
+                         os.path.join(out, "stochastic_vs_deterministic.png"), nrow=2 * k)
 
     sweep = sorted({s for s in cfg.sweep_steps if 1 <= s <= T})
     if sweep:  # the same 8 noise images through each step count: one row each, and its wall time
         print(f"DDIM sweep: {' + '.join(map(str, sweep))} steps x 8 images (--sweep-steps sets them) ...", flush=True)
         rows, times = [], []
         for steps in sweep:
-            x, sec = common.timed(device, lambda: ddpm.ddim_sample(model, x_T[:8].shape, steps, x_T=x_T[:8]))
+            x, sec = common.timed(device, lambda: ddpm.ddim_sample(eps_model, x_T[:8].shape, steps, x_T=x_T[:8]))
             rows.append(x)
             times.append((steps, sec))
             print(f"DDIM {steps:4d} steps: {sec:.2f}s per batch of 8")
+        table = [["DDIM", s, sec] for s, sec in times]
+        curves = {"DDIM": times}
+        if cfg.ddpm_grid:  # the last row: DDPM through all T steps from the same 8 x_T
+            x, sec = common.timed(device, lambda: ddpm.ddpm_sample(eps_model, x_T[:8].shape, cfg.sigma, x_T=x_T[:8],
+                                                                  generator=gen()))
+            rows.append(x)
+            table.append(["DDPM", T, sec])
+            curves["DDPM"] = [(T, sec)]
+            print(f"DDPM {T:4d} steps: {sec:.2f}s per batch of 8")
         common.save_grid(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), nrow=8)
-        common.plot_curves(os.path.join(out, "ddim_sweep_time.png"), {"batch of 8": times}, xlabel="DDIM steps",
-                           ylabel="seconds per batch", title="DDIM: steps vs wall time")
+        common.write_table(os.path.join(out, "ddim_sweep.md"), ["sampler", "steps", "seconds per batch of 8"], table)
+        common.plot_curves(os.path.join(out, "ddim_sweep_time.png"), curves, xlabel="steps",
+                           ylabel="seconds per batch", title="sampling steps vs wall time (8 images)")
     if cfg.eval:  # opt-in: the same sweep, measured (FD in a cached classifier's features, see evaluate.py)
         import evaluate
         ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device,
                                 image_size=cfg.image_size or None, channels=cfg.channels)
-        samplers = {("DDPM", T): lambda z, g: ddpm.ddpm_sample(model, z.shape, cfg.sigma, x_T=z, generator=g)}
-        samplers |= {("DDIM", s): lambda z, g, s=s: ddpm.ddim_sample(model, z.shape, s, cfg.eta, x_T=z, generator=g)
-                     for s in sweep}
-        evaluate.score_sweep(ev, samplers, cfg.eval, shape, device, os.path.join(out, "eval.md"), cfg.seed, amp=cfg.amp)
+        size = x_raw.shape[-1]  # scored without the --pad-to border
+        samplers = {("DDPM", T): lambda z, g: crop(ddpm.ddpm_sample(eps_model, z.shape, cfg.sigma, x_T=z, generator=g),
+                                                   size)}
+        samplers |= {("DDIM", s): lambda z, g, s=s: crop(ddpm.ddim_sample(eps_model, z.shape, s, cfg.eta, x_T=z,
+                                                                          generator=g), size) for s in sweep}
+        rows = evaluate.score_sweep(ev, samplers, cfg.eval, shape, device, os.path.join(out, "eval.md"), cfg.seed,
+                                    amp=cfg.amp)
+        save_record(out, record | {"fd": {f"{r['sampler']} {r['steps']}": r["fd"] for r in rows}})
+
+
+def save_record(out: str, record: dict) -> None:
+    """OUT/per_timestep.json: what compare_runs.py overlays (alpha_bar, per-timestep loss, FD)."""
+    with open(os.path.join(out, "per_timestep.json"), "w") as f:
+        json.dump(record, f)
 
 
 def main(argv=None) -> None:
@@ -463,7 +600,10 @@ def main(argv=None) -> None:
     ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     common.prepare_out(cfg.out)
     if cfg.sample_only:
-        model, ddpm, _ = load_trained(ckpt, device)            # a missing or foreign file stops here
+        model, ddpm, state = load_trained(ckpt, device, eps_only=False)  # a missing or foreign file stops here
+        trained = {k: v for k, v in state["config"].items() if k in ("T", "schedule", "cosine_clip", "predict",
+                                                                     "time_embed", "pad_to")}
+        cfg = replace(cfg, **trained)                          # the figures describe the run as trained
         common.check(cfg.ddim_steps <= ddpm.T, f"--ddim-steps must be in 1..{ddpm.T} (the T of '{ckpt}'), "
                      f"got {cfg.ddim_steps}")
     else:

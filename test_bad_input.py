@@ -138,6 +138,13 @@ CASES = [
     ("ddpm_mnist", DD + ["--out", "{ddpm_out}"], "already holds a checkpoint; pass --resume", "{ddpm}"),
     ("ddpm_mnist", DR + ["--T", "30"], "--T is 30 but", "{ddpm}"),
     ("ddpm_mnist", DR + ["--schedule", "cosine"], "--schedule is cosine but", "{ddpm}"),
+    ("ddpm_mnist", DD + ["--schedule", "cosine", "--cosine-clip", "1.5"], "--cosine-clip must be in (0, 0.999]", None),
+    ("ddpm_mnist", DD + ["--cosine-clip", "0.9"], "--cosine-clip applies to --schedule cosine only", None),
+    ("ddpm_mnist", DD + ["--pad-to", "20"], "--pad-to 20 is smaller than the images (28x28)", None),
+    ("ddpm_mnist", DD + ["--base", "8", "--mults", "1", "2", "2", "2"], "use fewer levels, or --pad-to 32", None),
+    # ----------------------------------------------------------------------------- compare_runs.py
+    ("compare_runs", ["--runs", "{tmp}"], "--runs needs two or more run folders", None),
+    ("compare_runs", ["--runs", "{tmp}/a", "{tmp}/missing"], "per_timestep.json' not found", None),
     # ----------------------------------------------------------------------------- toy_2d.py
     ("toy_2d", ["--out", "{tmp}", "--steps", "0"], "--steps must be >= 1, got 0", None),
     ("toy_2d", ["--out", "{tmp}", "--lr", "0"], "--lr must be > 0, got 0.0", None),

@@ -37,10 +37,10 @@ def one_line(e) -> str:
 MNIST = ["--data-dir", "{mnist}", "--no-download", "--device", "cpu"]
 SMOKE = {  # script: (argv at tiny sizes, files it must write into --out)
     "toy_2d": (["--steps", "60", "--n-train", "2000", "--n-test", "400", "--n-samples", "300", "--T", "20"],
-               ["forward.png", "reverse.png", "loss.png", "reverse.gif"]),
+               ["forward.png", "closed_form_vs_chain.png", "reverse.png", "samples.png", "loss.png", "reverse.gif"]),
     "ddpm_mnist": (MNIST + TINY[:-3] + ["--epochs", "1"], ["ckpt.pt", "loss.png", "loss_per_timestep.png", "ddpm_4x4.png", "ddpm_8x8.png",
                    "ddim2_4x4.png", "ddim2_8x8.png", "interpolation.png", "ddim_sweep.png", "ddim_sweep_time.png",
-                   "samples_epoch001.png"]),
+                   "samples_epoch001.png", "stochastic_vs_deterministic.png", "ddim_sweep.md", "per_timestep.json"]),
     "latent_diffusion": (MNIST + ["--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1", "--T", "20",
                                   "--epochs", "1", "--batch-size", "32", "--n-samples", "2", "--ddim-steps", "2"],
                          ["vae.pt", "ckpt.pt", "vae_reconstructions.png", "ddim_vs_ddpm.png", "samples_epoch001.png",
@@ -59,7 +59,7 @@ SMOKE = {  # script: (argv at tiny sizes, files it must write into --out)
                              "guided_ddim_s2.png", "accuracy_vs_scale.png", "accuracy_vs_scale.md"]),
     "deepcache": (MNIST + ["--base-ckpt", "{ddpm}", "--steps", "2", "--n-samples", "2", "--batch-size", "2",
                            "--warmup", "0", "--repeats", "1", "--sweep-steps", "2", "--sweep-intervals", "1", "2"],
-                  ["samples.png", "samples_plain.png", "intervals.png", "speedup.png", "quality.png", "tradeoff.png",
+                  ["samples.png", "samples_plain.png", "grid_steps2.png", "speedup.png", "quality.png", "tradeoff.png",
                    "speed_quality.md"]),
     "controlnet_canny": (MNIST + ["--base-ckpt", "{ddpm}", "--epochs", "1", "--batch-size", "32", "--ddim-steps", "2",
                                   "--n-digits", "2", "--samples-per-edge", "2", "--n-eval", "4"],
@@ -379,3 +379,62 @@ def test_parse_config_flags():
     assert (cfg.batch_size, cfg.amp, cfg.schedule) == (7, False, "cosine")
     with pytest.raises(SystemExit):
         common.parse_config(ddpm_mnist.Config, ["--schedule", "quadratic"])
+
+
+# ----------------------------------------------------------------------------- course exercises (issue 13)
+# Runs of the new flags are in test_exercises.py; here the mathematics they rest on.
+
+
+def as_prediction(ddpm, eps_fn, predict):
+    """An eps-predictor rewritten as the x0- or v-predicting network that implies it (given x_t)."""
+    def net(x, t):
+        ab, eps = ddpm.alpha_bar[t][:, None, None, None], eps_fn(x, t)
+        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return x0 if predict == "x0" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    return net
+
+
+@pytest.mark.parametrize("predict, sampler", [("x0", "ddpm"), ("v", "ddim")])
+def test_x0_and_v_prediction_reproduce_the_gaussian(predict, sampler):
+    """The exact Gaussian predictor expressed as x0 or v; eps_from turns it back for the unchanged samplers."""
+    torch.manual_seed(0)
+    ddpm = ddpm_mnist.DDPM(1000, "linear", predict=predict)
+    mu, s, shape = 0.5, 0.3, (8000, 1, 1, 1)
+    model = ddpm.eps_from(as_prediction(ddpm, gaussian_eps(ddpm, mu, s), predict))
+    x = ddpm.ddpm_sample(model, shape) if sampler == "ddpm" else ddpm.ddim_sample(model, shape, steps=100)
+    assert x.mean().item() == pytest.approx(mu, abs=0.02)
+    assert x.std().item() == pytest.approx(s, rel=0.05)
+
+
+def test_x0_and_v_losses_reweight_the_eps_loss():
+    """Same estimator, other loss weight: x0-MSE = eps-MSE (1 - ab)/ab, v-MSE = eps-MSE / ab (T = 1: t = 0)."""
+    x0 = torch.randn(64, 1, 4, 4)
+    losses = {}
+    for predict in ("eps", "x0", "v"):
+        ddpm = ddpm_mnist.DDPM(1, "linear", predict=predict)
+        eps_net = lambda x, t: 0.5 * x  # noqa: E731 (any predictor: the identity holds for each)
+        net = eps_net if predict == "eps" else as_prediction(ddpm, eps_net, predict)
+        torch.manual_seed(0)
+        losses[predict] = ddpm.loss(net, x0).item()
+    ab = ddpm.alpha_bar[0].item()
+    assert losses["x0"] == pytest.approx(losses["eps"] * (1 - ab) / ab, rel=1e-4)
+    assert losses["v"] == pytest.approx(losses["eps"] / ab, rel=1e-4)
+
+
+def test_cosine_clip():
+    default, clipped = ddpm_mnist.DDPM(1000, "cosine"), ddpm_mnist.DDPM(1000, "cosine", cosine_clip=0.95)
+    assert default.beta.max().item() == pytest.approx(0.999) and clipped.beta.max().item() == pytest.approx(0.95)
+    low = default.beta < 0.95
+    assert torch.equal(default.beta[low], clipped.beta[low]) and (~low).sum() > 0  # only the last steps change
+    assert clipped.alpha_bar[-1] > default.alpha_bar[-1]
+    assert torch.equal(ddpm_mnist.DDPM(1000, "linear", cosine_clip=0.95).beta, ddpm_mnist.DDPM(1000).beta)
+
+
+def test_concat_time_embedding_reaches_every_block():
+    torch.manual_seed(0)
+    net = ddpm_mnist.UNet(8, 1, base=8, mults=(1, 2), num_res=1, time_embed="concat").eval()
+    assert all(b.concat and b.conv1.in_channels == b.norm1.num_channels + 32
+               for b in net.modules() if isinstance(b, ddpm_mnist.ResBlock))
+    torch.nn.init.normal_(net.out[-1].weight)  # the zero-initialised output layer would hide t
+    x = torch.randn(2, 1, 8, 8)
+    assert not torch.allclose(net(x, torch.tensor([0, 0])), net(x, torch.tensor([500, 500])))
