@@ -8,6 +8,7 @@
 - `ddpm_ckpt`: a ddpm_mnist.py checkpoint from a one-epoch tiny run, for the scripts that build on
   a trained UNet (trained once per test session).
 """
+import hashlib
 import os
 import struct
 
@@ -20,6 +21,18 @@ import torch
 torch.set_num_threads(1)
 
 N_TRAIN, N_TEST, N_CLASSES = 64, 32, 10
+
+
+def digest(path) -> str:
+    """SHA-256 of a file: tests compare it before and after a run that must not touch the file."""
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def one_line(e) -> str:
+    """The text of a caught SystemExit, asserted to be our one-line "error: ..." message."""
+    text = str(e.value)
+    assert text.startswith("error:") and "\n" not in text, text
+    return text
 
 
 def _digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,6 @@ Scripts run in-process through their `main(argv)`; placeholders in argv name fix
     {garbage}  a file of random bytes named .pt         {broken}   an image folder with a truncated JPEG
     {empty}, {nan}, {float_labels}, {label12}: sample files for evaluate.py with what their names say
 """
-import hashlib
 import importlib
 import os
 import shutil
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 import common
+from conftest import digest
 
 MNIST = ["--data-dir", "{mnist}", "--no-download", "--device", "cpu"]
 TINY = MNIST + ["--preset", "tiny", "--T", "20", "--epochs", "1", "--batch-size", "16"]
@@ -181,10 +181,6 @@ def files(tmp_path_factory, mnist_dir, image_folder, ddpm_ckpt):
                 ddpm_out=str(root / "ddpm_out"), file=str(root / "file.txt"), foreign=str(root / "vae.pt"),
                 keyless=str(root / "keyless.pt"), garbage=str(root / "garbage.pt"), broken=str(broken),
                 **{k: str(root / f"{k}.pt") for k in ("empty", "nan", "float_labels", "label12")})
-
-
-def digest(path: str) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 @pytest.mark.parametrize("script, argv, message, keep", CASES,

@@ -2,28 +2,18 @@
 on padded 32x32 digits, the concatenated time embedding with x0-prediction and a clipped cosine
 schedule, --resume refusing a changed process or network, and compare_runs.py's figure.
 (The mathematics behind them, e.g. x0/v-prediction reproducing the exact Gaussian, is in test_smoke.py.)"""
-import hashlib
 import json
 
 import pytest
 import torch
 
 import compare_runs
+from conftest import digest, one_line
 import ddpm_mnist
 
 FAST = ["--preset", "tiny", "--T", "20", "--batch-size", "16", "--n-samples", "4", "--ddim-steps", "2",
         "--no-ddpm-grid", "--sweep-steps", "0", "--device", "cpu", "--no-download", "--epochs", "1"]
 EXERCISE = ["--time-embed", "concat", "--predict", "x0", "--schedule", "cosine", "--cosine-clip", "0.95"]
-
-
-def digest(path) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def one_line(e) -> str:
-    text = str(e.value)
-    assert text.startswith("error:") and "\n" not in text, text
-    return text
 
 
 @pytest.fixture(scope="module")

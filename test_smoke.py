@@ -4,7 +4,6 @@ mathematics of DDPM/DDIM; the graded interface (diffusion.py); the plumbing of c
 Scripts run in-process through their `main(argv)` (no subprocess: one torch import for the suite),
 on the tiny datasets of conftest.py, written in the real file formats.
 """
-import hashlib
 import os
 import shutil
 import textwrap
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import common
+from conftest import digest, one_line
 import ddpm_mnist
 import diffusion
 import toy_2d
@@ -20,16 +20,6 @@ import toy_2d
 TINY = ["--preset", "tiny", "--T", "20", "--batch-size", "16", "--n-samples", "4", "--ddim-steps", "2",
         "--sweep-steps", "2", "5", "--device", "cpu", "--no-download"]
 FAST = TINY + ["--no-ddpm-grid", "--sweep-steps", "0"]  # training and the cheap figures only
-
-
-def digest(path) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def one_line(e) -> str:
-    text = str(e.value)
-    assert text.startswith("error:") and "\n" not in text, text
-    return text
 
 
 # ----------------------------------------------------------------------------- smoke runs of every script
