@@ -62,8 +62,8 @@ def make_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
             kw.update(nargs="+", type=args[0])
         else:                                              # X, or X | None
             kw["type"] = next(a for a in args if a is not type(None)) if type(None) in args else typ
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="?", **kw)
+        if f.metadata.get("positional"):                  # one optional value, or a tuple's one or more
+            parser.add_argument(f.name, **{"nargs": "?", **kw})
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), **kw)
     return parser

@@ -4,6 +4,7 @@ mathematics of DDPM/DDIM; the graded interface (diffusion.py); the plumbing of c
 Scripts run in-process through their `main(argv)` (no subprocess: one torch import for the suite),
 on the tiny datasets of conftest.py, written in the real file formats.
 """
+import dataclasses
 import os
 import shutil
 import textwrap
@@ -369,6 +370,16 @@ def test_parse_config_flags():
     assert (cfg.batch_size, cfg.amp, cfg.schedule) == (7, False, "cosine")
     with pytest.raises(SystemExit):
         common.parse_config(ddpm_mnist.Config, ["--schedule", "quadratic"])
+
+
+def test_parse_config_positional_fields():
+    @dataclasses.dataclass
+    class Positional:
+        runs: tuple[str, ...] = dataclasses.field(default=(), metadata={"positional": True})
+        out: str = "x"
+    assert common.parse_config(Positional, ["a", "b", "--out", "y"]) == Positional(("a", "b"), "y")
+    with pytest.raises(SystemExit):                    # a tuple takes one or more values
+        common.parse_config(Positional, [])
 
 
 # ----------------------------------------------------------------------------- course exercises (issue 13)
