@@ -237,7 +237,10 @@ PRESETS = {  # base channels, channel multiplier per resolution level, residual 
 
 
 def norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, c), c)
+    """GroupNorm with at most 32 groups of at least 4 channels each (16 channels: 4 groups of 4).
+    Never one channel per group: that normalises each channel over H x W alone, and so subtracts
+    any per-channel constant added before it (see ResBlock)."""
+    return nn.GroupNorm(max([g for g in range(1, 33) if c % g == 0 and c // g >= 4] or [1]), c)
 
 
 class SelfAttention(nn.Module):
@@ -257,17 +260,24 @@ class SelfAttention(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice; the time embedding, projected by a linear layer, is *added* to
-    the feature maps in between. Optional self-attention after the residual.
-    time_embed="concat": the embedding is broadcast to t_dim constant maps and concatenated to the
-    first convolution's input instead. Away from the border that is the same as adding a learned
-    projection of it (a conv of a constant map is a constant); only the zero padding differs."""
+    """GroupNorm-SiLU-conv twice, the time embedding in between; optional self-attention after.
+
+    How t gets in, and why there. The projected embedding is one number per channel, the same at
+    every pixel. GroupNorm subtracts each group's mean over its channels and pixels, so a constant
+    added *before* it is (partly) subtracted again: all of it when a group is one channel, which is
+    how this UNet once lost t. So t enters *after* the norm, as a scale and a shift of the
+    normalised features (Dhariwal & Nichol's "scale-shift norm", like DiT's adaLN):
+        h = conv1(silu(norm1(x)));   h = norm2(h) * (1 + gamma(emb)) + beta(emb);   h = conv2(silu(h))
+    time_embed="concat" (the course exercise): the embedding, broadcast to t_dim constant maps, is
+    concatenated to conv1's input instead; away from the border that adds a per-channel constant
+    before norm2, and it survives only as differences between the channels of a group: groups of
+    several channels (`norm`) are what let t through, not the zero padding."""
 
     def __init__(self, c_in: int, c_out: int, t_dim: int, dropout: float, attn: bool = False, time_embed: str = "add"):
         super().__init__()
         self.concat = time_embed == "concat"
         self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in + t_dim * self.concat, c_out, 3, padding=1)
-        self.t_proj = nn.Identity() if self.concat else nn.Linear(t_dim, c_out)
+        self.t_proj = nn.Identity() if self.concat else nn.Linear(t_dim, 2 * c_out)   # -> (gamma, beta)
         self.norm2, self.drop, self.conv2 = norm(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.attn = SelfAttention(c_out) if attn else nn.Identity()
@@ -276,10 +286,11 @@ class ResBlock(nn.Module):
         h = F.silu(self.norm1(x))
         if self.concat:                                  # (N, c_in + t_dim, H, W)
             h = torch.cat([h, emb[:, :, None, None].expand(-1, -1, *h.shape[-2:]).to(h.dtype)], dim=1)
-            h = self.conv1(h)
+            h = self.norm2(self.conv1(h))
         else:
-            h = self.conv1(h) + self.t_proj(emb)[:, :, None, None]  # time enters every block
-        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+            gamma, beta = self.t_proj(emb)[:, :, None, None].chunk(2, dim=1)   # each (N, c_out, 1, 1)
+            h = self.norm2(self.conv1(h)) * (1 + gamma) + beta               # t enters after the norm
+        h = self.conv2(self.drop(F.silu(h)))
         return self.attn(self.skip(x) + h)               # (N, c_out, H, W)
 
 
