@@ -33,7 +33,7 @@ class Config:
     T: int = field(default=1000, metadata={"help": "diffusion steps (the timed DDPM run takes all of them)", "min": 1})
     warmup: int = field(default=10, metadata={"help": "untimed training steps first (autotuning, compile)", "min": 0})
     repeats: int = field(default=3, metadata={"help": "timed runs; the median is reported", "min": 1})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on CUDA"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})

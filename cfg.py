@@ -87,7 +87,7 @@ class Config:
     sample_only: bool = field(default=False, metadata={"help": "load --ckpt and make figures, no training"})
     seed: int = field(default=0, metadata={"help": "the same seed gives the same run and the same samples"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
 
 
@@ -95,6 +95,8 @@ def check_config(cfg: Config) -> None:
     """The checks that argparse (choices, min) cannot make."""
     common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
     common.check(cfg.p_uncond < 1, f"--p-uncond must be < 1 (1 never shows a label), got {cfg.p_uncond}")
+    common.check(cfg.p_uncond > 0 or cfg.sample_only, "--p-uncond 0 never shows the network the null class, so "
+                 "guidance would extrapolate from a prediction it never learned; train with --p-uncond 0.1")
     common.check(all(math.isfinite(w) for w in (cfg.scale, *cfg.scales)),
                  f"--scale and --scales must be finite numbers, got {cfg.scale} and {cfg.scales}")
     common.check(cfg.sample_only or cfg.ddim_steps <= cfg.T, f"--ddim-steps must be at most --T ({cfg.T}), "
@@ -323,8 +325,9 @@ def make_figures(cfg: Config, model: CondUNet, ddpm: DDPM, device, evaluator=Non
 
     c, n = model.config, cfg.n_per_class
     y = torch.tensor(cfg.classes, device=device).repeat_interleave(n)       # (N,) one row per class
-    gen = lambda: torch.Generator(device).manual_seed(cfg.seed)  # noqa: E731 (the same noise for every w)
-    x_T = torch.randn((len(y), c["channels"], c["image_size"], c["image_size"]), device=device, generator=gen())
+    gen = lambda: common.generator(device, cfg.seed, stream=1)  # noqa: E731 (the samplers' z: the same for every w)
+    x_T = torch.randn((len(y), c["channels"], c["image_size"], c["image_size"]), device=device,
+                      generator=common.generator(device, cfg.seed))
     cols = min(n, 10)
     in_grid = torch.arange(len(y), device=device) % n < cols
     x_real, y_real = load_data(cfg, device, train=False)
@@ -337,7 +340,7 @@ def make_figures(cfg: Config, model: CondUNet, ddpm: DDPM, device, evaluator=Non
         common.save_grid(x[in_grid], os.path.join(cfg.out, f"cfg_w{w:g}.png"), nrow=cols)
         row = [w, evaluate.within_class_diversity(x, y) / div_real]
         if evaluator is not None:                        # cfg.eval more samples, in batches of 500
-            g = gen()
+            g = common.generator(device, cfg.seed)   # one stream: x_T, then its z, batch after batch
             x = torch.cat([sample(model, ddpm, yb, w, cfg.sampler, cfg.ddim_steps, cfg.eta, cfg.clip, generator=g)
                            for yb in common.progress(y_eval.split(500), f"w = {w:g}: {cfg.eval} samples")])
             row += [evaluator.accuracy(x, y_eval), evaluator.fd(x)]

@@ -84,7 +84,7 @@ class Config:
     sample_only: bool = field(default=False, metadata={"help": "load --ckpt and make figures, no training"})
     seed: int = field(default=0, metadata={"help": "the same seed gives the same run and the same samples"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the classifier"})
 
 
@@ -290,11 +290,12 @@ def accuracy_per_t(classifier, ddpm: DDPM, x: torch.Tensor, y: torch.Tensor, lev
 
 
 @torch.no_grad()
-def make_figures(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=None) -> list[list]:
+def make_figures(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=None) -> dict:
     """Accuracy per noise level, then for each sampler and scale: n_per_class samples of every
     class in --classes from the same noise, a grid of the first 10 per class, the within-class
     diversity relative to real test images and p_phi's own accuracy; with an evaluator, also
-    evaluate.py's accuracy and FD of cfg.eval samples balanced over the classes."""
+    evaluate.py's accuracy and FD of cfg.eval samples balanced over the classes.
+    -> {accuracy_per_t: [(t, accuracy)], rows: the rows of accuracy_vs_scale.md}"""
     import evaluate  # for the diversity metric (evaluate.py imports torchmetrics: slow, so only here)
 
     c, n = model.config, cfg.n_per_class
@@ -304,8 +305,9 @@ def make_figures(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=N
     common.plot_curves(os.path.join(cfg.out, "accuracy_per_t.png"), {"test accuracy": per_t}, xlabel="t",
                        ylabel="accuracy", logy=False, title="p_phi(y | x_t, t) on the test set")
     y = torch.tensor(cfg.classes, device=device).repeat_interleave(n)       # (N,) one row per class
-    gen = lambda: torch.Generator(device).manual_seed(cfg.seed)  # noqa: E731 (the same noise for every scale)
-    x_T = torch.randn((len(y), c["channels"], c["image_size"], c["image_size"]), device=device, generator=gen())
+    gen = lambda: common.generator(device, cfg.seed, stream=1)  # noqa: E731 (the samplers' z: the same for every scale)
+    x_T = torch.randn((len(y), c["channels"], c["image_size"], c["image_size"]), device=device,
+                      generator=common.generator(device, cfg.seed))
     cols = min(n, 10)
     in_grid = torch.arange(len(y), device=device) % n < cols
     real = torch.cat([(y_test == k).nonzero()[:n, 0] for k in cfg.classes])
@@ -318,7 +320,7 @@ def make_figures(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=N
         own = (classifier(x, torch.zeros_like(y)).argmax(1) == y).float().mean().item()  # p_phi at t = 0
         row = [sampler, s, evaluate.within_class_diversity(x, y) / div_real, own]
         if evaluator is not None:                        # cfg.eval more samples, in batches of 500
-            g = gen()
+            g = common.generator(device, cfg.seed)   # one stream: x_T, then its z, batch after batch
             x = torch.cat([sample(model, classifier, ddpm, yb, s, sampler, cfg.ddim_steps, cfg.eta, cfg.sigma,
                                   cfg.clip, generator=g)
                            for yb in common.progress(y_eval.split(500), f"{sampler} s = {s:g}: {cfg.eval} samples")])
@@ -332,10 +334,10 @@ def make_figures(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=N
               for smp in cfg.samplers for name, i in series}
     common.plot_curves(os.path.join(cfg.out, "accuracy_vs_scale.png"), curves, xlabel="guidance scale s", ylabel="",
                        logy=False, title=f"classifier guidance, {n} samples per class")
-    return rows
+    return dict(accuracy_per_t=per_t, rows=rows)
 
 
-def main(argv=None) -> list[list]:
+def main(argv=None) -> dict:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
     check_config(cfg)
     common.seed_everything(cfg.seed)
@@ -370,9 +372,9 @@ def main(argv=None) -> list[list]:
                                        image_size=base["image_size"], channels=base["channels"])
     if not cfg.sample_only:
         classifier = train(cfg, model, ddpm, base, x_train, y_train, ckpt, device)
-    rows = make_figures(cfg, model, classifier, ddpm, device, evaluator)
+    results = make_figures(cfg, model, classifier, ddpm, device, evaluator)
     print(f"figures in {cfg.out}/")
-    return rows
+    return results
 
 
 if __name__ == "__main__":

@@ -104,6 +104,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
 
+def generator(device, seed: int, stream: int = 0) -> torch.Generator:
+    """A new generator for one random stream of a sampling run: stream 0 draws x_T, stream 1 the noise z
+    a stochastic sampler adds at each step. Two streams, because one seed drawn twice would make the
+    first z equal x_T; the same seed gives the same streams, so the same --seed gives the same samples."""
+    return torch.Generator(device).manual_seed(seed + 1_000_003 * stream)
+
+
 def setup_speed(device: torch.device) -> None:
     """TF32 matmuls/convolutions on Ampere+ GPUs: free speed, no visible change for diffusion."""
     if device.type == "cuda":
@@ -112,7 +119,9 @@ def setup_speed(device: torch.device) -> None:
 
 
 def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (no loss scaling needed); a no-op on CPU, where bf16 is slow."""
+    """bf16 autocast on CUDA (no loss scaling needed); a no-op on CPU, where bf16 is slow. For training
+    steps only: every sampler, figure and evaluation runs in float32 (TF32 on Ampere+ GPUs), so a grid
+    and the FD beside it always describe the same sampler."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 

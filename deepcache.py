@@ -191,7 +191,8 @@ def load_base(base: str, path: str, device, data_dir: str, download: bool):
     if base == "ddim":
         path = ddpm_mnist.ensure_trained(path, device, data_dir=data_dir, download=download)
         unet, ddpm, state = ddpm_mnist.load_trained(path, device)   # one line if it is another script's file
-        return unet, (lambda model, x_T, S: ddpm.ddim_sample(model, x_T.shape, S, x_T=x_T)), state, ddpm.T
+        sample = lambda model, x_T, S: ddpm.ddim_sample(ddpm.eps_from(model, clip=True), x_T.shape, S, x_T=x_T)  # noqa: E731
+        return unet, sample, state, ddpm.T                           # (clipped x0_hat: ddpm_mnist's default)
     state = common.load_checkpoint(path, device, rf.KIND, keys=("net", "ema", "config"), hint="train one with "
                                    "`python rectified_flow.py` (it writes runs/rectified_flow/pixel/flow1.pt and flow2.pt)")
     common.check(state["config"].get("space") == "pixel", f"'{path}' is a latent-space flow: its samples are "
@@ -334,7 +335,8 @@ def figure_done(fig, axes, path, intervals=None) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
+    """-> {psnr, ssim: samples.png against samples_plain.png, sweep: the rows of speed_quality.md}"""
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
     check_config(cfg)
     cfg.base_ckpt = cfg.base_ckpt or DEFAULT_BASE[cfg.base]
@@ -363,6 +365,7 @@ def main(argv=None) -> None:
           f"{'DDIM' if cfg.base == 'ddim' else 'Euler'} steps: PSNR {q['psnr']:.1f} dB, SSIM {q['ssim']:.4f} "
           "against the uncached samples")
 
+    table = []
     if cfg.analysis:
         evaluator = None
         if cfg.eval:
@@ -374,6 +377,7 @@ def main(argv=None) -> None:
         write_table(table, os.path.join(cfg.out, "speed_quality.md"))
         plot_sweep(table, cfg.out)
     print(f"figures in {cfg.out}/")
+    return dict(psnr=q["psnr"], ssim=q["ssim"], sweep=table)
 
 
 if __name__ == "__main__":

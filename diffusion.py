@@ -2,8 +2,13 @@
 
 DiffusionModel is ddpm_mnist.py's UNet, model(x, t) -> eps (x's shape), t an integer step in
 [0, noise_steps). DiffusionProcess holds the DDPM process of ddpm_mnist.py, an AdamW optimizer
-and a device: add_noise(x, t) -> (x_t, eps), train_step(x) -> loss (the very loss the script
-trains with), sample(n, steps) -> images in [-1, 1] (DDPM through every step, or DDIM in `steps`).
+and a device: add_noise(x, t) -> (x_t, eps), train_step(x) -> loss, sample(n, steps) -> images in
+[-1, 1] (DDPM through every step, or DDIM in `steps`, x0_hat clipped as the script samples).
+
+What is the script's and what is not: the loss is ddpm_mnist.py's own (eps-MSE at a uniform random t)
+and so are the samplers, but the training recipe is plainer. train_step uses a constant learning
+rate (2e-4: no warm-up), no EMA (sample() uses the trained weights themselves) and no bf16 autocast,
+so the same number of steps gives noisier samples than `python ddpm_mnist.py`.
 
 Example (10 epochs of MNIST with the default UNet: run it on a GPU):
 
@@ -62,14 +67,16 @@ class DiffusionProcess:
         return loss.item()
 
     @torch.no_grad()
-    def sample(self, n: int, steps: int | None = None, generator=None) -> torch.Tensor:
-        """n images (n, C, H, W) in [-1, 1]: DDPM when steps is None, else DDIM in `steps` steps.
+    def sample(self, n: int, steps: int | None = None, generator=None, clip: bool = True) -> torch.Tensor:
+        """n images (n, C, H, W) in [-1, 1]: DDPM when steps is None, else DDIM in `steps` steps, with
+        x0_hat clipped to [-1, 1] at every step unless clip=False (as ddpm_mnist.py's --clip).
         The model is put in eval mode to sample and left in the mode it was in."""
         was_training = self.model.training
         self.model.eval()
+        eps = self.ddpm.eps_from(self.model, clip)
         try:
             if steps is None:
-                return self.ddpm.ddpm_sample(self.model, (n, *self.shape), generator=generator)
-            return self.ddpm.ddim_sample(self.model, (n, *self.shape), steps, generator=generator)
+                return self.ddpm.ddpm_sample(eps, (n, *self.shape), generator=generator)
+            return self.ddpm.ddim_sample(eps, (n, *self.shape), steps, generator=generator)
         finally:
             self.model.train(was_training)

@@ -87,7 +87,7 @@ class Config:
     sample_only: bool = field(default=False, metadata={"help": "load the checkpoints and make figures, no training"})
     seed: int = 0
     device: str = "auto"
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the DiT"})
 
 
@@ -236,12 +236,11 @@ def guided_eps(model: DiT, y: torch.Tensor, w: float):
 
 
 @torch.no_grad()
-def sample(model: DiT, ddpm: DDPM, vae: VAE, scale: float, y, w: float, steps: int, seed: int, amp: bool = True):
+def sample(model: DiT, ddpm: DDPM, vae: VAE, scale: float, y, w: float, steps: int, seed: int):
     """Images (N, 3, 32, 32) of classes y (N,): guided DDIM on the latents, then x = D(z_0 / s)."""
     g = torch.Generator(y.device).manual_seed(seed)
     z_T = torch.randn((len(y), *model.latent_shape), generator=g, device=y.device)   # (N, 4, 8, 8)
-    with common.autocast(y.device, amp):
-        z0 = ddpm.ddim_sample(guided_eps(model, y, w), z_T.shape, steps, x_T=z_T)
+    z0 = ddpm.ddim_sample(guided_eps(model, y, w), z_T.shape, steps, x_T=z_T)
     return decode(vae, z0, scale)
 
 
@@ -351,7 +350,7 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
                                test_losses=test_losses, **state)
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
             y_grid = torch.arange(model.null, device=device).repeat_interleave(8)   # one row per class
-            x = sample(ema.module, ddpm, vae, scale, y_grid, cfg.scale, cfg.ddim_steps, cfg.seed, cfg.amp)
+            x = sample(ema.module, ddpm, vae, scale, y_grid, cfg.scale, cfg.ddim_steps, cfg.seed)
             common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png"), nrow=8)
     if world > 1:
         common.check(replicas_in_sync(model), "the DDP replicas diverged; this is a bug, please report it")
@@ -385,8 +384,7 @@ def make_figures(cfg: Config, model: DiT, ddpm: DDPM, vae: VAE, scale: float, st
                        state["test_losses"]}, title=f"{state['config']['model']}: final test loss {final:.4f}")
     y = torch.arange(model.null, device=device).repeat_interleave(cfg.n_per_class)   # one row per class
     for w in cfg.scales:
-        x, seconds = common.timed(device, lambda: sample(model, ddpm, vae, scale, y, w, cfg.ddim_steps, cfg.seed,
-                                                         cfg.amp))
+        x, seconds = common.timed(device, lambda: sample(model, ddpm, vae, scale, y, w, cfg.ddim_steps, cfg.seed))
         common.save_grid(x, os.path.join(cfg.out, f"cfg_w{w:g}.png"), nrow=cfg.n_per_class)
         print(f"w = {w:g}: {len(y)} images ({cfg.ddim_steps} DDIM steps, then the decoder) in {seconds:.2f}s")
     if cfg.eval > 0:
@@ -395,7 +393,7 @@ def make_figures(cfg: Config, model: DiT, ddpm: DDPM, vae: VAE, scale: float, st
         y = torch.arange(cfg.eval, device=device) % model.null                      # balanced classes
         rows = []
         for w in cfg.scales:
-            x = torch.cat([sample(model, ddpm, vae, scale, b, w, cfg.ddim_steps, cfg.seed + i, cfg.amp)
+            x = torch.cat([sample(model, ddpm, vae, scale, b, w, cfg.ddim_steps, cfg.seed + i)
                            for i, b in enumerate(common.progress(y.split(1000), f"w = {w:g}"))])
             rows.append([w, ev.fd(x), ev.accuracy(x, y)])
         print(common.write_table(os.path.join(cfg.out, "eval.md"), ["w", ev.name, "class accuracy"], rows))
@@ -420,7 +418,8 @@ def main(argv=None) -> None:
         else:
             x, y = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, 32, device=device)
             if rank == 0:                                    # the VAE: trained once, on rank 0, when missing
-                latent_diffusion.ensure_vae(cfg.vae, x, device, epochs=cfg.vae_epochs, base=cfg.vae_base,
+                latent_diffusion.ensure_vae(cfg.vae, x, device, resume=cfg.resume, overwrite=cfg.overwrite,
+                                            epochs=cfg.vae_epochs, base=cfg.vae_base,
                                             latent_channels=cfg.latent_channels, kl_weight=cfg.kl_weight,
                                             batch_size=cfg.batch_size, lr=cfg.vae_lr, seed=cfg.seed, amp=cfg.amp)
             if world > 1:

@@ -367,7 +367,7 @@ def within_class_diversity(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def score_sweep(ev: Evaluator, samplers: dict, n: int, shape: tuple, device, path: str | None = None,
-                seed: int = 0, batch_size: int = 500, amp: bool = True) -> list[dict]:
+                seed: int = 0, batch_size: int = 500) -> list[dict]:
     """Draw n samples from each sampler and score them: the (sampler, steps, seconds, FD) table.
 
     samplers: {(name, steps): fn(x_T, generator) -> x_0}. Every sampler starts from the same x_T
@@ -377,12 +377,11 @@ def score_sweep(ev: Evaluator, samplers: dict, n: int, shape: tuple, device, pat
     rows = []
     print(f"scoring {n} samples per sampler with {ev.describe()}")
     for (name, steps), sample in samplers.items():
-        g_T, g = (torch.Generator(device).manual_seed(seed + i) for i in (0, 1))
+        g_T, g = common.generator(device, seed), common.generator(device, seed, stream=1)
         xs, seconds = [], 0.0
         for k in common.progress(range(0, n, batch_size), f"{name} {steps} steps"):
             x_T = torch.randn((min(batch_size, n - k), *shape), device=device, generator=g_T)
-            with common.autocast(device, amp):
-                x, dt = common.timed(device, lambda: sample(x_T, g).float().clamp(-1, 1).cpu())
+            x, dt = common.timed(device, lambda: sample(x_T, g).float().clamp(-1, 1).cpu())
             xs.append(x)
             seconds += dt
         x = torch.cat(xs)

@@ -61,9 +61,11 @@ class Config:
     warmup_steps: int = field(default=500, metadata={"min": 0})
     ema_decay: float = field(default=0.999, metadata={"min": 0})
     ddim_steps: int = field(default=50, metadata={"min": 1})
+    ddpm: bool = field(default=True, metadata={"help": "also sample with DDPM's T steps (ddim_vs_ddpm.png, --eval); "
+                       "--no-ddpm: DDIM only (--eval N then costs N x ddim_steps latent UNet calls, not N x T more)"})
     n_samples: int = field(default=32, metadata={"min": 1, "help": "images per sample grid"})
     sample_every: int = field(default=10, metadata={"min": 1, "help": "epochs between progress grids"})
-    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples of DDIM and of DDPM with "
+    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples of DDIM and of DDPM (--no-ddpm: DDIM only) with "
                       "evaluate.py into OUT/eval.md; 0 = off; costs N x (T + ddim_steps) latent UNet calls"})
     out: str = "runs/latent_diffusion"
     resume: bool = field(default=False, metadata={"help": "continue OUT/ckpt.pt"})
@@ -71,7 +73,7 @@ class Config:
     sample_only: bool = field(default=False, metadata={"help": "load OUT/ckpt.pt and the VAE, make figures"})
     seed: int = 0
     device: str = "auto"
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
 
 
@@ -172,14 +174,20 @@ def load_vae(path: str, device) -> tuple[VAE, float]:
     return vae.eval().requires_grad_(False), float(state["scale"])
 
 
-def ensure_vae(path: str, x_train, device, *, epochs: int = 20, base: int = 32, latent_channels: int = 4,
-               kl_weight: float = 1e-3, batch_size: int = 256, lr: float = 5e-4, seed: int = 0,
-               amp: bool = True) -> tuple[VAE, float]:
-    """The finished VAE at `path`, or else train it there (continuing the unfinished run the file
-    holds, if any) and add its latent scale factor s. x_train: (N, C, H, W) in [-1, 1]. -> (vae, s)"""
+def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: bool = False, epochs: int = 20,
+               base: int = 32, latent_channels: int = 4, kl_weight: float = 1e-3, batch_size: int = 256,
+               lr: float = 5e-4, seed: int = 0, amp: bool = True) -> tuple[VAE, float]:
+    """The finished VAE at `path`, or else train it there and add its latent scale factor s. An
+    unfinished VAE in the file (an interrupted run) follows every trainer's rule: `resume` continues
+    it, `overwrite` trains a new one, neither stops in one line. x_train: (N, C, H, W) in [-1, 1].
+    -> (vae, s)"""
     common.check(path and not os.path.isdir(path), f"--vae '{path}' is not a file path; pass one such as vae.pt")
     device = torch.device(device)                         # (a name such as "cpu" will do)
     old = common.load_checkpoint(path, device, VAE_KIND, keys=("net",)) if os.path.isfile(path) else None
+    if old and "scale" not in old:                        # unfinished: continue it only when asked to
+        common.check(resume or overwrite, f"'{path}' holds an unfinished VAE (epoch {old.get('epoch')}); pass "
+                     "--resume to continue it, or --overwrite to train a new one there")
+        old = old if resume else None
     if old and "scale" in old:                            # finished: reuse it
         vae, scale = load_vae(path, device)
         check_vae_fits(vae, x_train.shape[1:], path)
@@ -302,34 +310,38 @@ def vae_figure(vae: VAE, x_test, path: str) -> float:
     return mse
 
 
-def make_figures(cfg: Config, model, ddpm: DDPM, vae: VAE, scale: float, x_test, device) -> None:
+def make_figures(cfg: Config, model, ddpm: DDPM, vae: VAE, scale: float, x_test, device) -> dict:
     """VAE reconstructions, DDIM (top) against DDPM (bottom) from the same noise, sampling times,
-    and (with --eval N) the FD of each sampler."""
-    vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
+    and (with --eval N) the FD of each sampler. -> {recon_mse, scale, eval: score_sweep's rows}"""
+    recon_mse = vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
     c = model.config
     shape = (cfg.n_samples, c["channels"], c["image_size"], c["image_size"])   # (N, c_z, h, w)
-    z_T = torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
+    z_T = torch.randn(shape, device=device, generator=common.generator(device, cfg.seed))
     samplers = {  # (name, steps): fn(z_T, generator) -> latents z0
         ("DDIM", cfg.ddim_steps): lambda z, g: ddpm.ddim_sample(model, z.shape, cfg.ddim_steps, x_T=z),
         ("DDPM", ddpm.T): lambda z, g: ddpm.ddpm_sample(model, z.shape, x_T=z, generator=g),
     }
+    if not cfg.ddpm:
+        del samplers["DDPM", ddpm.T]
     rows = []
     for (name, steps), sample in samplers.items():
-        g = torch.Generator(device).manual_seed(cfg.seed)
+        g = common.generator(device, cfg.seed, stream=1)           # the DDPM steps' z, independent of z_T
         z0, seconds = common.timed(device, lambda: sample(z_T, g))
         x, decode_seconds = common.timed(device, lambda: decode(vae, z0, scale))
         rows.append(x)
         print(f"{name} {steps} steps: {seconds:.2f}s for {len(x)} latents, + {decode_seconds:.2f}s to decode them")
     common.save_grid(torch.cat(rows), os.path.join(cfg.out, "ddim_vs_ddpm.png"), nrow=8)
+    rows = []
     if cfg.eval:  # opt-in: FD in a cached classifier's features (see evaluate.py)
         import evaluate
         ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device)
         decoded = {k: lambda z, g, f=f: decode(vae, f(z, g), scale) for k, f in samplers.items()}
-        evaluate.score_sweep(ev, decoded, cfg.eval, shape[1:], device, os.path.join(cfg.out, "eval.md"),
-                             cfg.seed, amp=cfg.amp)
+        rows = evaluate.score_sweep(ev, decoded, cfg.eval, shape[1:], device, os.path.join(cfg.out, "eval.md"),
+                                    cfg.seed)
+    return dict(recon_mse=recon_mse, scale=scale, eval=rows)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
     check_config(cfg)
     device = common.get_device(cfg.device)
@@ -351,7 +363,8 @@ def main(argv=None) -> None:
     x_test, _ = common.load_images(cfg.dataset, cfg.data_dir, False, cfg.download, device=device)
     if not cfg.sample_only:
         x_train, _ = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, device=device)
-        vae, scale = ensure_vae(vae_path, x_train, device, epochs=cfg.vae_epochs, base=cfg.vae_base,
+        vae, scale = ensure_vae(vae_path, x_train, device, resume=cfg.resume, overwrite=cfg.overwrite,
+                                epochs=cfg.vae_epochs, base=cfg.vae_base,
                                 latent_channels=cfg.latent_channels, kl_weight=cfg.kl_weight,
                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, amp=cfg.amp)
         z_train = encode_latents(vae, x_train) * scale    # z0 = s * mu(x): unit variance
@@ -359,8 +372,9 @@ def main(argv=None) -> None:
         common.seed_everything(cfg.seed)                  # the same UNet run whether the VAE was trained now or not
         model, ddpm = train(cfg, z_train, vae, scale, ckpt, device)
     check_vae_fits(vae, x_test.shape[1:], vae_path)
-    make_figures(cfg, model, ddpm, vae, scale, x_test, device)
+    results = make_figures(cfg, model, ddpm, vae, scale, x_test, device)
     print(f"figures in {cfg.out}/")
+    return results
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class Config:
     sample_only: bool = field(default=False, metadata={"help": "load the flows and make figures, no training"})
     seed: int = 0
     device: str = "auto"
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
 
 
@@ -108,7 +108,8 @@ def load_space(cfg: Config, device) -> tuple[torch.Tensor, Space]:
     if cfg.space == "pixel":
         return x1, Space(x1.shape[1:])
     vae, scale = (ld.load_vae(cfg.vae, device) if cfg.sample_only else
-                  ld.ensure_vae(cfg.vae, x1, device, epochs=cfg.vae_epochs, seed=cfg.seed, amp=cfg.amp))
+                  ld.ensure_vae(cfg.vae, x1, device, resume=cfg.resume, overwrite=cfg.overwrite, epochs=cfg.vae_epochs,
+                                seed=cfg.seed, amp=cfg.amp))
     ld.check_vae_fits(vae, x1.shape[1:], cfg.vae)
     z = ld.encode_latents(vae, x1[:1] if cfg.sample_only else x1) * scale   # z = s * mu(x): unit variance
     return z, Space(z.shape[1:], vae, scale)
@@ -265,11 +266,12 @@ def get_pairs(path: str, flow1, flow1_step: int, n: int, shape, steps: int, seed
 # ----------------------------------------------------------------------------- figures
 
 
-def compare(cfg: Config, flows: dict, space: Space, device) -> None:
-    """One figure and one table: each flow at each number of Euler steps, from the same noise."""
+def compare(cfg: Config, flows: dict, space: Space, device) -> dict:
+    """One figure and one table: each flow at each number of Euler steps, from the same noise.
+    -> {steps: [{flow, steps, seconds, mse (to the many-step solution), S, deviation}], eval: score_sweep's rows}"""
     x0 = torch.randn((cfg.n_samples, *space.shape), device=device,
                      generator=torch.Generator(device).manual_seed(cfg.seed))
-    grid, table, curves = [], [], {}
+    grid, table, curves, rows = [], [], {}, []
     ref_steps = max(max(cfg.steps), cfg.pair_steps)
     for name, model in flows.items():
         x_ref, path = euler_sample(model, x0, ref_steps, return_path=True)
@@ -283,22 +285,25 @@ def compare(cfg: Config, flows: dict, space: Space, device) -> None:
             grid.append(space.to_images(x[:8]))
             curves.setdefault(name, []).append((steps, err))
             table.append([name, steps, f"{seconds:.3f}", f"{err:.4f}", f"{S:.4f}", f"{dev:.4f}"])
+            rows.append(dict(flow=name, steps=steps, seconds=seconds, mse=err, S=S, deviation=dev))
     header = ["flow", "Euler steps", f"seconds / {cfg.n_samples}", f"MSE to the {ref_steps}-step solution",
               "straightness S", "deviation from the chord"]
     print(common.write_table(os.path.join(cfg.out, "steps_table.md"), header, table))
     common.save_grid(torch.cat(grid), os.path.join(cfg.out, "steps_comparison.png"), nrow=8)
     common.plot_curves(os.path.join(cfg.out, "steps_error.png"), curves, xlabel="Euler steps",
                        ylabel=f"MSE to the {ref_steps}-step solution", title="few-step error: Flow-1 vs Flow-2")
+    scored = []
     if cfg.eval:  # opt-in: FD in a cached classifier's features (see evaluate.py)
         import evaluate
         ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device)
         samplers = {(name, steps): lambda z, g, m=model, s=steps: space.to_images(euler_sample(m, z, s))
                     for name, model in flows.items() for steps in cfg.steps}
-        evaluate.score_sweep(ev, samplers, cfg.eval, space.shape, device, os.path.join(cfg.out, "eval.md"),
-                             cfg.seed, amp=cfg.amp)
+        scored = evaluate.score_sweep(ev, samplers, cfg.eval, space.shape, device, os.path.join(cfg.out, "eval.md"),
+                                      cfg.seed)
+    return dict(steps=rows, eval=scored)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
     check_config(cfg)
     cfg.out = cfg.out or os.path.join("runs/rectified_flow", cfg.space)
@@ -338,8 +343,9 @@ def main(argv=None) -> None:
         common.plot_curves(os.path.join(cfg.out, "loss.png"), {      # Flow-2's steps follow Flow-1's
             "Flow-1": common.smooth(losses1),
             "Flow-2 (reflow)": [(len(losses1) + i, v) for i, v in common.smooth(losses2)]})
-    compare(cfg, {"Flow-1": flow1, "Flow-2": flow2}, space, device)
+    results = compare(cfg, {"Flow-1": flow1, "Flow-2": flow2}, space, device)
     print(f"figures in {cfg.out}/")
+    return results
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ CASES = [
     ("cfg", CFG + ["--cond", "crossattn"], "invalid choice: 'crossattn'", None),
     ("cfg", CFG + ["--scales", "1", "nan"], "must be finite numbers", None),
     ("cfg", CFG + ["--p-uncond", "1"], "--p-uncond must be < 1", None),
+    ("cfg", CFG + ["--p-uncond", "0"], "--p-uncond 0 never shows the network the null class", None),
     ("cfg", CFG + ["--ddim-steps", "31"], "--ddim-steps must be at most --T (30)", None),
     ("cfg", CFG + ["--ckpt", "{ddpm}"], "already holds a checkpoint", "{ddpm}"),
     ("cfg", CFG + ["--ckpt", "{ddpm}", "--resume"], "holds a ddpm_mnist.py UNet checkpoint, not a cfg.py CondUNet one", "{ddpm}"),

@@ -44,7 +44,7 @@ def cfg_run(mnist_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cg_run(mnist_dir, ddpm_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("cg")
-    rows = cg.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt))
+    rows = cg.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt))["rows"]
     return out, rows
 
 
@@ -189,7 +189,7 @@ def test_cg_smoke_and_sample_only(cg_run, mnist_dir, ddpm_ckpt):
     assert all(math.isfinite(r[2]) and r[2] > 0 for r in rows)
     # --sample-only loads the classifier: the same samples
     again = cg.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt, "--sample-only", "--scales", "2"))
-    assert again == rows[1:] and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    assert again["rows"] == rows[1:] and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def tiny_classifier():
@@ -363,5 +363,5 @@ def test_accuracy_columns_with_evaluator(cg_run, mnist_dir, ddpm_ckpt, evaluator
     c = cg.Config(data_dir=mnist_dir, download=False, out=str(out), scales=(0.0, 2.0), samplers=("ddim",),
                   classes=(1, 2), n_per_class=2, ddim_steps=2, eval=3)
     model, ddpm, base = cg.load_base(cg.Config(base_ckpt=ddpm_ckpt), "cpu")
-    rows = cg.make_figures(c, model, cg.load_classifier(str(out / "ckpt.pt"), base, "cpu"), ddpm, "cpu", evaluator)
+    rows = cg.make_figures(c, model, cg.load_classifier(str(out / "ckpt.pt"), base, "cpu"), ddpm, "cpu", evaluator)["rows"]
     assert all(len(r) == 6 and 0 <= r[3] <= 1 and 0 <= r[4] <= 1 for r in rows)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from conftest import digest
 import latent_diffusion as ld
 import rectified_flow as rf
 
@@ -111,8 +112,13 @@ def test_ensure_vae_continues_an_interrupted_vae_exactly(mnist_dir, tmp_path):
     state = torch.load(tmp_path / "cut.pt", weights_only=True)
     del state["scale"]                                      # as if stopped before the scale factor was saved
     common.save_checkpoint(str(tmp_path / "cut.pt"), **state)
+    before = digest(tmp_path / "cut.pt")
+    with pytest.raises(SystemExit) as e:                    # never continued silently: --resume or --overwrite
+        ld.ensure_vae(str(tmp_path / "cut.pt"), x, "cpu", epochs=2, **kw)
+    one_line_error(e, "unfinished VAE", "--resume", "--overwrite")
+    assert digest(tmp_path / "cut.pt") == before
     torch.manual_seed(123)                                  # whatever the process did before
-    ld.ensure_vae(str(tmp_path / "cut.pt"), x, "cpu", epochs=2, **kw)
+    ld.ensure_vae(str(tmp_path / "cut.pt"), x, "cpu", epochs=2, resume=True, **kw)
     a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("straight.pt", "cut.pt"))
     assert a["epoch"] == b["epoch"] == 2 and a["scale"] == b["scale"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -1,0 +1,348 @@
+"""The gallery: every lesson trained and judged with one command. Each lesson's key figures are
+copied under docs/gallery/, and one table, docs/results.md, gives for every lesson the hardware,
+the data, the training time and the measured result (evaluate.py's FD and class accuracy, or the
+lesson's own measurement: edge F1, error against many steps, PSNR/SSIM against the uncached run).
+
+    python gallery.py --profile cpu --data-dir ../shared/data    # every lesson's CPU recipe: ~60 min on 2 cores
+    python gallery.py --profile gpu --data-dir ../shared/data --only ddpm   # the defaults on one GPU, a part
+    python gallery.py --profile cpu --data-dir ../shared/data --only cfg latent   # some parts again
+
+Profiles:
+- `cpu`: each lesson's CPU recipe (below), settings chosen so that the network learns in minutes on
+  a 2-core CPU with MNIST-8k; the budget is 15 minutes of training for ddpm_mnist.py and about 60
+  minutes for the whole gallery, evaluation included.
+- `gpu`: each script's defaults, the settings meant for one GPU, scored on more samples.
+- `smoke`: tiny sizes, a few steps: the test suite's check that every part runs and writes its rows.
+Every part runs the scripts themselves, through their `main(argv)` with the flags listed here, so
+each recipe is a command a reader can type. Parts run in the order below; a part that builds on an
+earlier one's model (classifier guidance, ControlNet and DeepCache on the DDPM base, DeepCache on
+the reflowed flow, latent flow on the VAE) finds it under --runs. The results of each profile are
+kept in docs/gallery/results_PROFILE.json, so `--only` updates its parts and keeps the others;
+docs/results.md is written again from all profiles after every part.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import common
+
+PARTS = ("ddpm", "cfg", "classifier_guidance", "controlnet", "deepcache_ddim", "latent", "rf_pixel", "rf_latent",
+         "deepcache_rf")
+
+
+@dataclass
+class Config:
+    profile: str = field(default="cpu", metadata={"choices": ["cpu", "gpu", "smoke"],
+                         "help": "cpu: the CPU recipes; gpu: the scripts' defaults; smoke: tiny sizes"})
+    only: tuple[str, ...] = field(default=(), metadata={"choices": list(PARTS), "help": "run these parts only "
+                                  "(default: all, in order); a part needs the runs of the parts it builds on"})
+    data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets (MNIST)"})
+    download: bool = field(default=True, metadata={"help": "download MNIST when missing"})
+    runs: str = field(default="", metadata={"help": "folder of the runs (default runs/gallery/PROFILE)"})
+    docs: str = field(default="docs", metadata={"help": "where results.md and gallery/ go"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+
+
+# ----------------------------------------------------------------------------- the recipes
+
+# The CPU recipe's pixel UNet: ddpm_mnist.py's tiny preset (0.22M parameters, no dropout) at a higher
+# learning rate than the GPU defaults; every lesson that trains a pixel UNet on the CPU uses it.
+TINY = ["--preset", "tiny", "--lr", "1e-3", "--warmup-steps", "200"]
+RECIPES = {  # profile -> the flags of each command (a part adds --out, --data-dir and --device)
+    "cpu": dict(
+        ddpm=TINY + ["--epochs", "50", "--no-ddpm-grid", "--sweep-steps", "0"],
+        ddpm_eval=["--eval", "2000", "--no-ddpm-grid", "--sweep-steps", "50"],
+        cfg=TINY + ["--epochs", "15", "--scales", "3", "--n-per-class", "8"],
+        cfg_eval=["--scales", "0", "1", "3", "5", "--n-per-class", "20", "--eval", "500"],
+        cg=TINY + ["--epochs", "5", "--scales", "3", "--samplers", "ddim", "--n-per-class", "4"],
+        cg_eval=["--scales", "0", "1", "3", "10", "--samplers", "ddim", "--n-per-class", "10", "--eval", "500"],
+        controlnet=["--epochs", "5", "--lr", "1e-3", "--n-eval", "16"],
+        controlnet_eval=["--n-eval", "500"],
+        deepcache=["--sweep-steps", "10", "50", "--sweep-intervals", "1", "2", "3", "5", "10", "--batch-size", "64",
+                   "--warmup", "1", "--repeats", "3", "--n-samples", "16"],
+        latent=["--vae-epochs", "8", "--vae-base", "16", "--unet-base", "32", "--epochs", "40", "--batch-size", "128",
+                "--lr", "2e-3", "--warmup-steps", "200", "--n-samples", "16", "--no-ddpm"],
+        latent_eval=["--eval", "2000", "--no-ddpm"],
+        rf_pixel=TINY + ["--epochs", "20", "--reflow-epochs", "10", "--n-pairs", "4000", "--pair-steps", "50",
+                         "--n-samples", "16"],
+        rf_latent=["--unet-base", "32", "--epochs", "25", "--batch-size", "128", "--lr", "2e-3", "--warmup-steps", "200",
+                   "--reflow-epochs", "10", "--n-pairs", "8000", "--pair-steps", "40", "--n-samples", "16"],
+        rf_eval=["--steps", "1", "2", "4", "8", "50", "--eval", "1000"],
+    ),
+    "gpu": dict(
+        ddpm=[], ddpm_eval=["--eval", "2000", "--sweep-steps", "10", "20", "50", "100"],
+        cfg=[], cfg_eval=["--scales", "0", "1", "3", "5", "7.5", "--eval", "2000"],
+        cg=[], cg_eval=["--eval", "1000"], controlnet=[], controlnet_eval=[], deepcache=[],
+        latent=[], latent_eval=["--eval", "2000"], rf_pixel=[], rf_latent=[], rf_eval=["--eval", "2000"],
+    ),
+    "smoke": dict(
+        ddpm=["--preset", "tiny", "--T", "20", "--epochs", "1", "--batch-size", "16", "--n-samples", "4",
+              "--ddim-steps", "2", "--no-ddpm-grid", "--sweep-steps", "0"],
+        ddpm_eval=["--eval", "8", "--no-ddpm-grid", "--sweep-steps", "2", "--n-samples", "4", "--ddim-steps", "2"],
+        cfg=["--preset", "tiny", "--T", "20", "--epochs", "1", "--batch-size", "16", "--ddim-steps", "2",
+             "--scales", "3", "--n-per-class", "2"],
+        cfg_eval=["--scales", "0", "3", "--n-per-class", "2", "--ddim-steps", "2", "--eval", "10"],
+        cg=["--preset", "tiny", "--epochs", "1", "--batch-size", "16", "--ddim-steps", "2", "--scales", "2",
+            "--samplers", "ddim", "--n-per-class", "2"],
+        cg_eval=["--scales", "0", "2", "--samplers", "ddim", "--n-per-class", "2", "--ddim-steps", "2", "--eval", "4"],
+        controlnet=["--epochs", "1", "--batch-size", "16", "--ddim-steps", "2", "--n-digits", "2",
+                    "--samples-per-edge", "2", "--n-eval", "4"],
+        controlnet_eval=["--ddim-steps", "2", "--n-digits", "2", "--samples-per-edge", "2", "--n-eval", "4"],
+        deepcache=["--steps", "2", "--n-samples", "2", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
+                   "--sweep-steps", "2", "--sweep-intervals", "1", "2"],
+        latent=["--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1", "--T", "20",
+                "--epochs", "1", "--batch-size", "32", "--n-samples", "2", "--ddim-steps", "2"],
+        latent_eval=["--n-samples", "2", "--ddim-steps", "2", "--eval", "4"],
+        rf_pixel=["--preset", "tiny", "--epochs", "1", "--reflow-epochs", "1", "--n-pairs", "8", "--pair-steps", "2",
+                  "--n-samples", "2", "--batch-size", "32"],
+        rf_latent=["--unet-base", "8", "--unet-res", "1", "--epochs", "1", "--reflow-epochs", "1", "--n-pairs", "8",
+                   "--pair-steps", "2", "--n-samples", "2", "--batch-size", "32"],
+        rf_eval=["--steps", "1", "2", "--n-samples", "2", "--eval", "4"],
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- running the scripts
+
+
+class Gallery:
+    """Runs the scripts of one profile: `run` calls a script's main with the profile's data and
+    device flags and times it; `figures` copies a run's PNGs into docs/gallery/."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.recipe = cfg, RECIPES[cfg.profile]
+        self.runs = cfg.runs or os.path.join("runs/gallery", cfg.profile)
+        self.device = common.get_device(cfg.device)
+        self.flags = ["--data-dir", cfg.data_dir, "--device", str(self.device)] + ([] if cfg.download else
+                                                                                   ["--no-download"])
+
+    def out(self, part: str, *sub: str) -> str:
+        return os.path.join(self.runs, part, *sub)
+
+    def run(self, script: str, *argv: str):
+        """-> (script.main(argv + data and device flags), wall seconds)"""
+        argv = [*argv, *self.flags]
+        print(f"\n$ python {script}.py {' '.join(argv)}", flush=True)
+        main = __import__(script).main
+        return common.timed(self.device, lambda: main(argv))
+
+    def train(self, script: str, part: str, *argv: str):
+        """A training command into runs/PART (replacing the gallery's earlier run of it)."""
+        return self.run(script, *self.recipe[part], *argv, "--out", self.out(part), "--overwrite")
+
+    def figures(self, part: str, *patterns: str) -> list[str]:
+        """Copy the files runs/PART/PATTERN to docs/gallery/PROFILE_PART_NAME; -> their paths under docs/."""
+        folder = os.path.join(self.cfg.docs, "gallery")
+        os.makedirs(folder, exist_ok=True)
+        paths = []
+        for path in (p for pattern in patterns for p in sorted(glob.glob(self.out(part, pattern)))):
+            name = f"{self.cfg.profile}_{part}_{os.path.basename(path)}"
+            shutil.copyfile(path, os.path.join(folder, name))
+            paths.append(f"gallery/{name}")
+        return paths
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; floats with 3 significant digits."""
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
+
+
+def scored(rows: list[dict], *keys: str) -> str:
+    """evaluate.score_sweep's rows (plus the given extra keys first) as a markdown table."""
+    return table([*keys, "sampler", "steps", "seconds", "FD-LeNet", "classes found, smallest-largest share"],
+                 [[r[k] for k in keys] + [r["sampler"], r["steps"], round(r["seconds"], 1), round(r["fd"], 2),
+                                          r["classes"]] for r in rows])
+
+
+# ----------------------------------------------------------------------------- the parts, in order
+
+
+def ddpm(g: Gallery) -> dict:
+    """ddpm_mnist.py: train, then FD-LeNet of the recipe's samplers with x0 clipping (the default),
+    and of the last DDIM step count without it, from the same noise."""
+    _, train_s = g.train("ddpm_mnist", "ddpm")
+    ckpt, steps = g.out("ddpm", "ckpt.pt"), "2" if g.cfg.profile == "smoke" else "50"
+    clip, eval_s = g.run("ddpm_mnist", "--sample-only", "--ckpt", ckpt, "--out", g.out("ddpm"), *g.recipe["ddpm_eval"])
+    plain, _ = g.run("ddpm_mnist", "--sample-only", "--ckpt", ckpt, "--out", g.out("ddpm", "no_clip"),
+                     *g.recipe["ddpm_eval"], "--no-clip", "--no-ddpm-grid", "--sweep-steps", steps)
+    ddim = next(r for r in clip["eval"] if r["sampler"] == "DDIM" and str(r["steps"]) == steps)
+    result = (f"FD-LeNet {ddim['fd']:.1f} with DDIM-{steps}, x0 clipped ({plain['eval'][0]['fd']:.1f} without); "
+              f"{ddim['classes']}; test eps-MSE {clip['test_loss']:.4f}")
+    rows = [dict(r, clip="yes") for r in clip["eval"]] + [dict(r, clip="no") for r in plain["eval"]]
+    return dict(lesson="ddpm_mnist.py", train_s=train_s, eval_s=eval_s, result=result,
+                details=scored(rows, "clip"), figures=g.figures("ddpm", "ddim*_8x8.png", "loss_per_timestep.png"))
+
+
+def cfg(g: Gallery) -> dict:
+    """cfg.py: train, then class accuracy, within-class diversity and FD-LeNet against w."""
+    _, train_s = g.train("cfg", "cfg")
+    rows, eval_s = g.run("cfg", "--sample-only", "--out", g.out("cfg"), *g.recipe["cfg_eval"])
+    at = {r[0]: r for r in rows}
+    w = 3.0 if 3.0 in at else rows[-1][0]
+    result = (f"class accuracy {at[w][2]:.3f} at w = {w:g} ({rows[0][2]:.3f} at w = {rows[0][0]:g}, {rows[-1][2]:.3f} "
+              f"at w = {rows[-1][0]:g}); diversity {rows[0][1]:.2f} to {rows[-1][1]:.2f} (real = 1)")
+    return dict(lesson="cfg.py", train_s=train_s, eval_s=eval_s, result=result,
+                details=table(["w", "diversity (real = 1)", "class accuracy (LeNet)", "FD-LeNet"], rows),
+                figures=g.figures("cfg", "cfg_w*.png", "tradeoff.png"))
+
+
+def classifier_guidance(g: Gallery) -> dict:
+    """classifier_guidance.py on the ddpm part's base: the noisy classifier's accuracy per t, then
+    guided samples' LeNet accuracy against the scale."""
+    base = ["--base-ckpt", g.out("ddpm", "ckpt.pt")]
+    _, train_s = g.train("classifier_guidance", "cg", *base)
+    res, eval_s = g.run("classifier_guidance", "--sample-only", *base, "--out", g.out("cg"), *g.recipe["cg_eval"])
+    per_t, rows = res["accuracy_per_t"], res["rows"]
+    result = (f"noisy classifier: test accuracy {per_t[0][1]:.3f} at t = {per_t[0][0]}, {per_t[len(per_t) // 2][1]:.3f} "
+              f"at t = {per_t[len(per_t) // 2][0]}, {per_t[-1][1]:.3f} at t = {per_t[-1][0]}; guided LeNet accuracy "
+              + ", ".join(f"{r[4]:.3f} (s = {r[1]:g})" for r in rows))
+    details = table(["t"] + [str(t) for t, _ in per_t], [["accuracy"] + [a for _, a in per_t]]) + "\n\n" + table(
+        ["sampler", "scale s", "diversity (real = 1)", "accuracy by p_phi", "accuracy (LeNet)", "FD-LeNet"], rows)
+    return dict(lesson="classifier_guidance.py", train_s=train_s, eval_s=eval_s, result=result, details=details,
+                figures=g.figures("cg", "guided_ddim_s*.png", "accuracy_per_t.png", "accuracy_vs_scale.png"))
+
+
+def controlnet(g: Gallery) -> dict:
+    """controlnet_canny.py on the ddpm part's base: edge F1 against unconditional samples."""
+    base = ["--base-ckpt", g.out("ddpm", "ckpt.pt")]
+    _, train_s = g.train("controlnet_canny", "controlnet", *base)
+    res, eval_s = g.run("controlnet_canny", "--sample-only", *base, "--out", g.out("controlnet"),
+                        *g.recipe["controlnet_eval"])
+    c, u = res["ControlNet"], res["unconditional"]
+    result = f"edge F1 (1 px) {c['f1']:.3f} against {u['f1']:.3f} unconditional (exact: {c['f1_exact']:.3f} / " \
+             f"{u['f1_exact']:.3f}); another real digit's edges: 0.70"
+    details = table(["samples", "precision", "recall", "F1", "F1 exact"],
+                    [[k, v["precision"], v["recall"], v["f1"], v["f1_exact"]] for k, v in res.items()])
+    return dict(lesson="controlnet_canny.py", train_s=train_s, eval_s=eval_s, result=result, details=details,
+                figures=g.figures("controlnet", "control.png"))
+
+
+def deepcache_part(g: Gallery, base: str, ckpt: str) -> dict:
+    part = f"deepcache_{base}"
+    res, eval_s = g.run("deepcache", "--base", base, "--base-ckpt", ckpt, *g.recipe["deepcache"], "--out", g.out(part))
+    rows = res["sweep"]
+    top = max(r["steps"] for r in rows)
+    result = "; ".join(f"{r['steps']} steps, interval {r['interval']}: {r['speedup']:.2f}x, PSNR {r['psnr']:.1f} dB, "
+                       f"SSIM {r['ssim']:.3f}" for r in rows if r["steps"] == top and r["interval"] in (2, 5, 10))
+    details = table(["steps", "interval", "full steps", "speedup", "theory", "PSNR dB", "SSIM"],
+                    [[r["steps"], r["interval"], r["K"], round(r["speedup"], 2), round(r["theory"], 2),
+                      round(r["psnr"], 1), round(r["ssim"], 4)] for r in rows])
+    return dict(lesson=f"deepcache.py --base {base}", train_s=0.0, eval_s=eval_s, result=result or "-",
+                details=details, figures=g.figures(part, "quality.png", "tradeoff.png"))
+
+
+def deepcache_ddim(g: Gallery) -> dict:
+    """deepcache.py over the ddpm part's UNet and DDIM: speedup and PSNR/SSIM against the interval."""
+    return deepcache_part(g, "ddim", g.out("ddpm", "ckpt.pt"))
+
+
+def latent(g: Gallery) -> dict:
+    """latent_diffusion.py: VAE and latent DDPM, then FD-LeNet of decoded DDIM and DDPM samples."""
+    _, train_s = g.train("latent_diffusion", "latent")
+    res, eval_s = g.run("latent_diffusion", "--sample-only", "--out", g.out("latent"), *g.recipe["latent_eval"])
+    result = ", ".join(f"FD-LeNet {r['fd']:.1f} with {r['sampler']}-{r['steps']} ({r['classes']})" for r in res["eval"])
+    result += f"; VAE test MSE {res['recon_mse']:.4f}, scale factor {res['scale']:.3f}"
+    return dict(lesson="latent_diffusion.py", train_s=train_s, eval_s=eval_s, result=result,
+                details=scored(res["eval"]), figures=g.figures("latent", "ddim_vs_ddpm.png", "vae_reconstructions.png"))
+
+
+def rf(g: Gallery, space: str, *extra: str) -> dict:
+    part = f"rf_{space}"
+    _, train_s = g.train("rectified_flow", part, "--space", space, *extra)
+    res, eval_s = g.run("rectified_flow", "--sample-only", "--space", space, *extra, "--out", g.out(part),
+                        *g.recipe["rf_eval"])
+    err = {(r["flow"], r["steps"]): r for r in res["steps"]}
+    fd = {(r["sampler"], r["steps"]): r["fd"] for r in res["eval"]}
+    most = max(s for _, s in fd)
+    result = (f"FD-LeNet at {most} Euler steps {fd['Flow-1', most]:.1f} (Flow-1), {fd['Flow-2', most]:.1f} (Flow-2); at "
+              f"1 step {fd['Flow-1', 1]:.1f} / {fd['Flow-2', 1]:.1f}; error to the 100-step solution at 1 step "
+              f"{err['Flow-1', 1]['mse']:.4f} / {err['Flow-2', 1]['mse']:.4f}; straightness S "
+              f"{err['Flow-1', 1]['S']:.4f} / {err['Flow-2', 1]['S']:.4f}")
+    details = table(["flow", "Euler steps", "MSE to its many-step solution", "straightness S", "FD-LeNet"],
+                    [[r["flow"], r["steps"], round(r["mse"], 5), round(r["S"], 4), round(fd[r["flow"], r["steps"]], 2)]
+                     for r in res["steps"] if (r["flow"], r["steps"]) in fd])
+    return dict(lesson=f"rectified_flow.py --space {space}", train_s=train_s, eval_s=eval_s, result=result,
+                details=details, figures=g.figures(part, "steps_comparison.png", "steps_error.png"))
+
+
+def rf_pixel(g: Gallery) -> dict:
+    """rectified_flow.py in pixel space: Flow-1, reflow pairs, Flow-2; FD and error against steps."""
+    return rf(g, "pixel")
+
+
+def rf_latent(g: Gallery) -> dict:
+    """rectified_flow.py in the latent part's VAE space."""
+    return rf(g, "latent", "--vae", g.out("latent", "vae.pt"))
+
+
+def deepcache_rf(g: Gallery) -> dict:
+    """deepcache.py over the reflowed pixel flow (Flow-2) and its Euler steps."""
+    return deepcache_part(g, "rf", g.out("rf_pixel", "flow2.pt"))
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                platform.processor()) if os.path.isfile("/proc/cpuinfo") else platform.processor()
+    return f"CPU, {torch.get_num_threads()} threads ({name})"
+
+
+def write_results(docs: str) -> str:
+    """docs/results.md from every profile's docs/gallery/results_PROFILE.json."""
+    lines = ["# Results", "", "Written by `python gallery.py` (see its docstring); every number comes from a network "
+             "trained by the command beside it and scored with evaluate.py or the lesson's own measurement.", "",
+             "| lesson | profile | hardware | data | training | scoring | result |", "|---|---|---|---|---|---|---|"]
+    sections = []
+    for path in sorted(glob.glob(os.path.join(docs, "gallery", "results_*.json"))):
+        runs = json.load(open(path))
+        for part in PARTS:
+            if part not in runs:
+                continue
+            r = runs[part]
+            lines.append(f"| {r['lesson']} | {r['profile']} | {r['hardware']} | {r['data']} | "
+                         f"{r['train_s'] / 60:.1f} min | {r['eval_s'] / 60:.1f} min | {r['result']} |")
+            figures = " ".join(f"![{os.path.basename(f)}]({f})" for f in r["figures"])
+            sections.append(f"## {r['lesson']} ({r['profile']}, {r['date']})\n\n{r['details']}\n\n{figures}\n")
+    text = "\n".join(lines + [""] + sections)
+    with open(os.path.join(docs, "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv=None) -> dict:
+    """Run the parts of one profile; -> {part: its row of docs/results.md}"""
+    cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    g = Gallery(cfg)
+    n_train = len(common.load_images("mnist", cfg.data_dir, True, cfg.download)[0])
+    data = "MNIST-8k" if n_train == 8000 else f"MNIST, {n_train:,} training digits"
+    store = os.path.join(cfg.docs, "gallery", f"results_{cfg.profile}.json")
+    os.makedirs(os.path.dirname(store), exist_ok=True)
+    runs = json.load(open(store)) if os.path.isfile(store) else {}
+    for part in [p for p in PARTS if not cfg.only or p in cfg.only]:
+        common.seed_everything(0)
+        row = globals()[part](g)
+        runs[part] = dict(row, profile=cfg.profile, hardware=hardware(g.device), data=data,
+                          date=datetime.date.today().isoformat())
+        with open(store, "w") as f:
+            json.dump(runs, f, indent=1)
+        print(write_results(cfg.docs).split("\n## ")[0])
+    return runs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The gallery (gallery.py) end to end at tiny sizes: every part runs its scripts, and
+docs/results.md gets one row per lesson, with its figures copied under docs/gallery/."""
+import json
+import os
+
+import gallery
+
+
+def test_the_smoke_gallery_writes_every_row(mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                      # runs/ and evaluate.py's checkpoints/ land here
+    runs = gallery.main(["--profile", "smoke", "--data-dir", mnist_dir, "--no-download", "--device", "cpu",
+                         "--docs", "docs"])
+    assert list(runs) == list(gallery.PARTS)
+    text = open("docs/results.md").read()
+    for part, row in runs.items():
+        assert f"| {row['lesson']} | smoke |" in text, part
+        assert row["result"] and row["details"].startswith("|"), part
+        for figure in row["figures"]:
+            assert os.path.getsize(os.path.join("docs", figure)) > 50, figure
+    assert json.load(open("docs/gallery/results_smoke.json")).keys() == runs.keys()
+    # --only runs one part again and keeps the others' rows
+    again = gallery.main(["--profile", "smoke", "--data-dir", mnist_dir, "--no-download", "--device", "cpu",
+                          "--docs", "docs", "--only", "deepcache_ddim"])
+    assert again.keys() == runs.keys() and again["ddpm"] == runs["ddpm"]
+
+
+def test_every_recipe_parses_with_its_scripts_flags():
+    import common
+    scripts = dict(ddpm="ddpm_mnist", cfg="cfg", cg="classifier_guidance", controlnet="controlnet_canny",
+                   deepcache="deepcache", latent="latent_diffusion", rf="rectified_flow")
+    for profile, recipe in gallery.RECIPES.items():
+        for key, argv in recipe.items():
+            common.parse_config(__import__(scripts[key.split("_")[0]]).Config, argv)
