@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -47,10 +46,8 @@ KIND = "cfg.py CondUNet"
 
 
 @dataclass
-class Config:
+class Config(common.RunConfig):
     dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder ROOT/<class>/"})
-    data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
-    download: bool = field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
     image_size: int = field(default=0, metadata={"help": "resize images to this (0: MNIST 28, others 32)", "min": 0})
     channels: int = field(default=3, metadata={"help": "image folders only: 1 (gray) or 3 (RGB)", "choices": [1, 3]})
     cond: str = field(default="xattn", metadata={"help": "how y enters the UNet", "choices": ["input", "xattn"]})
@@ -82,13 +79,6 @@ class Config:
     sample_every: int = field(default=5, metadata={"help": "epochs between progress grids", "min": 1})
     out: str = field(default="runs/cfg", metadata={"help": "output folder"})
     ckpt: str = field(default="", metadata={"help": "checkpoint path (default OUT/ckpt.pt)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --ckpt"})
-    overwrite: bool = field(default=False, metadata={"help": "train from scratch over an existing --ckpt"})
-    sample_only: bool = field(default=False, metadata={"help": "load --ckpt and make figures, no training"})
-    seed: int = field(default=0, metadata={"help": "the same seed gives the same run and the same samples"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
 
 
 def check_config(cfg: Config) -> None:
@@ -108,105 +98,6 @@ def load_data(cfg: Config, device, train: bool = True):
     """(x, y): images (N, C, H, W) in [-1, 1] and their class labels (N,)."""
     return common.load_images(cfg.dataset, cfg.data_dir, train, cfg.download, cfg.image_size or None,
                               cfg.channels, device)
-
-
-# ----------------------------------------------------------------------------- network
-
-
-class CrossAttention(nn.Module):
-    """Feature maps attend to the class tokens of their label:
-        h <- h + proj(softmax(q k^T / sqrt(d)) v),  q = W_q norm(h) (one per pixel), (k, v) = W_kv tokens.
-    `proj` starts at zero, so the block begins as the identity and the label's effect is learned."""
-
-    def __init__(self, c: int, cond_dim: int, heads: int = 4):
-        super().__init__()
-        self.heads = heads
-        self.norm, self.q, self.kv = norm(c), nn.Conv2d(c, c, 1), nn.Linear(cond_dim, 2 * c)
-        self.proj = nn.Conv2d(c, c, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, h, tokens):                        # h (N, C, H, W), tokens (N, L, cond_dim)
-        N, C, H, W = h.shape
-        q = self.q(self.norm(h)).reshape(N, self.heads, C // self.heads, H * W).transpose(-1, -2)
-        k, v = self.kv(tokens).reshape(N, -1, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))  # (N, heads, HW, C/heads)
-        return h + self.proj(a.transpose(-1, -2).reshape(N, C, H, W))
-
-
-class XAttnBlock(nn.Module):
-    """A ResBlock of ddpm_mnist's UNet, then cross-attention to the class tokens: (h, emb, tokens) -> h."""
-
-    def __init__(self, block: nn.Module, c: int, cond_dim: int):
-        super().__init__()
-        self.block, self.xattn = block, CrossAttention(c, cond_dim)
-
-    def forward(self, h, emb, tokens):
-        return self.xattn(self.block(h, emb), tokens)
-
-
-class CondUNet(ddpm_mnist.UNet):
-    """eps_theta(x_t, t, y): ddpm_mnist's UNet with a label y in 0..K-1, or y = K = `null` (none).
-    With cross-attention, its own encode/decode loop hands the class tokens to the blocks that read
-    them, as an argument beside the time embedding (no state is stored on a module between calls)."""
-
-    def __init__(self, num_classes: int, cond: str = "xattn", planes: int = 4, tokens: int = 4,
-                 cond_dim: int = 128, **unet):
-        super().__init__(**unet)
-        self.config.update(num_classes=num_classes, cond=cond, planes=planes, tokens=tokens, cond_dim=cond_dim)
-        self.cond, self.null, self.n_tokens = cond, num_classes, tokens
-        if cond == "input":   # (a) x_t and `planes` label maps enter the first convolution together.
-            # Maps, not constants: a constant plane only adds a per-channel offset, which the GroupNorm
-            # that opens every ResBlock subtracts again (it all but stopped the label from training).
-            self.label_maps = nn.Embedding(num_classes + 1, planes * self.config["image_size"] ** 2)
-            self.inc = nn.Conv2d(self.config["channels"] + planes, self.base, 3, padding=1)
-        else:                 # (b) cross-attention after each block of the lowest resolution and the bottleneck
-            self.label_tokens = nn.Embedding(num_classes + 1, tokens * cond_dim)
-            c = self.base * self.config["mults"][-1]     # the width of all those blocks
-            for blocks in (self.downs[-1].blocks, self.mid, self.ups[0].blocks):
-                for i, block in enumerate(blocks):
-                    blocks[i] = XAttnBlock(block, c, cond_dim)
-
-    @staticmethod
-    def run(block, h, emb, tokens):
-        """Blocks with cross-attention also take the class tokens, as an argument."""
-        return block(h, emb, tokens) if isinstance(block, XAttnBlock) else block(h, emb)
-
-    def encode(self, x, emb, tokens=None):
-        """UNet.encode with the tokens handed to the blocks: -> bottleneck h, skip activations."""
-        h, hs = self.inc(x), []
-        for level in self.downs:
-            for block in level.blocks:
-                h = self.run(block, h, emb, tokens)
-                hs.append(h)
-            h = level.resample(h)
-        for block in self.mid:
-            h = self.run(block, h, emb, tokens)
-        return h, hs
-
-    def decode(self, h, hs, emb, tokens=None):
-        """UNet.decode with the tokens handed to the blocks: -> eps (N, C, H, W)."""
-        hs = list(hs)
-        for level in self.ups:
-            for block in level.blocks:
-                h = self.run(block, torch.cat([h, hs.pop()], dim=1), emb, tokens)
-            h = level.resample(h)
-        return self.out(h)
-
-    def forward(self, x, t, y):                          # x (N, C, H, W), t (N,), y (N,) -> eps (N, C, H, W)
-        emb, tokens = self.embed_time(t), None
-        if self.cond == "input":
-            maps = self.label_maps(y).reshape(len(y), -1, *x.shape[-2:])                 # (N, planes, H, W)
-            x = torch.cat([x, maps.to(x.dtype)], dim=1)                                   # (N, C + planes, H, W)
-        else:
-            tokens = self.label_tokens(y).reshape(len(y), self.n_tokens, -1)              # (N, tokens, cond_dim)
-        return self.decode(*self.encode(x, emb, tokens), emb, tokens)
-
-
-def build_unet(cfg: Config, image_size: int, channels: int, num_classes: int) -> CondUNet:
-    preset = cfg.preset if cfg.preset != "auto" else ("cifar" if (image_size, channels) == (32, 3) else "mnist")
-    return CondUNet(num_classes, cfg.cond, cfg.planes, cfg.tokens, cfg.cond_dim, image_size=image_size,
-                    channels=channels, **PRESETS[preset])
 
 
 # ----------------------------------------------------------------------------- the method
@@ -255,6 +146,79 @@ def sample(model: CondUNet, ddpm: DDPM, y: torch.Tensor, w: float, sampler: str 
     return x.clamp(-1, 1)
 
 
+# ----------------------------------------------------------------------------- network
+
+
+class CrossAttention(nn.Module):
+    """Feature maps attend to the class tokens of their label:
+        h <- h + proj(softmax(q k^T / sqrt(d)) v),  q = W_q norm(h) (one per pixel), (k, v) = W_kv tokens.
+    `proj` starts at zero, so the block begins as the identity and the label's effect is learned."""
+
+    def __init__(self, c: int, cond_dim: int, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm, self.q, self.kv = norm(c), nn.Conv2d(c, c, 1), nn.Linear(cond_dim, 2 * c)
+        self.proj = nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h, tokens):                        # h (N, C, H, W), tokens (N, L, cond_dim)
+        N, C, H, W = h.shape
+        q = self.q(self.norm(h)).reshape(N, self.heads, C // self.heads, H * W).transpose(-1, -2)
+        k, v = self.kv(tokens).reshape(N, -1, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))  # (N, heads, HW, C/heads)
+        return h + self.proj(a.transpose(-1, -2).reshape(N, C, H, W))
+
+
+class XAttnBlock(nn.Module):
+    """A ResBlock of ddpm_mnist's UNet, then cross-attention to the class tokens: (h, emb, tokens) -> h."""
+
+    def __init__(self, block: nn.Module, c: int, cond_dim: int):
+        super().__init__()
+        self.block, self.xattn = block, CrossAttention(c, cond_dim)
+
+    def forward(self, h, emb, tokens):
+        return self.xattn(self.block(h, emb), tokens)
+
+
+class CondUNet(ddpm_mnist.UNet):
+    """eps_theta(x_t, t, y): ddpm_mnist's UNet with a label y in 0..K-1, or y = K = `null` (none).
+    With cross-attention, the UNet's encode/decode hand the class tokens to every block as `cond`,
+    an argument beside the time embedding (no state is stored on a module between calls)."""
+
+    def __init__(self, num_classes: int, cond: str = "xattn", planes: int = 4, tokens: int = 4,
+                 cond_dim: int = 128, **unet):
+        super().__init__(**unet)
+        self.config.update(num_classes=num_classes, cond=cond, planes=planes, tokens=tokens, cond_dim=cond_dim)
+        self.cond, self.null, self.n_tokens = cond, num_classes, tokens
+        if cond == "input":   # (a) x_t and `planes` label maps enter the first convolution together.
+            # Maps, not constants: a constant plane only adds a per-channel offset, which the GroupNorm
+            # that opens every ResBlock subtracts again (it all but stopped the label from training).
+            self.label_maps = nn.Embedding(num_classes + 1, planes * self.config["image_size"] ** 2)
+            self.inc = nn.Conv2d(self.config["channels"] + planes, self.base, 3, padding=1)
+        else:                 # (b) cross-attention after each block of the lowest resolution and the bottleneck
+            self.label_tokens = nn.Embedding(num_classes + 1, tokens * cond_dim)
+            c = self.base * self.config["mults"][-1]     # the width of all those blocks
+            for blocks in (self.downs[-1].blocks, self.mid, self.ups[0].blocks):
+                for i, block in enumerate(blocks):
+                    blocks[i] = XAttnBlock(block, c, cond_dim)
+
+    def forward(self, x, t, y):                          # x (N, C, H, W), t (N,), y (N,) -> eps (N, C, H, W)
+        emb, tokens = self.embed_time(t), None
+        if self.cond == "input":
+            maps = self.label_maps(y).reshape(len(y), -1, *x.shape[-2:])                 # (N, planes, H, W)
+            x = torch.cat([x, maps.to(x.dtype)], dim=1)                                   # (N, C + planes, H, W)
+        else:
+            tokens = self.label_tokens(y).reshape(len(y), self.n_tokens, -1)              # (N, tokens, cond_dim)
+        return self.decode(*self.encode(self.inc(x), emb, tokens), emb, tokens)
+
+
+def build_unet(cfg: Config, image_size: int, channels: int, num_classes: int) -> CondUNet:
+    preset = cfg.preset if cfg.preset != "auto" else ("cifar" if (image_size, channels) == (32, 3) else "mnist")
+    return CondUNet(num_classes, cfg.cond, cfg.planes, cfg.tokens, cfg.cond_dim, image_size=image_size,
+                    channels=channels, **PRESETS[preset])
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -274,7 +238,7 @@ def train(cfg: Config, x_train: torch.Tensor, y_train: torch.Tensor, ckpt: str, 
           f"{len(x_train)} training images, {K} classes, null id {K}, on {device}")
     for epoch in range(start, cfg.epochs):
         model.train()
-        t0, epoch_losses = time.perf_counter(), []
+        log = common.Epoch(f"epoch {epoch + 1:3d}/{cfg.epochs}", device)
         for x0, y in common.progress(common.batches(x_train, y_train, cfg.batch_size, cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}"):
             common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
@@ -284,15 +248,9 @@ def train(cfg: Config, x_train: torch.Tensor, y_train: torch.Tensor, ckpt: str, 
             batch_loss.backward()
             opt.step()
             ema.update_parameters(model)
-            epoch_losses.append(batch_loss.detach())
+            log.add(batch_loss, len(x0))
             step += 1
-        mean = torch.stack(epoch_losses).mean()
-        common.check_finite(mean, step, ckpt)            # before saving: the last good checkpoint stays
-        common.sync(device)
-        seconds = time.perf_counter() - t0
-        losses += torch.stack(epoch_losses).tolist()
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean.item():.4f}  {seconds:.1f}s  "
-              f"{len(epoch_losses) * min(cfg.batch_size, len(x_train)) / seconds:.0f} img/s")
+        losses += log.end(step, ckpt)                    # NaN guard, then the loss, time and img/s line
         common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg),
                                **common.training_state(model, ema, opt, step, epoch + 1, losses))
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # a cheap progress grid

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -44,10 +43,8 @@ KIND = "classifier_guidance.py classifier"
 
 
 @dataclass
-class Config:
+class Config(common.RunConfig):
     dataset: str = field(default="mnist", metadata={"help": "the base model's data: mnist, cifar10 or an image folder"})
-    data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
-    download: bool = field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
     image_size: int = field(default=0, metadata={"help": "resize images to this (0: the base model's size)", "min": 0})
     channels: int = field(default=3, metadata={"help": "image folders only: 1 (gray) or 3 (RGB), as the base's",
                                                "choices": [1, 3]})
@@ -79,13 +76,6 @@ class Config:
     sample_every: int = field(default=5, metadata={"help": "epochs between progress grids", "min": 1})
     out: str = field(default="runs/classifier_guidance", metadata={"help": "output folder"})
     ckpt: str = field(default="", metadata={"help": "classifier checkpoint (default OUT/ckpt.pt)"})
-    resume: bool = field(default=False, metadata={"help": "continue the classifier's training in --ckpt"})
-    overwrite: bool = field(default=False, metadata={"help": "train a new classifier over an existing --ckpt"})
-    sample_only: bool = field(default=False, metadata={"help": "load --ckpt and make figures, no training"})
-    seed: int = field(default=0, metadata={"help": "the same seed gives the same run and the same samples"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the classifier"})
 
 
 def check_config(cfg: Config) -> None:
@@ -99,32 +89,6 @@ def check_config(cfg: Config) -> None:
 def load_data(cfg: Config, image_size: int, channels: int, device, train: bool = True):
     """(x, y): images (N, C, H, W) in [-1, 1] at the base's size, and their class labels (N,)."""
     return common.load_images(cfg.dataset, cfg.data_dir, train, cfg.download, image_size, channels, device)
-
-
-# ----------------------------------------------------------------------------- network
-
-
-class NoisyClassifier(ddpm_mnist.UNet):
-    """p_phi(y | x_t, t): the encoder half of ddpm_mnist's UNet (time embedding, down levels and
-    bottleneck, `UNet.encode`), then GroupNorm-SiLU and a linear layer on the flattened bottleneck
-    map. (Where a stroke is matters for a digit: with global average pooling instead, the same
-    network learned ~10x more slowly on MNIST.)"""
-
-    def __init__(self, num_classes: int, image_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, dropout=0.1):
-        super().__init__(image_size, channels, base, mults, num_res, dropout)
-        del self.ups, self.out  # no decoder: a classifier needs the features, not an image
-        self.config["num_classes"] = num_classes
-        c, side = base * mults[-1], image_size // 2 ** (len(mults) - 1)
-        self.head = nn.Sequential(norm(c), nn.SiLU(), nn.Flatten(), nn.Linear(c * side * side, num_classes))
-
-    def forward(self, x, t):                        # x_t (N, C, H, W), t (N,) -> logits (N, K)
-        h, _ = self.encode(x, self.embed_time(t))   # (N, c, side, side), side = H / 2^(levels - 1)
-        return self.head(h)
-
-
-def build_classifier(preset: str, image_size: int, channels: int, num_classes: int) -> NoisyClassifier:
-    preset = preset if preset != "auto" else ("cifar" if (image_size, channels) == (32, 3) else "mnist")
-    return NoisyClassifier(num_classes, image_size, channels, **PRESETS[preset])
 
 
 # ----------------------------------------------------------------------------- the method
@@ -184,6 +148,31 @@ def sample(model, classifier: NoisyClassifier, ddpm: DDPM, y: torch.Tensor, scal
     return x.clamp(-1, 1)
 
 
+# ----------------------------------------------------------------------------- network
+
+
+class NoisyClassifier(ddpm_mnist.UNet):
+    """p_phi(y | x_t, t): the encoder half of ddpm_mnist's UNet (time embedding, down levels and
+    bottleneck, `UNet.encode`; no decoder: a classifier needs the features, not an image), then
+    GroupNorm-SiLU and a linear layer on the flattened bottleneck map. (Where a stroke is matters
+    for a digit: with global average pooling instead, the same network learned ~10x more slowly.)"""
+
+    def __init__(self, num_classes: int, image_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, dropout=0.1):
+        super().__init__(image_size, channels, base, mults, num_res, dropout, decoder=False)
+        self.config["num_classes"] = num_classes
+        c, side = base * mults[-1], image_size // 2 ** (len(mults) - 1)
+        self.head = nn.Sequential(norm(c), nn.SiLU(), nn.Flatten(), nn.Linear(c * side * side, num_classes))
+
+    def forward(self, x, t):                        # x_t (N, C, H, W), t (N,) -> logits (N, K)
+        h, _ = self.encode(self.inc(x), self.embed_time(t))   # (N, c, side, side), side = H / 2^(levels - 1)
+        return self.head(h)
+
+
+def build_classifier(preset: str, image_size: int, channels: int, num_classes: int) -> NoisyClassifier:
+    preset = preset if preset != "auto" else ("cifar" if (image_size, channels) == (32, 3) else "mnist")
+    return NoisyClassifier(num_classes, image_size, channels, **PRESETS[preset])
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -231,7 +220,7 @@ def train(cfg: Config, model, ddpm: DDPM, base: dict, x_train, y_train, ckpt: st
           f"{len(x_train)} training images, T = {ddpm.T}, on {device}")
     for epoch in range(start, cfg.epochs):
         classifier.train()
-        t0, epoch_losses = time.perf_counter(), []
+        log = common.Epoch(f"epoch {epoch + 1:3d}/{cfg.epochs} (cross-entropy)", device)
         for x0, y in common.progress(common.batches(x_train, y_train, cfg.batch_size, cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}"):
             common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
@@ -241,15 +230,9 @@ def train(cfg: Config, model, ddpm: DDPM, base: dict, x_train, y_train, ckpt: st
             loss.backward()
             opt.step()
             ema.update_parameters(classifier)
-            epoch_losses.append(loss.detach())
+            log.add(loss, len(x0))
             step += 1
-        mean = torch.stack(epoch_losses).mean()
-        common.check_finite(mean, step, ckpt)            # before saving: the last good checkpoint stays
-        common.sync(device)
-        seconds = time.perf_counter() - t0
-        losses += torch.stack(epoch_losses).tolist()
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  cross-entropy {mean.item():.4f}  {seconds:.1f}s  "
-              f"{len(epoch_losses) * min(cfg.batch_size, len(x_train)) / seconds:.0f} img/s")
+        losses += log.end(step, ckpt)                    # NaN guard, then the loss, time and img/s line
         common.save_checkpoint(ckpt, kind=KIND, net=classifier.config, config=asdict(cfg), base=base,
                                **common.training_state(classifier, ema, opt, step, epoch + 1, losses))
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # a cheap progress grid

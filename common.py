@@ -82,6 +82,24 @@ def parse_config(cls, argv=None, description: str | None = None):
     return cls(**values)
 
 
+@dataclasses.dataclass
+class RunConfig:
+    """The flags every training script has; each script's Config extends it with the method's own
+    knobs (and overrides `out`). Defaults are the ones meant for one GPU."""
+    data_dir: str = dataclasses.field(default="data", metadata={"help": "root of the torchvision datasets"})
+    download: bool = dataclasses.field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
+    out: str = dataclasses.field(default="runs", metadata={"help": "folder of the checkpoints and figures"})
+    resume: bool = dataclasses.field(default=False, metadata={"help": "continue the run in --out (up to --epochs)"})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace the run in --out with a new one"})
+    sample_only: bool = dataclasses.field(default=False, metadata={"help": "load the trained model, make the "
+                                                                          "figures, train nothing"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "the same seed gives the same batches, noise, samples"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    amp: bool = dataclasses.field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling "
+                                                                  "runs in float32)"})
+    compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile the trained network"})
+
+
 # ----------------------------------------------------------------------------- device, seed, speed
 
 
@@ -280,8 +298,12 @@ def prepare_out(out: str) -> None:
 
 def new_or_resume(ckpt: str, resume: bool, overwrite: bool) -> None:
     """Before any work: a training run never replaces a checkpoint by accident. An existing `ckpt`
-    is continued (--resume) or replaced (--overwrite); otherwise the run stops here, in one line."""
+    is continued (--resume) or replaced (--overwrite); otherwise the run stops here, in one line.
+    A half-written `ckpt`.tmp (a run killed while saving; `ckpt` itself is the last whole one) goes."""
     prepare_out(os.path.dirname(ckpt) or ".")
+    if os.path.isfile(f"{ckpt}.tmp"):
+        os.remove(f"{ckpt}.tmp")
+        print(f"removed {ckpt}.tmp, half written by an interrupted run")
     if resume:
         check(os.path.isfile(ckpt), f"--resume: there is no checkpoint '{ckpt}' to continue; drop --resume")
     else:
@@ -360,6 +382,32 @@ def training_state(model, ema, opt, step: int, epoch: int, losses: list) -> dict
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     return dict(model=model.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(), step=step,
                 epoch=epoch, losses=losses, rng=rng)
+
+
+class Epoch:
+    """The bookkeeping of one training epoch, so that a loop shows only the lesson's step: `add` keeps
+    each step's loss (on the device: no sync per step) and counts the examples; `end` stops the run on
+    a NaN/inf mean before anything is saved, prints the mean loss, the time and the throughput, and
+    returns the step losses for the run's history. `mean` (dit_cifar.py: averaged over the ranks)
+    replaces the epoch's own mean in the check and the line."""
+
+    def __init__(self, name: str, device, unit: str = "img/s"):
+        self.name, self.device, self.unit, self.losses, self.n = name, device, unit, [], 0
+        self.t0, self.seconds = time.perf_counter(), 0.0
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        self.losses.append(loss.detach())
+        self.n += n
+
+    def end(self, step: int, ckpt: str, mean: torch.Tensor | None = None, quiet: bool = False) -> list[float]:
+        mean = torch.stack(self.losses).mean() if mean is None else mean
+        check_finite(mean, step, ckpt)                 # before saving: the last good checkpoint stays
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.t0
+        if not quiet:
+            print(f"{self.name}  loss {mean.item():.4f}  {self.seconds:.1f}s  {self.n / self.seconds:.0f} {self.unit}",
+                  flush=True)
+        return torch.stack(self.losses).tolist()
 
 
 def check_finite(loss: torch.Tensor, step: int, ckpt: str) -> None:

@@ -31,9 +31,7 @@ loss.png, and edge_fidelity.md (F1 of ControlNet vs unconditional samples).
 """
 from __future__ import annotations
 
-import copy
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -49,11 +47,9 @@ KIND = "controlnet_canny.py ControlNet"
 
 
 @dataclass
-class Config:
+class Config(common.RunConfig):
     base_ckpt: str = field(default=ddpm_mnist.DEFAULT_CKPT, metadata={
         "help": "ddpm_mnist.py checkpoint to steer (the default one is trained first when missing)"})
-    data_dir: str = field(default="data", metadata={"help": "root of torchvision's MNIST"})
-    download: bool = True
     low: int = field(default=100, metadata={"help": "Canny lower hysteresis threshold", "min": 0})
     high: int = field(default=200, metadata={"help": "Canny upper threshold (ControlNet's annotator: 100, 200)"})
     epochs: int = field(default=10, metadata={"min": 1})
@@ -69,12 +65,6 @@ class Config:
                                                 "samplings of --ddim-steps steps)", "min": 1})
     tolerance: int = field(default=1, metadata={"help": "edge F1: pixels within this distance match", "min": 0})
     out: str = "runs/controlnet_canny"
-    resume: bool = field(default=False, metadata={"help": "continue the run in OUT/ckpt.pt"})
-    overwrite: bool = field(default=False, metadata={"help": "train anew over an existing OUT/ckpt.pt"})
-    sample_only: bool = field(default=False, metadata={"help": "load OUT/ckpt.pt and make figures, no training"})
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
 
 
 def check_config(cfg: Config) -> None:
@@ -82,6 +72,26 @@ def check_config(cfg: Config) -> None:
     common.check(cfg.low < cfg.high, f"Canny thresholds must satisfy --low < --high, got {cfg.low}, {cfg.high}")
     common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
     common.check(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def sample(ddpm: ddpm_mnist.DDPM, model: ControlledUNet, c, x_T, steps: int):
+    """DDIM (eta = 0, x0_hat clipped as ddpm_mnist.py samples) from x_T, every step conditioned on the edge maps c."""
+    return ddpm.ddim_sample(ddpm.eps_from(lambda x, t: model(x, t, c), clip=True), x_T.shape, steps, x_T=x_T)
+
+
+@torch.no_grad()
+def edge_f1(x, edges, low: int, high: int, tolerance: int) -> dict:
+    """Precision, recall and F1 of the Canny edges of images x against `edges`; a pixel matches
+    when an edge of the other map lies within `tolerance` pixels (a (2 tol + 1)^2 window)."""
+    pred = canny(x, low, high)
+    grow = lambda e: F.max_pool2d(e, 2 * tolerance + 1, 1, tolerance)     # noqa: E731
+    precision = (pred * grow(edges)).sum() / pred.sum().clamp(min=1)
+    recall = (edges * grow(pred)).sum() / edges.sum().clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-8)
+    return dict(precision=precision.item(), recall=recall.item(), f1=f1.item())
 
 
 # ----------------------------------------------------------------------------- data: Canny edges
@@ -127,10 +137,9 @@ class ControlNet(nn.Module):
     def __init__(self, unet: ddpm_mnist.UNet):
         super().__init__()
         base = unet.config["base"]
-        self.encoder = copy.deepcopy(unet)              # trainable copy, starts at the frozen weights
-        del self.encoder.ups, self.encoder.out          # the decoder is not copied
-        self.inc, self.encoder.inc = self.encoder.inc, nn.Identity()   # so encode() starts from h_0
-        self.encoder.requires_grad_(True)
+        self.encoder = ddpm_mnist.UNet(**unet.config, decoder=False)   # a trainable copy of the encoder half,
+        mine = self.encoder.state_dict()                                # starting at the frozen weights
+        self.encoder.load_state_dict({k: v for k, v in unet.state_dict().items() if k in mine})
         self.hint = nn.Sequential(                      # c (N, 1, H, W) -> (N, base, H, W)
             nn.Conv2d(1, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 32, 3, padding=1), nn.SiLU(),
             nn.Conv2d(32, base, 3, padding=1))
@@ -141,8 +150,8 @@ class ControlNet(nn.Module):
         self.zero_conv_mid = zero_conv(unet.mid[-1].conv2.out_channels)
 
     def forward(self, x, t, c):
-        emb = self.encoder.embed_time(t)
-        m, ds = self.encoder.encode(self.inc(x) + self.hint(c), emb)   # h_0 = inc(x_t) + hint(c)
+        emb, e = self.encoder.embed_time(t), self.encoder
+        m, ds = e.encode(e.inc(x) + self.hint(c), emb)  # h_0 = inc(x_t) + hint(c)
         return self.zero_conv_mid(m), [zc(d) for zc, d in zip(self.zero_convs, ds)]
 
 
@@ -161,30 +170,10 @@ class ControlledUNet(nn.Module):
     def forward(self, x, t, c):                         # x (N, 1, H, W), t (N,), c (N, 1, H, W)
         emb = self.unet.embed_time(t)
         with torch.no_grad():                           # nothing of the frozen encoder is trained
-            b, skips = self.unet.encode(x, emb)
+            b, skips = self.unet.encode(self.unet.inc(x), emb)
         r_mid, r_skips = self.control(x, t, c)
         skips = [s + r for s, r in zip(skips, r_skips)]  # s_i + zero_conv_i(d_i)
         return self.unet.decode(b + r_mid, skips, emb)  # b + zero_conv_mid(m)
-
-
-# ----------------------------------------------------------------------------- the method
-
-
-def sample(ddpm: ddpm_mnist.DDPM, model: ControlledUNet, c, x_T, steps: int):
-    """DDIM (eta = 0, x0_hat clipped as ddpm_mnist.py samples) from x_T, every step conditioned on the edge maps c."""
-    return ddpm.ddim_sample(ddpm.eps_from(lambda x, t: model(x, t, c), clip=True), x_T.shape, steps, x_T=x_T)
-
-
-@torch.no_grad()
-def edge_f1(x, edges, low: int, high: int, tolerance: int) -> dict:
-    """Precision, recall and F1 of the Canny edges of images x against `edges`; a pixel matches
-    when an edge of the other map lies within `tolerance` pixels (a (2 tol + 1)^2 window)."""
-    pred = canny(x, low, high)
-    grow = lambda e: F.max_pool2d(e, 2 * tolerance + 1, 1, tolerance)     # noqa: E731
-    precision = (pred * grow(edges)).sum() / pred.sum().clamp(min=1)
-    recall = (edges * grow(pred)).sum() / edges.sum().clamp(min=1)
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-8)
-    return dict(precision=precision.item(), recall=recall.item(), f1=f1.item())
 
 
 # ----------------------------------------------------------------------------- training
@@ -197,6 +186,7 @@ def train(cfg: Config, unet: ddpm_mnist.UNet, ddpm: ddpm_mnist.DDPM, x_train, c_
     ckpt = os.path.join(cfg.out, "ckpt.pt")
     control = ControlNet(unet).to(device)
     model = ControlledUNet(unet, control)                # freezes the UNet
+    net = torch.compile(model) if cfg.compile else model
     ema, opt = common.make_ema(control, cfg.ema_decay), common.make_optimizer(control, cfg.lr)  # control only
     step, start, losses = 0, 0, []
     if cfg.resume:   # the thresholds define the task: a resumed run must keep them
@@ -206,24 +196,19 @@ def train(cfg: Config, unet: ddpm_mnist.UNet, ddpm: ddpm_mnist.DDPM, x_train, c_
     total = cfg.epochs * (len(x_train) // min(cfg.batch_size, len(x_train)))
     for epoch in range(start, cfg.epochs):
         model.train()
-        t0, epoch_losses, n = time.perf_counter(), [], 0
+        log = common.Epoch(f"epoch {epoch + 1}/{cfg.epochs}", device)
         for x0, c in common.progress(common.batches(x_train, c_train, cfg.batch_size, cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}", total // cfg.epochs):
             common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
             with common.autocast(device, cfg.amp):
-                loss = ddpm.loss(lambda x_t, t: model(x_t, t, c), x0)   # || eps - eps_theta(x_t, t, c) ||^2
+                loss = ddpm.loss(lambda x_t, t: net(x_t, t, c), x0)     # || eps - eps_theta(x_t, t, c) ||^2
             opt.zero_grad(set_to_none=True)
             loss.backward()                              # reaches the zero_convs, then the copied encoder
             opt.step()
             ema.update_parameters(control)
-            epoch_losses.append(loss.detach())
-            step, n = step + 1, n + len(x0)
-        mean = torch.stack(epoch_losses).mean()
-        common.check_finite(mean, step, ckpt)            # before saving: the last good checkpoint stays
-        losses += torch.stack(epoch_losses).tolist()
-        common.sync(device)
-        seconds = time.perf_counter() - t0
-        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {mean.item():.4f}  {seconds:.1f}s  {n / seconds:.0f} img/s")
+            log.add(loss, len(x0))
+            step += 1
+        losses += log.end(step, ckpt)                    # NaN guard, then the loss, time and img/s line
         common.save_checkpoint(ckpt, kind=KIND, net=unet.config, config=asdict(cfg),
                                **common.training_state(control, ema, opt, step, epoch + 1, losses))
     return ema.module.eval(), losses

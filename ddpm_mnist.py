@@ -26,7 +26,8 @@ What the network predicts (--predict): eps, x0, or v = sqrt(alpha_bar_t) eps - s
     v-MSE = eps-MSE / ab (ab = alpha_bar_t). x0 stresses noisy steps, eps clean ones. The samplers
     always take an eps-predictor: DDPM.eps_from converts the network's output in one place.
 Images live in [-1, 1] inside the model. The file reads as the paper does: the process (DDPM:
-schedule, loss, samplers), the network that predicts eps (UNet), the training loop (train), figures.
+schedule, loss, samplers), the network that predicts eps (UNet), the training loop (train); the
+figures and measurements of a run are in ddpm_figures.py.
 
 Run:
     python ddpm_mnist.py                      # train 40 epochs into runs/ddpm_mnist/, then all figures
@@ -47,10 +48,7 @@ The graded course interface (DiffusionModel, DiffusionProcess) lives in diffusio
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -64,10 +62,8 @@ DEFAULT_CKPT = "runs/ddpm_mnist/ckpt.pt"  # the base model of the scripts that b
 
 
 @dataclass
-class Config:
+class Config(common.RunConfig):
     dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder ROOT/<class>/<image>"})
-    data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
-    download: bool = field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
     image_size: int = field(default=0, metadata={"help": "resize to this (0: 32 for image folders, native size "
                             "for mnist/cifar10)", "min": 0})
     pad_to: int = field(default=0, metadata={"min": 0, "help": "pad the images with -1 (black) to this size, e.g. "
@@ -79,9 +75,9 @@ class Config:
     mults: tuple[int, ...] = field(default=(), metadata={"min": 1, "help": "channel multiplier per level, e.g. "
                                    "1 2 4 8 for 4 levels (empty = the preset's); 2^(levels-1) must divide the size"})
     num_res: int = field(default=0, metadata={"help": "residual blocks per level (0 = the preset's)", "min": 0})
-    time_embed: str = field(default="add", metadata={"choices": ["add", "concat"], "help": "add: each ResBlock adds "
-                            "its own projection of the time embedding; concat: the embedding, broadcast to maps, is "
-                            "concatenated to the input of each ResBlock's first convolution"})
+    time_embed: str = field(default="add", metadata={"choices": ["add", "concat"], "help": "add: each ResBlock turns "
+                            "the time embedding into a scale and a shift of its normalised features; concat: the "
+                            "embedding, broadcast to maps, is concatenated to each ResBlock's first convolution's input"})
     predict: str = field(default="eps", metadata={"help": "the network's target: eps, x0 or v (see the docstring)",
                                                   "choices": ["eps", "x0", "v"]})
     schedule: str = field(default="linear", metadata={"help": "beta_t", "choices": ["linear", "cosine", "sigmoid"]})
@@ -110,13 +106,6 @@ class Config:
                       "step count with evaluate.py into OUT/eval.md; 0 = off; costs N x (T + sweep steps) UNet passes"})
     out: str = field(default="runs/ddpm_mnist", metadata={"help": "folder of the checkpoint and figures"})
     ckpt: str = field(default="", metadata={"help": "checkpoint path (empty: OUT/ckpt.pt)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --ckpt up to --epochs"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the run in --ckpt with a new one"})
-    sample_only: bool = field(default=False, metadata={"help": "load --ckpt and make figures, no training"})
-    seed: int = field(default=0, metadata={"help": "same seed: same batches, noise and samples"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
 
 
 def check_config(cfg: Config) -> None:
@@ -293,7 +282,7 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.attn = SelfAttention(c_out) if attn else nn.Identity()
 
-    def forward(self, x, emb):                           # x (N, c_in, H, W), emb (N, t_dim)
+    def forward(self, x, emb, cond=None):                # x (N, c_in, H, W), emb (N, t_dim); cond: unused here
         h = F.silu(self.norm1(x))
         if self.concat:                                  # (N, c_in + t_dim, H, W)
             h = torch.cat([h, emb[:, :, None, None].expand(-1, -1, *h.shape[-2:]).to(h.dtype)], dim=1)
@@ -315,9 +304,13 @@ class Level(nn.Module):
 
 class UNet(nn.Module):
     """eps_theta(x_t, t): encoder, bottleneck and decoder with skip connections; self-attention at
-    the lowest resolution. `encode`/`decode` are separate so ControlNet and DeepCache can reach in."""
+    the lowest resolution. The lessons that build on it use its parts: `encode` and `decode` hand
+    `cond` to every block (cfg.py's cross-attention blocks read class tokens from it; ResBlocks ignore
+    it) and can stop part-way (DeepCache's shallow branch); decoder=False builds the encoder half
+    alone (the noisy classifier of classifier_guidance.py, ControlNet's trainable copy)."""
 
-    def __init__(self, image_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, dropout=0.1, time_embed="add"):
+    def __init__(self, image_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, dropout=0.1, time_embed="add",
+                 decoder: bool = True):
         super().__init__()
         k = 2 ** (len(mults) - 1)                        # the lowest level is image_size / k wide
         common.check(image_size % k == 0, f"image size {image_size} is not divisible by 2^{len(mults) - 1}; "
@@ -341,6 +334,8 @@ class UNet(nn.Module):
             self.downs.append(Level(blocks, down))
         self.mid = nn.ModuleList([ResBlock(c, c, t_dim, dropout, True, time_embed),
                                   ResBlock(c, c, t_dim, dropout, False, time_embed)])
+        if not decoder:
+            return
         self.ups = nn.ModuleList()
         for i, m in reversed(list(enumerate(mults))):
             blocks = []
@@ -356,29 +351,40 @@ class UNet(nn.Module):
     def embed_time(self, t):                             # t (N,) integer steps -> (N, t_dim)
         return self.time_mlp(common.timestep_embedding(t, self.base))
 
-    def encode(self, x, emb):
-        """-> bottleneck features h and the list of skip activations, shallowest first."""
-        h, hs = self.inc(x), []
+    def encode(self, h, emb, cond=None, depth=None):
+        """The down levels and the bottleneck, from the input features h = inc(x_t): -> (bottleneck
+        features, skip activations, shallowest first). depth: stop after that many blocks (skips)."""
+        hs = []
         for level in self.downs:
             for block in level.blocks:
-                h = block(h, emb)
+                h = block(h, emb, cond)
                 hs.append(h)
+                if len(hs) == depth:
+                    return h, hs
             h = level.resample(h)
         for block in self.mid:
-            h = block(h, emb)
+            h = block(h, emb, cond)
         return h, hs
 
-    def decode(self, h, hs, emb):
-        hs = list(hs)
+    def decode(self, h, hs, emb, cond=None, start=0, stop=None):
+        """The up levels, each block fed the last unused skip: -> eps. Part of them: from the features
+        entering up-block `start` (0 = the bottleneck's), or up to those entering block `stop`
+        (returned as they are)."""
+        hs, k = list(hs), 0
         for level in self.ups:
             for block in level.blocks:
-                h = block(torch.cat([h, hs.pop()], dim=1), emb)
-            h = level.resample(h)
+                if k == stop:
+                    return h
+                if k >= start:
+                    h = block(torch.cat([h, hs.pop()], dim=1), emb, cond)
+                k += 1
+            if k > start:                                # this level ran: on to the next resolution
+                h = level.resample(h)
         return self.out(h)
 
     def forward(self, x, t):                             # x (N, C, H, W), t (N,) -> eps (N, C, H, W)
         emb = self.embed_time(t)
-        return self.decode(*self.encode(x, emb), emb)
+        return self.decode(*self.encode(self.inc(x), emb), emb)
 
 
 # ----------------------------------------------------------------------------- training
@@ -433,7 +439,7 @@ def train(cfg: Config, x_train, y_train, device) -> tuple[UNet, DDPM]:
     steps_per_epoch = len(x_train) // batch
     for epoch in range(start, cfg.epochs):
         model.train()
-        t0, epoch_losses = time.perf_counter(), []
+        log = common.Epoch(f"epoch {epoch + 1:3d}/{cfg.epochs}", device)
         for x0, _ in common.progress(common.batches(x_train, y_train, batch, cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch):
             common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, cfg.epochs * steps_per_epoch)
@@ -443,15 +449,9 @@ def train(cfg: Config, x_train, y_train, device) -> tuple[UNet, DDPM]:
             loss.backward()
             opt.step()
             ema.update_parameters(model)                 # theta_ema <- d theta_ema + (1 - d) theta
-            epoch_losses.append(loss.detach())
+            log.add(loss, len(x0))
             step += 1
-        mean = torch.stack(epoch_losses).mean()
-        common.check_finite(mean, step, ckpt)            # before saving: the last good checkpoint stays
-        losses += torch.stack(epoch_losses).tolist()
-        common.sync(device)
-        seconds = time.perf_counter() - t0
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean.item():.4f}  {seconds:.1f}s  "
-              f"{len(epoch_losses) * batch / seconds:.0f} img/s")
+        losses += log.end(step, ckpt)                    # NaN guard, then the loss, time and img/s line
         common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg),
                                **common.training_state(model, ema, opt, step, epoch + 1, losses))
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:  # own generator: the run's RNG is untouched
@@ -496,126 +496,6 @@ def load_trained(path: str, device, eps_only: bool = True) -> tuple[UNet, DDPM, 
     return model.eval(), ddpm.to(device), state
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-@torch.no_grad()
-def test_loss_per_timestep(model, ddpm: DDPM, x_test, bins: int = 20, max_images: int = 2000, seed: int = 0):
-    """Test eps-MSE of the noise predictor `model` with one random t per image, averaged overall and
-    within `bins` bins of t: -> (mean, [(bin centre t, mean), ...])."""
-    g = torch.Generator(x_test.device).manual_seed(seed)
-    x0 = x_test[:max_images]
-    t = torch.randint(0, ddpm.T, (len(x0),), device=x0.device, generator=g)
-    eps = torch.randn(x0.shape, device=x0.device, generator=g)
-    per_image = torch.cat([((model(ddpm.q_sample(a, b, c), b).float() - c) ** 2).flatten(1).mean(1)
-                           for a, b, c in zip(x0.split(256), t.split(256), eps.split(256))])
-    idx = (t * bins // ddpm.T)
-    curve = [((i + 0.5) * ddpm.T / bins, per_image[idx == i].mean().item()) for i in range(bins) if (idx == i).any()]
-    return per_image.mean().item(), curve
-
-
-def slerp(z0, z1, alpha):
-    """Spherical interpolation: keeps interpolated Gaussian noise at the norm the model expects.
-    Noise of d pixels lies on the shell ||z|| ~ sqrt(d); the linear midpoint of two independent
-    draws has norm ~ sqrt(d / 2), a noise level the model never saw: the linear path leaves the shell."""
-    omega = torch.acos((z0.flatten() @ z1.flatten() / (z0.norm() * z1.norm())).clamp(-1, 1))
-    return (torch.sin((1 - alpha) * omega) * z0 + torch.sin(alpha * omega) * z1) / torch.sin(omega)
-
-
-def make_figures(cfg: Config, model, ddpm: DDPM, device, shape) -> dict:
-    """Cheap: test loss per timestep (+ OUT/per_timestep.json for compare_runs.py), DDIM grids, noise
-    interpolation. Expensive, each timed and optional: the DDPM grids and stochastic_vs_deterministic.png
-    (--no-ddpm-grid), the DDIM step sweep (--sweep-steps), --eval N. -> {test_loss, eval: score_sweep rows}"""
-    out, n, T = cfg.out, cfg.n_samples, ddpm.T
-    eps_model = ddpm.eps_from(model, cfg.clip)                   # every sampler below takes eps_theta
-    gen = lambda: common.generator(device, cfg.seed, stream=1)   # noqa: E731 (the samplers' z: the same everywhere)
-    x_T = torch.randn((n, *shape), device=device, generator=common.generator(device, cfg.seed))
-    x_raw, _ = load_data(cfg, device, train=False, padded=False)
-    test_loss, per_t = test_loss_per_timestep(eps_model, ddpm, pad(x_raw, cfg.pad_to), seed=cfg.seed)
-    print(f"test loss {test_loss:.4f} (eps-MSE, {min(len(x_raw), 2000)} test images)")
-    common.plot_curves(os.path.join(out, "loss_per_timestep.png"), {"test loss": per_t}, xlabel="t",
-                       title=f"test eps-MSE per t (mean {test_loss:.4f}); t = 0: clean data")
-    ab = ddpm.alpha_bar.cpu().double()
-    logsnr = [math.log(ab[int(t)] / (1 - ab[int(t)])) for t, _ in per_t]  # log(alpha_bar / (1 - alpha_bar)), bin centre
-    record = dict(config={k: getattr(cfg, k) for k in ("schedule", "cosine_clip", "predict", "T", "time_embed")},
-                  net=model.config, alpha_bar=ab.tolist(), t=[t for t, _ in per_t], logsnr=logsnr,
-                  loss=[v for _, v in per_t], test_loss=test_loss, fd={})
-    save_record(out, record)
-
-    x, sec = common.timed(device, lambda: ddpm.ddim_sample(eps_model, x_T.shape, cfg.ddim_steps, cfg.eta, x_T=x_T,
-                                                          generator=gen()))
-    print(f"DDIM grid: {cfg.ddim_steps} steps x {n} images in {sec:.1f}s")
-    common.save_grid(x[:16], os.path.join(out, f"ddim{cfg.ddim_steps}_4x4.png"), nrow=4)
-    common.save_grid(x, os.path.join(out, f"ddim{cfg.ddim_steps}_8x8.png"), nrow=8)
-    # row 1 spherical, row 2 linear: the linear midpoints leave the noise shell (see slerp)
-    a = torch.linspace(0, 1, 10, device=device)
-    z = torch.stack([slerp(x_T[0], x_T[1], w) for w in a] + [(1 - w) * x_T[0] + w * x_T[1] for w in a])
-    print(f"interpolation: ||z|| = {x_T[0].norm():.1f} and {x_T[1].norm():.1f} at the ends, midpoint "
-          f"{z[4:6].flatten(1).norm(dim=1).mean():.1f} spherical, {z[14:16].flatten(1).norm(dim=1).mean():.1f} linear")
-    x = ddpm.ddim_sample(eps_model, z.shape, cfg.ddim_steps, x_T=z)
-    common.save_grid(x, os.path.join(out, "interpolation.png"), nrow=10)
-    if cfg.ddpm_grid:
-        print(f"DDPM grid: {T} steps x {n} images (--no-ddpm-grid skips it) ...", flush=True)
-        x, sec = common.timed(device, lambda: ddpm.ddpm_sample(eps_model, x_T.shape, cfg.sigma, x_T=x_T,
-                                                              generator=gen()))
-        print(f"DDPM grid: {T} steps x {n} images in {sec:.1f}s")
-        common.save_grid(x[:16], os.path.join(out, "ddpm_4x4.png"), nrow=4)
-        common.save_grid(x, os.path.join(out, "ddpm_8x8.png"), nrow=8)
-        # 3 runs from the same 4 x_T: DDPM draws fresh noise z at every step (the 3 copies in one batch
-        # draw different z, as 3 seeds would), DDIM with eta = 0 has none: the same digit each run.
-        k = min(4, n)                                    # images per run
-        print(f"stochastic vs deterministic: DDPM {T} steps x {3 * k} images ...", flush=True)
-        stoch = ddpm.ddpm_sample(eps_model, (3 * k, *shape), cfg.sigma, x_T=x_T[:k].repeat(3, 1, 1, 1), generator=gen())
-        det = [ddpm.ddim_sample(eps_model, (k, *shape), cfg.ddim_steps, 0.0, x_T=x_T[:k], generator=gen())
-               for r in range(3)]
-        print(f"  DDPM runs differ by {(stoch[:k] - stoch[k:2 * k]).abs().mean():.3f} per pixel, "
-              f"DDIM runs by {(det[0] - det[1]).abs().mean():.3f}")
-        common.save_grid(torch.cat([torch.cat([stoch[k * r:k * (r + 1)], det[r]]) for r in range(3)]),
-                         os.path.join(out, "stochastic_vs_deterministic.png"), nrow=2 * k)
-
-    sweep = sorted({s for s in cfg.sweep_steps if 1 <= s <= T})
-    if sweep:  # the same 8 noise images through each step count: one row each, and its wall time
-        print(f"DDIM sweep: {' + '.join(map(str, sweep))} steps x 8 images (--sweep-steps sets them) ...", flush=True)
-        rows, times = [], []
-        for steps in sweep:
-            x, sec = common.timed(device, lambda: ddpm.ddim_sample(eps_model, x_T[:8].shape, steps, x_T=x_T[:8]))
-            rows.append(x)
-            times.append((steps, sec))
-            print(f"DDIM {steps:4d} steps: {sec:.2f}s per batch of 8")
-        table = [["DDIM", s, sec] for s, sec in times]
-        curves = {"DDIM": times}
-        if cfg.ddpm_grid:  # the last row: DDPM through all T steps from the same 8 x_T
-            x, sec = common.timed(device, lambda: ddpm.ddpm_sample(eps_model, x_T[:8].shape, cfg.sigma, x_T=x_T[:8],
-                                                                  generator=gen()))
-            rows.append(x)
-            table.append(["DDPM", T, sec])
-            curves["DDPM"] = [(T, sec)]
-            print(f"DDPM {T:4d} steps: {sec:.2f}s per batch of 8")
-        common.save_grid(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), nrow=8)
-        common.write_table(os.path.join(out, "ddim_sweep.md"), ["sampler", "steps", "seconds per batch of 8"], table)
-        common.plot_curves(os.path.join(out, "ddim_sweep_time.png"), curves, xlabel="steps",
-                           ylabel="seconds per batch", title="sampling steps vs wall time (8 images)")
-    rows = []
-    if cfg.eval:  # opt-in: the same sweep, measured (FD in a cached classifier's features, see evaluate.py)
-        import evaluate
-        ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device,
-                                image_size=cfg.image_size or None, channels=cfg.channels)
-        size = x_raw.shape[-1]  # scored without the --pad-to border
-        samplers = {("DDPM", T): lambda z, g: crop(ddpm.ddpm_sample(eps_model, z.shape, cfg.sigma, x_T=z, generator=g),
-                                                   size)} if cfg.ddpm_grid else {}
-        samplers |= {("DDIM", s): lambda z, g, s=s: crop(ddpm.ddim_sample(eps_model, z.shape, s, cfg.eta, x_T=z,
-                                                                          generator=g), size) for s in sweep}
-        rows = evaluate.score_sweep(ev, samplers, cfg.eval, shape, device, os.path.join(out, "eval.md"), cfg.seed)
-        save_record(out, record | {"fd": {f"{r['sampler']} {r['steps']}": r["fd"] for r in rows}})
-    return dict(test_loss=test_loss, eval=rows)
-
-
-def save_record(out: str, record: dict) -> None:
-    """OUT/per_timestep.json: what compare_runs.py overlays (alpha_bar, per-timestep loss, FD)."""
-    with open(os.path.join(out, "per_timestep.json"), "w") as f:
-        json.dump(record, f)
-
-
 def main(argv=None) -> dict:
     """Train (or load, --sample-only) and make the figures. -> make_figures' results"""
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
@@ -638,7 +518,8 @@ def main(argv=None) -> dict:
         x_train, y_train = load_data(cfg, device)
         model, ddpm = train(cfg, x_train, y_train, device)
     c = model.config
-    results = make_figures(cfg, model, ddpm, device, (c["channels"], c["image_size"], c["image_size"]))
+    import ddpm_figures                                   # the figures and measurements of a run, in their own file
+    results = ddpm_figures.make_figures(cfg, model, ddpm, device, (c["channels"], c["image_size"], c["image_size"]))
     print(f"figures in {cfg.out}/")
     return results
 

@@ -114,13 +114,7 @@ class DeepCache(nn.Module):
         common.check(1 <= branch <= n_skips, f"--branch {branch} is not in this UNet: it has {n_skips} "
                      f"skip connections, so choose 1 (shallowest) to {n_skips} (deepest)")
         self.unet, self.branch = unet, branch
-        # the encoder and decoder in execution order, as (module, is_res_block) pairs
-        self.enc = [(m, m is not lv.resample) for lv in unet.downs for m in (*lv.blocks, lv.resample)]
-        self.dec = [(m, m is not lv.resample) for lv in unet.ups for m in (*lv.blocks, lv.resample)]
-        enc_blocks = [i for i, (_, is_block) in enumerate(self.enc) if is_block]
-        dec_blocks = [i for i, (_, is_block) in enumerate(self.dec) if is_block]
-        self.enc_stop = enc_blocks[branch - 1] + 1           # the shallow encoder ends after block b
-        self.dec_start = dec_blocks[n_skips - branch]        # the up-block that consumes skip b
+        self.dec_start = n_skips - branch                    # the up-block that consumes skip b
         self.reset([0])
 
     def reset(self, full_steps) -> None:
@@ -131,21 +125,10 @@ class DeepCache(nn.Module):
         full = self.cache is None or self.step in self.full_steps
         self.step += 1
         emb = u.embed_time(t * self.time_scale)
-        h, hs = u.inc(x), []
-        for m, is_block in (self.enc if full else self.enc[:self.enc_stop]):
-            h = m(h, emb) if is_block else m(h)
-            if is_block:
-                hs.append(h)                                 # skips, shallowest first
-        if full:
-            for block in u.mid:
-                h = block(h, emb)
-            for m, is_block in self.dec[:self.dec_start]:
-                h = m(torch.cat([h, hs.pop()], 1), emb) if is_block else m(h)
-            self.cache = h                                   # F: (N, C_F, H_F, W_F), deep features
-        h = self.cache
-        for m, is_block in self.dec[self.dec_start:]:        # consumes skips b..1
-            h = m(torch.cat([h, hs.pop()], 1), emb) if is_block else m(h)
-        return u.out(h)
+        h, hs = u.encode(u.inc(x), emb, depth=None if full else self.branch)   # skips, shallowest first
+        if full:                                             # F: (N, C_F, H_F, W_F), the deep features
+            self.cache = u.decode(h, hs, emb, stop=self.dec_start)
+        return u.decode(self.cache, hs[:self.branch], emb, start=self.dec_start)   # consumes skips b..1
 
 
 def full_steps(S: int, interval: int, schedule: str = "uniform", power: float = 2.0) -> list[int]:

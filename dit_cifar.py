@@ -35,7 +35,6 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -53,10 +52,8 @@ KIND = "dit_cifar.py DiT"
 
 
 @dataclass
-class Config:
+class Config(common.RunConfig):
     dataset: str = field(default="cifar10", metadata={"help": "cifar10, or an RGB image folder"})
-    data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
-    download: bool = field(default=True, metadata={"help": "download cifar10 when missing"})
     vae: str = field(default="", metadata={"help": "VAE checkpoint, trained there when missing (default OUT/vae.pt)"})
     vae_base: int = field(default=64, metadata={"min": 1, "help": "VAE width"})
     latent_channels: int = field(default=4, metadata={"min": 1})
@@ -82,13 +79,6 @@ class Config:
                       "costs len(scales) x N x ddim-steps DiT calls, and a classifier trained once)"})
     out: str = "runs/dit_cifar"
     ckpt: str = field(default="", metadata={"help": "DiT checkpoint (default OUT/ckpt.pt)"})
-    resume: bool = field(default=False, metadata={"help": "continue the DiT checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the DiT checkpoint (a finished --vae is reused)"})
-    sample_only: bool = field(default=False, metadata={"help": "load the checkpoints and make figures, no training"})
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the DiT"})
 
 
 def check_config(cfg: Config) -> None:
@@ -104,6 +94,49 @@ def check_config(cfg: Config) -> None:
     cfg.ckpt, cfg.vae = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt"), cfg.vae or os.path.join(cfg.out, "vae.pt")
     common.check(not cfg.resume or os.path.isfile(cfg.vae), f"--resume needs the VAE the DiT was trained "
                  f"with, and '{cfg.vae}' does not exist; pass it with --vae")
+
+
+# ----------------------------------------------------------------------------- guidance, sampling, test loss
+
+
+def guided_eps(model: DiT, y: torch.Tensor, w: float):
+    """The guided predictor eps~(z_t, t) for labels y (N,), in the form the samplers call. One
+    forward pass of the doubled batch (2N) gives both eps_cond and eps_uncond."""
+    null = torch.full_like(y, model.null)
+
+    def eps(z_t, t):
+        eps_cond, eps_uncond = model(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+        return eps_uncond + w * (eps_cond - eps_uncond)   # eps~ = eps_uncond + w (eps_cond - eps_uncond)
+    return eps
+
+
+@torch.no_grad()
+def sample(model: DiT, ddpm: DDPM, vae: VAE, scale: float, y, w: float, steps: int, seed: int):
+    """Images (N, 3, 32, 32) of classes y (N,): guided DDIM on the latents, then x = D(z_0 / s)."""
+    g = torch.Generator(y.device).manual_seed(seed)
+    z_T = torch.randn((len(y), *model.latent_shape), generator=g, device=y.device)   # (N, 4, 8, 8)
+    z0 = ddpm.ddim_sample(guided_eps(model, y, w), z_T.shape, steps, x_T=z_T)
+    return decode(vae, z0, scale)
+
+
+@torch.no_grad()
+def test_loss(model: DiT, ddpm: DDPM, z, y, seed: int = 0, max_n: int = 2000) -> float:
+    """The conditional eps-MSE on held-out latents, with t and eps fixed by the seed."""
+    g = torch.Generator(z.device).manual_seed(seed)
+    z, y = z[:max_n], y[:max_n]
+    t = torch.randint(0, ddpm.T, (len(z),), generator=g, device=z.device)
+    eps = torch.randn(z.shape, generator=g, device=z.device)
+    sse = sum(F.mse_loss(model(ddpm.q_sample(a, b, e), b, c).float(), e, reduction="sum")
+              for a, b, c, e in zip(z.split(500), t.split(500), y.split(500), eps.split(500)))
+    return sse.item() / eps.numel()
+
+
+def check_fits(state: dict, shape, scale: float, ckpt: str, vae_path: str) -> None:
+    """One-line error when the DiT of `state` was trained on the latents of another VAE."""
+    want = (state["net"]["in_channels"],) + (state["net"]["input_size"],) * 2       # (C, H, W)
+    common.check(tuple(shape) == want and abs(state["scale"] - scale) <= 1e-6 * scale,
+                 f"the DiT in '{ckpt}' works on latents {want} (scale {state['scale']:.4f}) but the VAE "
+                 f"'{vae_path}' makes {tuple(shape)} (scale {scale:.4f}); pass the --vae it was trained with")
 
 
 # ----------------------------------------------------------------------------- the DiT
@@ -221,49 +254,6 @@ class DiT(nn.Module):
         return unpatchify(self.final(x, c), self.p, self.C)                       # (N, C, H, W)
 
 
-# ----------------------------------------------------------------------------- guidance, sampling, test loss
-
-
-def guided_eps(model: DiT, y: torch.Tensor, w: float):
-    """The guided predictor eps~(z_t, t) for labels y (N,), in the form the samplers call. One
-    forward pass of the doubled batch (2N) gives both eps_cond and eps_uncond."""
-    null = torch.full_like(y, model.null)
-
-    def eps(z_t, t):
-        eps_cond, eps_uncond = model(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
-        return eps_uncond + w * (eps_cond - eps_uncond)   # eps~ = eps_uncond + w (eps_cond - eps_uncond)
-    return eps
-
-
-@torch.no_grad()
-def sample(model: DiT, ddpm: DDPM, vae: VAE, scale: float, y, w: float, steps: int, seed: int):
-    """Images (N, 3, 32, 32) of classes y (N,): guided DDIM on the latents, then x = D(z_0 / s)."""
-    g = torch.Generator(y.device).manual_seed(seed)
-    z_T = torch.randn((len(y), *model.latent_shape), generator=g, device=y.device)   # (N, 4, 8, 8)
-    z0 = ddpm.ddim_sample(guided_eps(model, y, w), z_T.shape, steps, x_T=z_T)
-    return decode(vae, z0, scale)
-
-
-@torch.no_grad()
-def test_loss(model: DiT, ddpm: DDPM, z, y, seed: int = 0, max_n: int = 2000) -> float:
-    """The conditional eps-MSE on held-out latents, with t and eps fixed by the seed."""
-    g = torch.Generator(z.device).manual_seed(seed)
-    z, y = z[:max_n], y[:max_n]
-    t = torch.randint(0, ddpm.T, (len(z),), generator=g, device=z.device)
-    eps = torch.randn(z.shape, generator=g, device=z.device)
-    sse = sum(F.mse_loss(model(ddpm.q_sample(a, b, e), b, c).float(), e, reduction="sum")
-              for a, b, c, e in zip(z.split(500), t.split(500), y.split(500), eps.split(500)))
-    return sse.item() / eps.numel()
-
-
-def check_fits(state: dict, shape, scale: float, ckpt: str, vae_path: str) -> None:
-    """One-line error when the DiT of `state` was trained on the latents of another VAE."""
-    want = (state["net"]["in_channels"],) + (state["net"]["input_size"],) * 2       # (C, H, W)
-    common.check(tuple(shape) == want and abs(state["scale"] - scale) <= 1e-6 * scale,
-                 f"the DiT in '{ckpt}' works on latents {want} (scale {state['scale']:.4f}) but the VAE "
-                 f"'{vae_path}' makes {tuple(shape)} (scale {scale:.4f}); pass the --vae it was trained with")
-
-
 # ----------------------------------------------------------------------------- multi-GPU (torchrun)
 
 
@@ -321,7 +311,7 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
     for epoch in range(start, cfg.epochs):
         model.train()
         torch.manual_seed(cfg.seed + world * epoch + rank)  # own t, eps, drops per rank; the same after --resume
-        t0, epoch_losses = time.perf_counter(), []
+        log = common.Epoch(f"epoch {epoch + 1:3d}/{cfg.epochs}", device)
         batches = common.batches(z, y, cfg.batch_size, cfg.seed + epoch)            # the same on every rank
         for z0, y0 in (common.progress(batches, f"epoch {epoch + 1}/{cfg.epochs}") if rank == 0 else batches):
             z0, y0 = z0[rank::world], y0[rank::world]        # this rank's share of the global batch
@@ -333,18 +323,18 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
             loss.backward()                                  # under DDP: gradients averaged over the ranks
             opt.step()
             ema.update_parameters(model)
-            epoch_losses.append(loss.detach())
+            log.add(loss, len(z0) * world)                   # the images of the global batch
             step += 1
-        mean = torch.stack(epoch_losses).mean()
-        common.check_finite(mean, step, cfg.ckpt)            # before saving: the last good checkpoint stays
-        common.sync(device)
-        seconds = time.perf_counter() - t0
-        losses += torch.stack(epoch_losses).tolist()
+        mean = torch.stack(log.losses).mean()
+        if world > 1:   # one verdict on every rank: a NaN on any rank stops them all (none waits in a collective)
+            dist.all_reduce(mean)
+            mean /= world                                    # the mean over all ranks' losses
+        losses += log.end(step, cfg.ckpt, mean, quiet=True)  # NaN guard (before saving), time
         if rank != 0:
             continue
         test_losses.append((step, test_loss(ema.module.eval(), ddpm, z_test, y_test, cfg.seed)))
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean.item():.4f}  test {test_losses[-1][1]:.4f}  "
-              f"{seconds:.1f}s  {len(epoch_losses) * cfg.batch_size / seconds:.0f} img/s", flush=True)
+        print(f"{log.name}  loss {mean.item():.4f}  test {test_losses[-1][1]:.4f}  {log.seconds:.1f}s  "
+              f"{log.n / log.seconds:.0f} img/s", flush=True)
         state = common.training_state(model, ema, opt, step, epoch + 1, losses)   # + the RNG state, for --resume
         common.save_checkpoint(cfg.ckpt, kind=KIND, net=model.config, config=asdict(cfg), scale=scale,
                                test_losses=test_losses, **state)

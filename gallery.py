@@ -14,7 +14,8 @@ Profiles:
 - `gpu`: each script's defaults, the settings meant for one GPU, scored on more samples.
 - `smoke`: tiny sizes, a few steps: the test suite's check that every part runs and writes its rows.
 Every part runs the scripts themselves, through their `main(argv)` with the flags listed here, so
-each recipe is a command a reader can type. Parts run in the order below; a part that builds on an
+each recipe is a command a reader can type. Two extra parts run only when named in --only: the
+course exercises' comparisons (exercises) and fast_sampling.py's solvers against network calls. Parts run in the order below; a part that builds on an
 earlier one's model (classifier guidance, ControlNet and DeepCache on the DDPM base, DeepCache on
 the reflowed flow, latent flow on the VAE) finds it under --runs. The results of each profile are
 kept in docs/gallery/results_PROFILE.json, so `--only` updates its parts and keeps the others;
@@ -28,23 +29,25 @@ import json
 import os
 import platform
 import shutil
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 import common
+import compare_runs
 
 PARTS = ("ddpm", "cfg", "classifier_guidance", "controlnet", "deepcache_ddim", "latent", "rf_pixel", "rf_latent",
          "deepcache_rf")
+EXTRA = ("exercises", "fast_sampling")   # run only when named in --only
 
 
 @dataclass
 class Config:
     profile: str = field(default="cpu", metadata={"choices": ["cpu", "gpu", "smoke"],
                          "help": "cpu: the CPU recipes; gpu: the scripts' defaults; smoke: tiny sizes"})
-    only: tuple[str, ...] = field(default=(), metadata={"choices": list(PARTS), "help": "run these parts only "
-                                  "(default: all, in order); a part needs the runs of the parts it builds on"})
+    only: tuple[str, ...] = field(default=(), metadata={"choices": list(PARTS + EXTRA), "help": "run these parts "
+                                  "only (default: all but the extras exercises and fast_sampling, in order); a part "
+                                  "needs the runs of the parts it builds on"})
     data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets (MNIST)"})
     download: bool = field(default=True, metadata={"help": "download MNIST when missing"})
     runs: str = field(default="", metadata={"help": "folder of the runs (default runs/gallery/PROFILE)"})
@@ -77,12 +80,16 @@ RECIPES = {  # profile -> the flags of each command (a part adds --out, --data-d
         rf_latent=["--unet-base", "32", "--epochs", "25", "--batch-size", "128", "--lr", "2e-3", "--warmup-steps", "200",
                    "--reflow-epochs", "10", "--n-pairs", "8000", "--pair-steps", "40", "--n-samples", "16"],
         rf_eval=["--steps", "1", "2", "4", "8", "50", "--eval", "1000"],
+        exercise=TINY + ["--epochs", "5", "--no-ddpm-grid", "--sweep-steps", "50", "--eval", "500"],
+        fast=["--nfe", "5", "10", "20", "50", "--eval", "2000", "--no-reference"],
     ),
     "gpu": dict(
         ddpm=[], ddpm_eval=["--eval", "2000", "--sweep-steps", "10", "20", "50", "100"],
         cfg=[], cfg_eval=["--scales", "0", "1", "3", "5", "7.5", "--eval", "2000"],
         cg=[], cg_eval=["--eval", "1000"], controlnet=[], controlnet_eval=[], deepcache=[],
         latent=[], latent_eval=["--eval", "2000"], rf_pixel=[], rf_latent=[], rf_eval=["--eval", "2000"],
+        exercise=["--no-ddpm-grid", "--sweep-steps", "50", "--eval", "2000"],
+        fast=["--nfe", "5", "10", "20", "50", "--eval", "2000", "--stochastic"],
     ),
     "smoke": dict(
         ddpm=["--preset", "tiny", "--T", "20", "--epochs", "1", "--batch-size", "16", "--n-samples", "4",
@@ -107,6 +114,9 @@ RECIPES = {  # profile -> the flags of each command (a part adds --out, --data-d
         rf_latent=["--unet-base", "8", "--unet-res", "1", "--epochs", "1", "--reflow-epochs", "1", "--n-pairs", "8",
                    "--pair-steps", "2", "--n-samples", "2", "--batch-size", "32"],
         rf_eval=["--steps", "1", "2", "--n-samples", "2", "--eval", "4"],
+        exercise=["--preset", "tiny", "--T", "20", "--epochs", "1", "--batch-size", "16", "--n-samples", "4",
+                  "--ddim-steps", "2", "--no-ddpm-grid", "--sweep-steps", "2", "--eval", "4"],
+        fast=["--nfe", "2", "4", "--n-samples", "2", "--eval", "4"],
     ),
 }
 
@@ -145,7 +155,7 @@ class Gallery:
         os.makedirs(folder, exist_ok=True)
         paths = []
         for path in (p for pattern in patterns for p in sorted(glob.glob(self.out(part, pattern)))):
-            name = f"{self.cfg.profile}_{part}_{os.path.basename(path)}"
+            name = f"{self.cfg.profile}_{part}_{os.path.relpath(path, self.out(part)).replace(os.sep, '_')}"
             shutil.copyfile(path, os.path.join(folder, name))
             paths.append(f"gallery/{name}")
         return paths
@@ -291,6 +301,43 @@ def deepcache_rf(g: Gallery) -> dict:
     return deepcache_part(g, "rf", g.out("rf_pixel", "flow2.pt"))
 
 
+def exercises(g: Gallery) -> dict:
+    """The course exercises of ddpm_mnist.py, overlaid by compare_runs.py: eps, x0 and v prediction,
+    and the linear, cosine and cosine-clipped-at-0.95 schedules, each a short run of the recipe."""
+    flags = {"eps": [], "x0": ["--predict", "x0"], "v": ["--predict", "v"], "cosine": ["--schedule", "cosine"],
+             "cosine 0.95": ["--schedule", "cosine", "--cosine-clip", "0.95"]}
+    folder = {name: g.out("exercises", name.replace(" ", "_")) for name in flags}
+    train_s = sum(g.run("ddpm_mnist", *g.recipe["exercise"], *f, "--out", folder[name], "--overwrite")[1]
+                  for name, f in flags.items())
+    runs = {}
+    for compare, names, labels in (("predict", ("eps", "x0", "v"), ("eps", "x0", "v")),
+                                   ("schedule", ("eps", "cosine", "cosine 0.95"), ("linear", "cosine", "cosine 0.95"))):
+        runs |= {f"{compare}: {label}": r for label, r in compare_runs.main(
+            ["--runs", *(folder[n] for n in names), "--labels", *labels, "--out", g.out("exercises", compare)]).items()}
+    fd_key = sorted({k for r in runs.values() for k in r["fd"]})[-1:]
+    rows = [[name, round(r["test_loss"], 4), *[round(r["fd"][k], 1) for k in fd_key]] for name, r in runs.items()]
+    result = "; ".join(f"{name} test eps-MSE {r['test_loss']:.4f}" + "".join(f", {k} FD-LeNet {r['fd'][k]:.1f}"
+                                                                           for k in fd_key)
+                       for name, r in runs.items() if not name.startswith("schedule: linear"))
+    return dict(lesson="ddpm_mnist.py course exercises", train_s=train_s, eval_s=0.0, result=result,
+                details=table(["run", "test eps-MSE", *fd_key], rows),
+                figures=g.figures("exercises", "predict/compare.png", "schedule/compare.png"))
+
+
+def fast_sampling(g: Gallery) -> dict:
+    """fast_sampling.py on the ddpm part's model: FD-LeNet against network calls for each solver."""
+    rows, eval_s = g.run("fast_sampling", "--base-ckpt", g.out("ddpm", "ckpt.pt"), "--out", g.out("fast_sampling"),
+                         *g.recipe["fast"])
+    fd = {(r["sampler"], r["nfe"]): r["fd"] for r in rows}
+    nfes = sorted({n for s, n in fd if s == "DDIM"})
+    result = "; ".join(f"NFE {n}: " + ", ".join(f"{s} {fd[s, n]:.1f}" for s in ("DDIM", "DPM-Solver++(2M)", "Heun")
+                                                 if (s, n) in fd) for n in nfes)
+    details = table(["solver", "NFE", "seconds", "FD-LeNet", "classes found"],
+                    [[r["sampler"], r["nfe"], round(r["seconds"], 1), round(r["fd"], 2), r["classes"]] for r in rows])
+    return dict(lesson="fast_sampling.py", train_s=0.0, eval_s=eval_s, result=result, details=details,
+                figures=g.figures("fast_sampling", "fd_vs_nfe.png", "nfe*.png"))
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -310,7 +357,7 @@ def write_results(docs: str) -> str:
     sections = []
     for path in sorted(glob.glob(os.path.join(docs, "gallery", "results_*.json"))):
         runs = json.load(open(path))
-        for part in PARTS:
+        for part in PARTS + EXTRA:
             if part not in runs:
                 continue
             r = runs[part]
@@ -333,7 +380,7 @@ def main(argv=None) -> dict:
     store = os.path.join(cfg.docs, "gallery", f"results_{cfg.profile}.json")
     os.makedirs(os.path.dirname(store), exist_ok=True)
     runs = json.load(open(store)) if os.path.isfile(store) else {}
-    for part in [p for p in PARTS if not cfg.only or p in cfg.only]:
+    for part in [p for p in PARTS + EXTRA if p in cfg.only or (not cfg.only and p in PARTS)]:
         common.seed_everything(0)
         row = globals()[part](g)
         runs[part] = dict(row, profile=cfg.profile, hardware=hardware(g.device), data=data,

@@ -28,7 +28,6 @@ samples_epochNNN.png and loss.png; printed: scale factor, test reconstruction er
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -41,10 +40,8 @@ VAE_KIND, UNET_KIND = "latent_diffusion.py VAE", "latent_diffusion.py latent UNe
 
 
 @dataclass
-class Config:
+class Config(common.RunConfig):
     dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder"})
-    data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
-    download: bool = field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
     vae: str = field(default="", metadata={"help": "VAE checkpoint, trained there when missing, reused "
                      "when finished (default OUT/vae.pt)"})
     vae_epochs: int = field(default=20, metadata={"min": 1})
@@ -68,13 +65,6 @@ class Config:
     eval: int = field(default=0, metadata={"min": 0, "help": "score N samples of DDIM and of DDPM (--no-ddpm: DDIM only) with "
                       "evaluate.py into OUT/eval.md; 0 = off; costs N x (T + ddim_steps) latent UNet calls"})
     out: str = "runs/latent_diffusion"
-    resume: bool = field(default=False, metadata={"help": "continue OUT/ckpt.pt"})
-    overwrite: bool = field(default=False, metadata={"help": "replace OUT/ckpt.pt (a finished --vae is reused)"})
-    sample_only: bool = field(default=False, metadata={"help": "load OUT/ckpt.pt and the VAE, make figures"})
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
 
 
 def check_config(cfg: Config) -> None:
@@ -85,7 +75,34 @@ def check_config(cfg: Config) -> None:
     common.check(cfg.eval != 1, "--eval must be 0 (off) or >= 2 samples, got 1")
 
 
-# ----------------------------------------------------------------------------- the VAE
+# ----------------------------------------------------------------------------- the method
+
+
+def vae_loss(x, x_hat, mu, logvar, kl_weight: float):
+    """-> (loss, recon, kl), each summed over one image's entries and averaged over the batch."""
+    recon = (x_hat.float() - x).pow(2).flatten(1).sum(1).mean()                          # ||x - x_hat||^2
+    kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).flatten(1).sum(1).mean()
+    return recon + kl_weight * kl, recon, kl
+
+
+@torch.no_grad()
+def encode_latents(vae: VAE, x, batch_size: int = 1000):
+    """The posterior means mu of a whole dataset, batched: (N, C, H, W) -> (N, c_z, h, w)."""
+    return torch.cat([vae.encode(b)[0].float() for b in x.split(batch_size)])
+
+
+def latent_scale(z) -> float:
+    """s = 1 / std(z): the factor that gives the diffusion model unit-variance latents."""
+    return 1.0 / z.float().std().item()
+
+
+@torch.no_grad()
+def decode(vae: VAE, z0, scale: float, batch_size: int = 1000):
+    """x = x_hat(z0 / s): scaled latents (N, c_z, h, w) -> images (N, C, H, W) in [-1, 1]."""
+    return torch.cat([vae.decode(b / scale).float().clamp(-1, 1) for b in z0.split(batch_size)])
+
+
+# ----------------------------------------------------------------------------- network
 
 
 class Block(nn.Module):
@@ -133,28 +150,13 @@ class VAE(nn.Module):
         return self.decode(z), mu, logvar
 
 
-def vae_loss(x, x_hat, mu, logvar, kl_weight: float):
-    """-> (loss, recon, kl), each summed over one image's entries and averaged over the batch."""
-    recon = (x_hat.float() - x).pow(2).flatten(1).sum(1).mean()                          # ||x - x_hat||^2
-    kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).flatten(1).sum(1).mean()
-    return recon + kl_weight * kl, recon, kl
+def latent_unet(shape, base: int, num_res: int, cls=UNet) -> UNet:
+    """The noise predictor for latents of shape (c_z, h, w): two levels when h is even, else one."""
+    mults = (1, 2) if shape[1] % 2 == 0 else (1,)
+    return cls(image_size=shape[1], channels=shape[0], base=base, mults=mults, num_res=num_res)
 
 
-@torch.no_grad()
-def encode_latents(vae: VAE, x, batch_size: int = 1000):
-    """The posterior means mu of a whole dataset, batched: (N, C, H, W) -> (N, c_z, h, w)."""
-    return torch.cat([vae.encode(b)[0].float() for b in x.split(batch_size)])
-
-
-def latent_scale(z) -> float:
-    """s = 1 / std(z): the factor that gives the diffusion model unit-variance latents."""
-    return 1.0 / z.float().std().item()
-
-
-@torch.no_grad()
-def decode(vae: VAE, z0, scale: float, batch_size: int = 1000):
-    """x = x_hat(z0 / s): scaled latents (N, c_z, h, w) -> images (N, C, H, W) in [-1, 1]."""
-    return torch.cat([vae.decode(b / scale).float().clamp(-1, 1) for b in z0.split(batch_size)])
+# ----------------------------------------------------------------------------- training
 
 
 def check_vae_fits(vae: VAE, shape, path: str) -> None:
@@ -204,7 +206,7 @@ def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: b
     unlabelled, n_batches = x_train.new_zeros(len(x_train)), len(x_train) // min(batch_size, len(x_train))
     for epoch in range(start, epochs):
         vae.train()
-        t0, epoch_losses = time.perf_counter(), []
+        log = common.Epoch(f"VAE epoch {epoch + 1}/{epochs}", device)
         for x, _ in common.progress(common.batches(x_train, unlabelled, batch_size, seed + epoch),
                                     f"VAE epoch {epoch + 1}/{epochs}", n_batches):
             common.set_lr(opt, lr, step, 0, epochs * n_batches)             # constant lr, no warm-up
@@ -214,15 +216,9 @@ def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: b
             loss.backward()
             opt.step()
             ema.update_parameters(vae)
-            epoch_losses.append(loss.detach())
+            log.add(loss, len(x))
             step += 1
-        mean = torch.stack(epoch_losses).mean()
-        common.check_finite(mean, step, path)             # before saving: the last good epoch stays
-        losses += torch.stack(epoch_losses).tolist()
-        common.sync(device)
-        seconds = time.perf_counter() - t0
-        print(f"VAE epoch {epoch + 1}/{epochs}  loss {mean.item():.3f}  {seconds:.1f}s  "
-              f"{n_batches * min(batch_size, len(x_train)) / seconds:.0f} img/s")
+        losses += log.end(step, path)                     # NaN guard, then the loss, time and img/s line
         common.save_checkpoint(path, kind=VAE_KIND, net=vae.config, config=config,
                                **common.training_state(vae, ema, opt, step, epoch + 1, losses))
     scale = latent_scale(encode_latents(vae.eval(), x_train))   # s = 1 / std(mu) over the training set
@@ -230,15 +226,6 @@ def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: b
     common.save_checkpoint(path, kind=VAE_KIND, net=vae.config, config=config, scale=scale,
                            **common.training_state(vae, ema, opt, step, epochs, losses))
     return vae.requires_grad_(False), scale
-
-
-# ----------------------------------------------------------------------------- latent diffusion
-
-
-def latent_unet(shape, base: int, num_res: int, cls=UNet) -> UNet:
-    """The noise predictor for latents of shape (c_z, h, w): two levels when h is even, else one."""
-    mults = (1, 2) if shape[1] % 2 == 0 else (1,)
-    return cls(image_size=shape[1], channels=shape[0], base=base, mults=mults, num_res=num_res)
 
 
 def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tuple[UNet, DDPM]:
@@ -257,7 +244,7 @@ def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tu
     unlabelled, n_batches = z_train.new_zeros(len(z_train)), len(z_train) // min(cfg.batch_size, len(z_train))
     for epoch in range(start, cfg.epochs):
         model.train()
-        t0, epoch_losses = time.perf_counter(), []
+        log = common.Epoch(f"epoch {epoch + 1}/{cfg.epochs}", device, "latents/s")
         for z0, _ in common.progress(common.batches(z_train, unlabelled, cfg.batch_size, cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}", n_batches):
             common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, cfg.epochs * n_batches)
@@ -267,15 +254,9 @@ def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tu
             loss.backward()
             opt.step()
             ema.update_parameters(model)
-            epoch_losses.append(loss.detach())
+            log.add(loss, len(z0))
             step += 1
-        mean = torch.stack(epoch_losses).mean()
-        common.check_finite(mean, step, ckpt)             # before saving: the last good epoch stays
-        losses += torch.stack(epoch_losses).tolist()
-        common.sync(device)
-        seconds = time.perf_counter() - t0
-        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {mean.item():.4f}  {seconds:.1f}s  "
-              f"{n_batches * min(cfg.batch_size, len(z_train)) / seconds:.0f} latents/s")
+        losses += log.end(step, ckpt)                     # NaN guard, then the loss, time and latents/s line
         common.save_checkpoint(ckpt, kind=UNET_KIND, net=model.config, config=asdict(cfg), scale=scale,
                                **common.training_state(model, ema, opt, step, epoch + 1, losses))
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # progress grid (own generator)

@@ -46,11 +46,9 @@ KIND, PAIRS_KIND = "rectified_flow.py flow", "rectified_flow.py reflow pairs"
 
 
 @dataclass
-class Config:
+class Config(common.RunConfig):
     space: str = field(default="pixel", metadata={"choices": ["pixel", "latent"]})
     dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder"})
-    data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
-    download: bool = field(default=True, metadata={"help": "download mnist/cifar10 when missing"})
     vae: str = field(default="runs/latent_diffusion/vae.pt", metadata={"help": "--space latent: the VAE of "
                      "latent_diffusion.py, trained there (its defaults) when missing"})
     vae_epochs: int = field(default=20, metadata={"min": 1, "help": "epochs when the VAE must be trained first"})
@@ -71,13 +69,6 @@ class Config:
     eval: int = field(default=0, metadata={"min": 0, "help": "score N samples per flow and step count with "
                       "evaluate.py into OUT/eval.md; 0 = off; costs N x 2 x sum(steps) UNet calls"})
     out: str = field(default="", metadata={"help": "default runs/rectified_flow/SPACE"})
-    resume: bool = field(default=False, metadata={"help": "continue OUT/flow1.pt (then OUT/flow2.pt)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace OUT/flow1.pt and OUT/flow2.pt"})
-    sample_only: bool = field(default=False, metadata={"help": "load the flows and make figures, no training"})
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs in float32)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
 
 
 def check_config(cfg: Config) -> None:
@@ -85,51 +76,6 @@ def check_config(cfg: Config) -> None:
     common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
     common.check(cfg.ema_decay < 1, f"--ema-decay must be < 1, got {cfg.ema_decay}")
     common.check(cfg.eval != 1, "--eval must be 0 (off) or >= 2 samples, got 1")
-
-
-# ----------------------------------------------------------------------------- data: images or latents
-
-
-class Space:
-    """Where the flow runs: pixels (vae None), or the VAE's scaled latents z = s * mu(x) of shape
-    (c_z, h, w). `to_images` maps a point of the space back to images in [-1, 1]."""
-
-    def __init__(self, shape, vae=None, scale: float = 1.0):
-        self.shape, self.vae, self.scale = tuple(shape), vae, scale
-
-    def to_images(self, x):
-        return x.clamp(-1, 1) if self.vae is None else ld.decode(self.vae, x, self.scale)
-
-
-def load_space(cfg: Config, device) -> tuple[torch.Tensor, Space]:
-    """-> (the training data x1 (N, ...) in the flow's space, the Space). Latents are s * mu(x) of
-    the VAE at --vae, trained there when missing; --sample-only encodes one image, for the shape."""
-    x1, _ = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, device=device)  # data: t = 1
-    if cfg.space == "pixel":
-        return x1, Space(x1.shape[1:])
-    vae, scale = (ld.load_vae(cfg.vae, device) if cfg.sample_only else
-                  ld.ensure_vae(cfg.vae, x1, device, resume=cfg.resume, overwrite=cfg.overwrite, epochs=cfg.vae_epochs,
-                                seed=cfg.seed, amp=cfg.amp))
-    ld.check_vae_fits(vae, x1.shape[1:], cfg.vae)
-    z = ld.encode_latents(vae, x1[:1] if cfg.sample_only else x1) * scale   # z = s * mu(x): unit variance
-    return z, Space(z.shape[1:], vae, scale)
-
-
-# ----------------------------------------------------------------------------- network
-
-
-class VelocityUNet(UNet):
-    """v_theta(x_t, t), t in [0, 1]: ddpm_mnist's UNet fed 1000 t (its embedding suits 0..1000)."""
-
-    def forward(self, x, t):                         # x (N, C, H, W), t (N,) in [0, 1]
-        return super().forward(x, 1000 * t)
-
-
-def build_net(cfg: Config, shape) -> VelocityUNet:
-    """The velocity network for points of shape (C, H, W): a PRESETS UNet on pixels, the latent UNet on latents."""
-    if cfg.space == "latent":
-        return ld.latent_unet(shape, cfg.unet_base, cfg.unet_res, cls=VelocityUNet)
-    return VelocityUNet(shape[1], shape[0], **PRESETS[cfg.preset])
 
 
 # ----------------------------------------------------------------------------- the method
@@ -180,6 +126,51 @@ def make_pairs(model, n: int, shape, steps: int, seed: int, device, batch_size: 
     return x0, x1
 
 
+# ----------------------------------------------------------------------------- data: images or latents
+
+
+class Space:
+    """Where the flow runs: pixels (vae None), or the VAE's scaled latents z = s * mu(x) of shape
+    (c_z, h, w). `to_images` maps a point of the space back to images in [-1, 1]."""
+
+    def __init__(self, shape, vae=None, scale: float = 1.0):
+        self.shape, self.vae, self.scale = tuple(shape), vae, scale
+
+    def to_images(self, x):
+        return x.clamp(-1, 1) if self.vae is None else ld.decode(self.vae, x, self.scale)
+
+
+def load_space(cfg: Config, device) -> tuple[torch.Tensor, Space]:
+    """-> (the training data x1 (N, ...) in the flow's space, the Space). Latents are s * mu(x) of
+    the VAE at --vae, trained there when missing; --sample-only encodes one image, for the shape."""
+    x1, _ = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, device=device)  # data: t = 1
+    if cfg.space == "pixel":
+        return x1, Space(x1.shape[1:])
+    vae, scale = (ld.load_vae(cfg.vae, device) if cfg.sample_only else
+                  ld.ensure_vae(cfg.vae, x1, device, resume=cfg.resume, overwrite=cfg.overwrite, epochs=cfg.vae_epochs,
+                                seed=cfg.seed, amp=cfg.amp))
+    ld.check_vae_fits(vae, x1.shape[1:], cfg.vae)
+    z = ld.encode_latents(vae, x1[:1] if cfg.sample_only else x1) * scale   # z = s * mu(x): unit variance
+    return z, Space(z.shape[1:], vae, scale)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+class VelocityUNet(UNet):
+    """v_theta(x_t, t), t in [0, 1]: ddpm_mnist's UNet fed 1000 t (its embedding suits 0..1000)."""
+
+    def forward(self, x, t):                         # x (N, C, H, W), t (N,) in [0, 1]
+        return super().forward(x, 1000 * t)
+
+
+def build_net(cfg: Config, shape) -> VelocityUNet:
+    """The velocity network for points of shape (C, H, W): a PRESETS UNet on pixels, the latent UNet on latents."""
+    if cfg.space == "latent":
+        return ld.latent_unet(shape, cfg.unet_base, cfg.unet_res, cls=VelocityUNet)
+    return VelocityUNet(shape[1], shape[0], **PRESETS[cfg.preset])
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -200,7 +191,7 @@ def train_flow(cfg: Config, stage: int, model: VelocityUNet, x1, x0, space: Spac
     partner, n_batches = (x0 if x0 is not None else x1.new_zeros(len(x1))), len(x1) // min(cfg.batch_size, len(x1))
     for epoch in range(start, epochs):
         model.train()
-        t0, epoch_losses = time.perf_counter(), []
+        log = common.Epoch(f"Flow-{stage} epoch {epoch + 1}/{epochs}", device, "samples/s")
         for x1_b, x0_b in common.progress(common.batches(x1, partner, cfg.batch_size, cfg.seed + epoch),
                                           f"Flow-{stage} epoch {epoch + 1}/{epochs}", n_batches):
             common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, epochs * n_batches)
@@ -210,15 +201,9 @@ def train_flow(cfg: Config, stage: int, model: VelocityUNet, x1, x0, space: Spac
             loss.backward()
             opt.step()
             ema.update_parameters(model)
-            epoch_losses.append(loss.detach())
+            log.add(loss, len(x1_b))
             step += 1
-        mean = torch.stack(epoch_losses).mean()
-        common.check_finite(mean, step, ckpt)             # before saving: the last good epoch stays
-        losses += torch.stack(epoch_losses).tolist()
-        common.sync(device)
-        seconds = time.perf_counter() - t0
-        print(f"Flow-{stage} epoch {epoch + 1}/{epochs}  loss {mean.item():.4f}  {seconds:.1f}s  "
-              f"{n_batches * min(cfg.batch_size, len(x1)) / seconds:.0f} samples/s")
+        losses += log.end(step, ckpt)                     # NaN guard, then the loss, time and samples/s line
         common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg), flow1_step=flow1_step,
                                scale=space.scale, **common.training_state(model, ema, opt, step, epoch + 1, losses))
         if stage == 1 and (epoch + 1) % cfg.sample_every == 0:             # progress grid (own generator)

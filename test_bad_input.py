@@ -11,7 +11,6 @@ Scripts run in-process through their `main(argv)`; placeholders in argv name fix
     {empty}, {nan}, {float_labels}, {label12}: sample files for evaluate.py with what their names say
 """
 import importlib
-import os
 import shutil
 
 import numpy as np

@@ -146,3 +146,35 @@ def test_bad_input_is_one_line(run, image_folder, tmp_path):
     assert "not found" in msg and not (tmp_path / "new" / "vae.pt").exists()   # stopped before any VAE
     msg = one_line_error(["--dataset", image_folder, *tiny(tmp_path, "--ckpt", str(run / "vae.pt"), "--sample-only")])
     assert "latent_diffusion.py VAE checkpoint, not a dit_cifar.py DiT one" in msg
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import ddpm_mnist, dit_cifar
+loss, calls = ddpm_mnist.DDPM.loss, [0]
+
+def nan_on_rank_1(self, model, x0):   # rank 1 only, at the last step of the first epoch
+    calls[0] += 1
+    value = loss(self, model, x0)
+    return value * float("nan") if os.environ["RANK"] == "1" and calls[0] == 3 else value
+
+ddpm_mnist.DDPM.loss = nan_on_rank_1
+dit_cifar.main(sys.argv[1:])
+"""
+
+
+def test_a_nan_on_one_rank_stops_every_rank_in_one_line(image_folder, tmp_path):
+    """Rank 0 computed its last loss before the all-reduced NaN gradient arrived: without a verdict
+    shared by the ranks it would save NaN weights and wait for rank 1 in the next epoch."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1.format(repo=os.path.dirname(dit_cifar.__file__)))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script),
+           "--dataset", image_folder, *tiny(out, "--epochs", "2", "--scales", "1")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=os.path.dirname(dit_cifar.__file__),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-4000:]
+    assert text.count("error: loss became nan at step 3, before any checkpoint was written") == 2, text[-4000:]
+    assert not (out / "ckpt.pt").exists()              # nothing saved from the poisoned step

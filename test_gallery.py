@@ -10,7 +10,7 @@ def test_the_smoke_gallery_writes_every_row(mnist_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                      # runs/ and evaluate.py's checkpoints/ land here
     runs = gallery.main(["--profile", "smoke", "--data-dir", mnist_dir, "--no-download", "--device", "cpu",
                          "--docs", "docs"])
-    assert list(runs) == list(gallery.PARTS)
+    assert list(runs) == list(gallery.PARTS)             # exercises run only when named
     text = open("docs/results.md").read()
     for part, row in runs.items():
         assert f"| {row['lesson']} | smoke |" in text, part
@@ -22,12 +22,17 @@ def test_the_smoke_gallery_writes_every_row(mnist_dir, tmp_path, monkeypatch):
     again = gallery.main(["--profile", "smoke", "--data-dir", mnist_dir, "--no-download", "--device", "cpu",
                           "--docs", "docs", "--only", "deepcache_ddim"])
     assert again.keys() == runs.keys() and again["ddpm"] == runs["ddpm"]
+    extra = gallery.main(["--profile", "smoke", "--data-dir", mnist_dir, "--no-download", "--device", "cpu",
+                          "--docs", "docs", "--only", "exercises", "fast_sampling"])
+    assert len(extra["exercises"]["figures"]) == 2 and len(extra["fast_sampling"]["figures"]) == 3
+    assert "exercises" in open("docs/results.md").read()
 
 
 def test_every_recipe_parses_with_its_scripts_flags():
     import common
     scripts = dict(ddpm="ddpm_mnist", cfg="cfg", cg="classifier_guidance", controlnet="controlnet_canny",
-                   deepcache="deepcache", latent="latent_diffusion", rf="rectified_flow")
+                   deepcache="deepcache", latent="latent_diffusion", rf="rectified_flow", exercise="ddpm_mnist",
+                   fast="fast_sampling")
     for profile, recipe in gallery.RECIPES.items():
         for key, argv in recipe.items():
             common.parse_config(__import__(scripts[key.split("_")[0]]).Config, argv)

@@ -11,7 +11,6 @@ import torch
 
 import cfg as cfg_mod
 import classifier_guidance as cg
-import common
 import ddpm_mnist
 from ddpm_mnist import DDPM
 

@@ -15,7 +15,7 @@ import common
 
 README = Path(__file__).with_name("README.md").read_text()
 SCRIPTS = sorted(p.stem for p in Path(__file__).parent.glob("*.py")
-                 if not p.stem.startswith(("test_", "conftest")) and p.stem not in ("common", "diffusion"))
+                 if not p.stem.startswith(("test_", "conftest")) and p.stem not in ("common", "diffusion", "ddpm_figures"))
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:

@@ -66,49 +66,6 @@ def check_config(cfg: Config) -> None:
                  f"need 0 < --beta-1 <= --beta-T < 1, got {cfg.beta_1} and {cfg.beta_T}")
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def make_points(name: str, n: int, rng: np.random.Generator) -> torch.Tensor:
-    """n points of a 2D shape, scaled to roughly unit variance per coordinate. -> (n, 2)"""
-    if name == "swiss_roll":
-        u = 1.5 * np.pi * (1 + 2 * rng.random(n))
-        x = np.stack([u * np.cos(u), u * np.sin(u)], 1) / 10
-    elif name == "spiral":
-        u = np.sqrt(rng.random(n)) * 3 * np.pi
-        sign = rng.choice([-1.0, 1.0], n)[:, None]          # two interleaved arms
-        x = sign * np.stack([u * np.cos(u), u * np.sin(u)], 1) / 8
-    else:  # two interlocking half circles
-        u, upper = np.pi * rng.random(n), rng.random(n) < 0.5
-        x = np.where(upper[:, None], np.stack([np.cos(u), np.sin(u)], 1),
-                     np.stack([1 - np.cos(u), 0.5 - np.sin(u)], 1)) - [0.5, 0.25]
-    x = x + 0.02 * rng.standard_normal(x.shape)
-    return torch.tensor(x / x.std(0), dtype=torch.float32)
-
-
-# ----------------------------------------------------------------------------- network
-
-
-class MLP(nn.Module):
-    """eps_theta(x_t, t): the point concatenated with t, 3 hidden layers. time_input says how t enters:
-    "embed" a sinusoidal embedding (t_dim numbers), "raw" the one number t / T (scaled to [0, 1): a raw
-    t of up to T - 1 would dwarf the unit-scale coordinates), "none" not at all (the ablation)."""
-
-    def __init__(self, hidden: int = 128, time_input: str = "embed", T: int = 100, t_dim: int = 32):
-        super().__init__()
-        self.time_input, self.T, self.t_dim = time_input, T, t_dim
-        n_t = {"embed": t_dim, "raw": 1, "none": 0}[time_input]
-        self.net = nn.Sequential(nn.Linear(2 + n_t, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
-
-    def forward(self, x, t):                        # x (N, 2), t (N,) integer -> eps (N, 2)
-        if self.time_input == "embed":
-            x = torch.cat([x, common.timestep_embedding(t, self.t_dim)], dim=1)    # (N, 2 + t_dim)
-        elif self.time_input == "raw":
-            x = torch.cat([x, t[:, None].float() / self.T], dim=1)                # (N, 3)
-        return self.net(x)
-
-
 # ----------------------------------------------------------------------------- the method
 
 
@@ -181,6 +138,49 @@ def closed_form_vs_chain(diffusion: Diffusion2D, x0: torch.Tensor, ts: list[int]
                   for _ in range(2)]
         out.append((closed[0], x, closed[1]))
     return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_points(name: str, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """n points of a 2D shape, scaled to roughly unit variance per coordinate. -> (n, 2)"""
+    if name == "swiss_roll":
+        u = 1.5 * np.pi * (1 + 2 * rng.random(n))
+        x = np.stack([u * np.cos(u), u * np.sin(u)], 1) / 10
+    elif name == "spiral":
+        u = np.sqrt(rng.random(n)) * 3 * np.pi
+        sign = rng.choice([-1.0, 1.0], n)[:, None]          # two interleaved arms
+        x = sign * np.stack([u * np.cos(u), u * np.sin(u)], 1) / 8
+    else:  # two interlocking half circles
+        u, upper = np.pi * rng.random(n), rng.random(n) < 0.5
+        x = np.where(upper[:, None], np.stack([np.cos(u), np.sin(u)], 1),
+                     np.stack([1 - np.cos(u), 0.5 - np.sin(u)], 1)) - [0.5, 0.25]
+    x = x + 0.02 * rng.standard_normal(x.shape)
+    return torch.tensor(x / x.std(0), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+class MLP(nn.Module):
+    """eps_theta(x_t, t): the point concatenated with t, 3 hidden layers. time_input says how t enters:
+    "embed" a sinusoidal embedding (t_dim numbers), "raw" the one number t / T (scaled to [0, 1): a raw
+    t of up to T - 1 would dwarf the unit-scale coordinates), "none" not at all (the ablation)."""
+
+    def __init__(self, hidden: int = 128, time_input: str = "embed", T: int = 100, t_dim: int = 32):
+        super().__init__()
+        self.time_input, self.T, self.t_dim = time_input, T, t_dim
+        n_t = {"embed": t_dim, "raw": 1, "none": 0}[time_input]
+        self.net = nn.Sequential(nn.Linear(2 + n_t, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
+
+    def forward(self, x, t):                        # x (N, 2), t (N,) integer -> eps (N, 2)
+        if self.time_input == "embed":
+            x = torch.cat([x, common.timestep_embedding(t, self.t_dim)], dim=1)    # (N, 2 + t_dim)
+        elif self.time_input == "raw":
+            x = torch.cat([x, t[:, None].float() / self.T], dim=1)                # (N, 3)
+        return self.net(x)
 
 
 # ----------------------------------------------------------------------------- training
