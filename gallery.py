@@ -3,22 +3,23 @@ copied under docs/gallery/, and one table, docs/results.md, gives for every less
 the data, the training time and the measured result (evaluate.py's FD and class accuracy, or the
 lesson's own measurement: edge F1, error against many steps, PSNR/SSIM against the uncached run).
 
-    python gallery.py --profile cpu --data-dir ../shared/data    # every lesson's CPU recipe: ~60 min on 2 cores
+    python gallery.py --profile cpu --data-dir ../shared/data    # every lesson's CPU recipe: 62 min on 2 cores
     python gallery.py --profile gpu --data-dir ../shared/data --only ddpm   # the defaults on one GPU, a part
     python gallery.py --profile cpu --data-dir ../shared/data --only cfg latent   # some parts again
 
 Profiles:
 - `cpu`: each lesson's CPU recipe (below), settings chosen so that the network learns in minutes on
-  a 2-core CPU with MNIST-8k; the budget is 15 minutes of training for ddpm_mnist.py and about 60
-  minutes for the whole gallery, evaluation included.
+  a 2-core CPU with MNIST-8k: ddpm_mnist.py trains in 13 minutes, and the nine default parts took
+  62 minutes in all, evaluation included (measured on a 2-core Xeon).
 - `gpu`: each script's defaults, the settings meant for one GPU, scored on more samples.
 - `smoke`: tiny sizes, a few steps: the test suite's check that every part runs and writes its rows.
 Every part runs the scripts themselves, through their `main(argv)` with the flags listed here, so
 each recipe is a command a reader can type. Two extra parts run only when named in --only: the
-course exercises' comparisons (exercises) and fast_sampling.py's solvers against network calls. Parts run in the order below; a part that builds on an
-earlier one's model (classifier guidance, ControlNet and DeepCache on the DDPM base, DeepCache on
-the reflowed flow, latent flow on the VAE) finds it under --runs. The results of each profile are
-kept in docs/gallery/results_PROFILE.json, so `--only` updates its parts and keeps the others;
+course exercises' comparisons (exercises) and fast_sampling.py's solvers against network calls.
+Parts run in the order below; a part that builds on an earlier one's model (classifier guidance,
+ControlNet, DeepCache and fast sampling on the DDPM base, DeepCache on the reflowed flow, latent
+flow on the VAE) finds it under --runs. The results of each profile are kept in
+docs/gallery/results_PROFILE.json, so `--only` updates its parts and keeps the others;
 docs/results.md is written again from all profiles after every part.
 """
 from __future__ import annotations

@@ -53,6 +53,15 @@ def t_pair(n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full((n,), 10), torch.full((n,), 900)
 
 
+def assert_sees_t_class_and_null(net, x):
+    """net(x, t, y) with 10 classes and the null class 10: the output moves with each input."""
+    (t1, t2), y, y2, null = t_pair(), torch.tensor([3, 3]), torch.tensor([7, 7]), torch.tensor([10, 10])
+    out = net(x, t1, y)
+    assert change(out, net(x, t2, y)) > MIN_CHANGE, "t"
+    assert change(out, net(x, t1, y2)) > MIN_CHANGE, "class"
+    assert change(out, net(x, t1, null)) > MIN_CHANGE, "class against the null class"
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("time_embed", ["add", "concat"])
@@ -109,13 +118,7 @@ def test_deepcache_changes_with_t_at_full_and_cached_steps(size):
 def test_cfg_unet_changes_with_t_class_and_null(size, cond):
     torch.manual_seed(0)
     c = SIZES[size]
-    net = unzero(cfg.CondUNet(10, cond, **c))
-    x, (t1, t2) = x_for(c), t_pair()
-    y, y2, null = torch.tensor([3, 3]), torch.tensor([7, 7]), torch.tensor([10, 10])
-    out = net(x, t1, y)
-    assert change(out, net(x, t2, y)) > MIN_CHANGE, "t"
-    assert change(out, net(x, t1, y2)) > MIN_CHANGE, "class"
-    assert change(out, net(x, t1, null)) > MIN_CHANGE, "class against the null class"
+    assert_sees_t_class_and_null(unzero(cfg.CondUNet(10, cond, **c)), x_for(c))
 
 
 @torch.no_grad()
@@ -170,13 +173,7 @@ def test_dit_changes_with_t_class_and_null(model):
     torch.manual_seed(0)
     size = dict(input_size=4, in_channels=4, num_classes=10, patch=2, hidden=32, depth=2, heads=2) \
         if model == "test" else dict(input_size=8, in_channels=4, num_classes=10, **dit_cifar.parse_model(model))
-    net = unzero(dit_cifar.DiT(**size))
-    z, (t1, t2) = torch.randn(2, 4, size["input_size"], size["input_size"]), t_pair()
-    y, y2, null = torch.tensor([3, 3]), torch.tensor([7, 7]), torch.tensor([10, 10])
-    out = net(z, t1, y)
-    assert change(out, net(z, t2, y)) > MIN_CHANGE, "t"
-    assert change(out, net(z, t1, y2)) > MIN_CHANGE, "class"
-    assert change(out, net(z, t1, null)) > MIN_CHANGE, "class against the null class"
+    assert_sees_t_class_and_null(unzero(dit_cifar.DiT(**size)), torch.randn(2, 4, size["input_size"], size["input_size"]))
 
 
 @torch.no_grad()
