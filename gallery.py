@@ -9,7 +9,7 @@ lesson's own measurement: edge F1, error against many steps, PSNR/SSIM against t
 
 Profiles:
 - `cpu`: each lesson's CPU recipe (below), settings chosen so that the network learns in minutes on
-  a 2-core CPU with MNIST-8k: ddpm_mnist.py trains in 13 minutes, and the nine default parts took
+  a 2-core CPU with MNIST-8k: ddpm_mnist.py trains in 14 minutes, and the nine default parts took
   62 minutes in all, evaluation included (measured on a 2-core Xeon).
 - `gpu`: each script's defaults, the settings meant for one GPU, scored on more samples.
 - `smoke`: tiny sizes, a few steps: the test suite's check that every part runs and writes its rows.
