@@ -39,7 +39,7 @@ import compare_runs
 
 PARTS = ("ddpm", "cfg", "classifier_guidance", "controlnet", "deepcache_ddim", "latent", "rf_pixel", "rf_latent",
          "deepcache_rf")
-EXTRA = ("exercises", "fast_sampling")   # run only when named in --only
+EXTRA = ("exercises", "fast_sampling", "gan")   # run only when named in --only
 
 
 @dataclass
@@ -83,6 +83,7 @@ RECIPES = {  # profile -> the flags of each command (a part adds --out, --data-d
         rf_eval=["--steps", "1", "2", "4", "8", "50", "--eval", "1000"],
         exercise=TINY + ["--epochs", "5", "--no-ddpm-grid", "--sweep-steps", "50", "--eval", "500"],
         fast=["--nfe", "5", "10", "20", "50", "--eval", "2000", "--no-reference"],
+        gan=["--epochs", "30", "--eval", "2000", "--eval-every", "5"], gan_chunks=(10, 25, 50),
     ),
     "gpu": dict(
         ddpm=[], ddpm_eval=["--eval", "2000", "--sweep-steps", "10", "20", "50", "100"],
@@ -91,6 +92,7 @@ RECIPES = {  # profile -> the flags of each command (a part adds --out, --data-d
         latent=[], latent_eval=["--eval", "2000"], rf_pixel=[], rf_latent=[], rf_eval=["--eval", "2000"],
         exercise=["--no-ddpm-grid", "--sweep-steps", "50", "--eval", "2000"],
         fast=["--nfe", "5", "10", "20", "50", "--eval", "2000", "--stochastic"],
+        gan=["--epochs", "30", "--eval", "2000", "--eval-every", "5"], gan_chunks=(10, 20, 40),
     ),
     "smoke": dict(
         ddpm=["--preset", "tiny", "--T", "20", "--epochs", "1", "--batch-size", "16", "--n-samples", "4",
@@ -118,6 +120,8 @@ RECIPES = {  # profile -> the flags of each command (a part adds --out, --data-d
         exercise=["--preset", "tiny", "--T", "20", "--epochs", "1", "--batch-size", "16", "--n-samples", "4",
                   "--ddim-steps", "2", "--no-ddpm-grid", "--sweep-steps", "2", "--eval", "4"],
         fast=["--nfe", "2", "4", "--n-samples", "2", "--eval", "4"],
+        gan=["--epochs", "2", "--batch-size", "16", "--width", "8", "--n-samples", "4", "--eval", "8",
+             "--eval-every", "1"], gan_chunks=(1,),
     ),
 }
 
@@ -337,6 +341,87 @@ def fast_sampling(g: Gallery) -> dict:
                     [[r["sampler"], r["nfe"], round(r["seconds"], 1), round(r["fd"], 2), r["classes"]] for r in rows])
     return dict(lesson="fast_sampling.py", train_s=0.0, eval_s=eval_s, result=result, details=details,
                 figures=g.figures("fast_sampling", "fd_vs_nfe.png", "nfe*.png"))
+
+
+def gan(g: Gallery) -> dict:
+    """gan_mnist.py against ddpm_mnist.py's recipe on the same data and machine, for 3 seeds: FD-LeNet
+    and classes found against training time (the GAN scores itself every few epochs; seed 1's diffusion
+    run is trained in chunks, --resume, scored after each), the losses side by side, and the seconds
+    to sample 1,000 images. Diffusion's seed 0 is the ddpm part's run."""
+    import ddpm_mnist
+    import gan_mnist
+    runs, chunks = [], g.recipe["gan_chunks"]
+    for seed in ("0", "1", "2"):
+        res, train_s = g.run("gan_mnist", *g.recipe["gan"], "--seed", seed, "--out", g.out("gan", f"gan_{seed}"),
+                             "--overwrite")
+        runs.append(dict(res, model="GAN", seed=seed, minutes=res["train_seconds"] / 60))
+    for seed in ("0", "1", "2"):
+        out, curve, minutes = (g.out("ddpm"), [], None) if seed == "0" else (g.out("gan", f"ddpm_{seed}"), [], 0.0)
+        for i, epochs in enumerate(chunks if seed == "1" else chunks[-1:] if seed == "2" else ()):
+            _, seconds = g.run("ddpm_mnist", *g.recipe["ddpm"], "--epochs", str(epochs), "--seed", seed, "--out", out,
+                               *(["--resume"] if i else ["--overwrite"]))
+            minutes += seconds / 60
+            if seed == "1" and epochs != chunks[-1]:     # quality on the way, 500 samples (the GAN's every K epochs: N)
+                res, _ = g.run("ddpm_mnist", "--sample-only", "--out", out, "--eval", "500", "--no-ddpm-grid",
+                               "--sweep-steps", "50", "--seed", seed)
+                curve.append((minutes, epochs, res["eval"][0]["fd"]))
+        res, _ = g.run("ddpm_mnist", "--sample-only", "--out", out, *g.recipe["ddpm_eval"], "--seed", seed)
+        row = next(r for r in res["eval"] if r["sampler"] == "DDIM")
+        if minutes is None:                                  # the ddpm part's run: its recorded training time
+            minutes = json.load(open(os.path.join(g.cfg.docs, "gallery", f"results_{g.cfg.profile}.json")))["ddpm"][
+                "train_s"] / 60
+        runs.append(dict(model="diffusion (DDIM-50)", seed=seed, minutes=minutes, fd=row["fd"], classes=row["classes"],
+                         curve=curve + [(minutes, chunks[-1], row["fd"])] if seed == "1" else []))
+    device = g.device
+    G, hist = gan_mnist.load_trained(g.out("gan", "gan_0", "ckpt.pt"), device)
+    unet, ddpm, state = ddpm_mnist.load_trained(g.out("ddpm", "ckpt.pt"), device)
+    eps, n = ddpm.eps_from(unet, clip=True), 100                # sampling cost, measured on 100 images
+    x_T = torch.randn((n, 1, 28, 28), device=device)
+    steps = min(50, ddpm.T)
+    times = {"GAN, one pass": common.timed(device, lambda: gan_mnist.sample(G, n))[1],
+             f"DDIM-{steps}": common.timed(device, lambda: ddpm.ddim_sample(eps, x_T.shape, steps, x_T=x_T))[1],
+             f"DDPM-{ddpm.T}": common.timed(device, lambda: ddpm.ddpm_sample(eps, x_T.shape, x_T=x_T))[1]}
+    plot_gan_vs_diffusion(g, runs, hist, state["losses"])
+    fd = {m: [r["fd"] for r in runs if r["model"] == m] for m in ("GAN", "diffusion (DDIM-50)")}
+    spread = {m: f"{min(v):.1f}-{max(v):.1f} (mean {sum(v) / len(v):.1f})" for m, v in fd.items()}
+    result = (f"FD-LeNet over 3 seeds, 2,000 samples: GAN {spread['GAN']}, diffusion {spread['diffusion (DDIM-50)']}; "
+              "seconds to sample 1,000 images: " + ", ".join(f"{k} {10 * v:.1f}" for k, v in times.items()))
+    details = table(["model", "seed", "training minutes", "FD-LeNet", "classes found, smallest-largest share"],
+                    [[r["model"], r["seed"], round(r["minutes"], 1), round(r["fd"], 2), r["classes"]] for r in runs])
+    details += "\n\n" + table(["sampler", "seconds for 1,000 images (measured on 100)"],
+                               [[k, round(10 * v, 2)] for k, v in times.items()])
+    return dict(lesson="gan_mnist.py against ddpm_mnist.py", train_s=sum(r["minutes"] for r in runs) * 60, eval_s=0.0,
+                result=result, details=details, figures=g.figures("gan", "gan_vs_diffusion.png", "gan_0/samples.png"))
+
+
+def plot_gan_vs_diffusion(g: Gallery, runs: list[dict], gan_history: dict, diffusion_losses: list) -> None:
+    """gan/gan_vs_diffusion.png: FD against training minutes (every seed of the GAN, diffusion's
+    chunked seed, the end of each run), and the losses side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    for r in runs:
+        color = "tab:red" if r["model"] == "GAN" else "tab:blue"
+        curve = [(s / 60, fd) for s, _, fd, _ in r.get("fd_history", [])] or [(m, fd) for m, _, fd in r.get("curve", [])]
+        if curve:
+            a.plot(*zip(*curve), color=color, alpha=0.6, marker=".", label=f"{r['model']}, seed {r['seed']}")
+        a.scatter([r["minutes"]], [r["fd"]], color=color, marker="x")
+    a.set(xlabel="training minutes", ylabel="FD-LeNet (x: 2,000 samples at the end)", yscale="log",
+          title="sample quality against training time")
+    a.legend(fontsize=7)
+    b.plot(*zip(*common.smooth(diffusion_losses)), color="tab:blue")
+    b.set(xlabel="step", ylabel="eps-MSE", yscale="log", title="diffusion: one loss, falling")
+    for name, key, color in (("D", "d", "tab:gray"), ("G", "g", "tab:red")):
+        c.plot(*zip(*common.smooth(gan_history[key])), color=color, label=name)
+    c.set(xlabel="step", ylabel="loss", title="GAN: two losses, a game")
+    c.legend()
+    for ax in (a, b, c):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(g.out("gan", "gan_vs_diffusion.png"), dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- the table

@@ -23,8 +23,9 @@ def test_the_smoke_gallery_writes_every_row(mnist_dir, tmp_path, monkeypatch):
                           "--docs", "docs", "--only", "deepcache_ddim"])
     assert again.keys() == runs.keys() and again["ddpm"] == runs["ddpm"]
     extra = gallery.main(["--profile", "smoke", "--data-dir", mnist_dir, "--no-download", "--device", "cpu",
-                          "--docs", "docs", "--only", "exercises", "fast_sampling"])
+                          "--docs", "docs", "--only", "exercises", "fast_sampling", "gan"])
     assert len(extra["exercises"]["figures"]) == 2 and len(extra["fast_sampling"]["figures"]) == 3
+    assert len(extra["gan"]["figures"]) == 2 and "GAN" in extra["gan"]["details"]
     assert "exercises" in open("docs/results.md").read()
 
 
@@ -32,7 +33,9 @@ def test_every_recipe_parses_with_its_scripts_flags():
     import common
     scripts = dict(ddpm="ddpm_mnist", cfg="cfg", cg="classifier_guidance", controlnet="controlnet_canny",
                    deepcache="deepcache", latent="latent_diffusion", rf="rectified_flow", exercise="ddpm_mnist",
-                   fast="fast_sampling")
+                   fast="fast_sampling", gan="gan_mnist")
     for profile, recipe in gallery.RECIPES.items():
         for key, argv in recipe.items():
+            if key == "gan_chunks":
+                continue
             common.parse_config(__import__(scripts[key.split("_")[0]]).Config, argv)
