@@ -14,8 +14,9 @@ Profiles:
 - `gpu`: each script's defaults, the settings meant for one GPU, scored on more samples.
 - `smoke`: tiny sizes, a few steps: the test suite's check that every part runs and writes its rows.
 Every part runs the scripts themselves, through their `main(argv)` with the flags listed here, so
-each recipe is a command a reader can type. Two extra parts run only when named in --only: the
-course exercises' comparisons (exercises) and fast_sampling.py's solvers against network calls.
+each recipe is a command a reader can type. Three extra parts run only when named in --only: the
+course exercises' comparisons (exercises), fast_sampling.py's solvers against network calls, and
+gan_mnist.py against the DDPM recipe (gan; --resume continues its GAN runs after an interruption).
 Parts run in the order below; a part that builds on an earlier one's model (classifier guidance,
 ControlNet, DeepCache and fast sampling on the DDPM base, DeepCache on the reflowed flow, latent
 flow on the VAE) finds it under --runs. The results of each profile are kept in
@@ -47,13 +48,16 @@ class Config:
     profile: str = field(default="cpu", metadata={"choices": ["cpu", "gpu", "smoke"],
                          "help": "cpu: the CPU recipes; gpu: the scripts' defaults; smoke: tiny sizes"})
     only: tuple[str, ...] = field(default=(), metadata={"choices": list(PARTS + EXTRA), "help": "run these parts "
-                                  "only (default: all but the extras exercises and fast_sampling, in order); a part "
+                                  "only (default: all but the extras exercises, fast_sampling and gan, in order); a part "
                                   "needs the runs of the parts it builds on"})
     data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets (MNIST)"})
     download: bool = field(default=True, metadata={"help": "download MNIST when missing"})
     runs: str = field(default="", metadata={"help": "folder of the runs (default runs/gallery/PROFILE)"})
     docs: str = field(default="docs", metadata={"help": "where results.md and gallery/ go"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    resume: bool = field(default=False, metadata={"help": "the gan part continues the GAN runs it finds under "
+                         "--runs (--resume; a finished one is scored again) instead of starting them over: "
+                         "they keep their training time in the checkpoint"})
 
 
 # ----------------------------------------------------------------------------- the recipes
@@ -352,8 +356,9 @@ def gan(g: Gallery) -> dict:
     import gan_mnist
     runs, chunks = [], g.recipe["gan_chunks"]
     for seed in ("0", "1", "2"):
-        res, train_s = g.run("gan_mnist", *g.recipe["gan"], "--seed", seed, "--out", g.out("gan", f"gan_{seed}"),
-                             "--overwrite")
+        out = g.out("gan", f"gan_{seed}")
+        again = g.cfg.resume and os.path.exists(os.path.join(out, "ckpt.pt"))
+        res, _ = g.run("gan_mnist", *g.recipe["gan"], "--seed", seed, "--out", out, "--resume" if again else "--overwrite")
         runs.append(dict(res, model="GAN", seed=seed, minutes=res["train_seconds"] / 60))
     for seed in ("0", "1", "2"):
         out, curve, minutes = (g.out("ddpm"), [], None) if seed == "0" else (g.out("gan", f"ddpm_{seed}"), [], 0.0)
@@ -381,7 +386,7 @@ def gan(g: Gallery) -> dict:
     times = {"GAN, one pass": common.timed(device, lambda: gan_mnist.sample(G, n))[1],
              f"DDIM-{steps}": common.timed(device, lambda: ddpm.ddim_sample(eps, x_T.shape, steps, x_T=x_T))[1],
              f"DDPM-{ddpm.T}": common.timed(device, lambda: ddpm.ddpm_sample(eps, x_T.shape, x_T=x_T))[1]}
-    plot_gan_vs_diffusion(g, runs, hist, state["losses"])
+    gan_mnist.comparison_figure(g.out("gan", "gan_vs_diffusion.png"), runs, hist, state["losses"])
     fd = {m: [r["fd"] for r in runs if r["model"] == m] for m in ("GAN", "diffusion (DDIM-50)")}
     spread = {m: f"{min(v):.1f}-{max(v):.1f} (mean {sum(v) / len(v):.1f})" for m, v in fd.items()}
     result = (f"FD-LeNet over 3 seeds, 2,000 samples: GAN {spread['GAN']}, diffusion {spread['diffusion (DDIM-50)']}; "
@@ -392,36 +397,6 @@ def gan(g: Gallery) -> dict:
                                [[k, round(10 * v, 2)] for k, v in times.items()])
     return dict(lesson="gan_mnist.py against ddpm_mnist.py", train_s=sum(r["minutes"] for r in runs) * 60, eval_s=0.0,
                 result=result, details=details, figures=g.figures("gan", "gan_vs_diffusion.png", "gan_0/samples.png"))
-
-
-def plot_gan_vs_diffusion(g: Gallery, runs: list[dict], gan_history: dict, diffusion_losses: list) -> None:
-    """gan/gan_vs_diffusion.png: FD against training minutes (every seed of the GAN, diffusion's
-    chunked seed, the end of each run), and the losses side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
-    for r in runs:
-        color = "tab:red" if r["model"] == "GAN" else "tab:blue"
-        curve = [(s / 60, fd) for s, _, fd, _ in r.get("fd_history", [])] or [(m, fd) for m, _, fd in r.get("curve", [])]
-        if curve:
-            a.plot(*zip(*curve), color=color, alpha=0.6, marker=".", label=f"{r['model']}, seed {r['seed']}")
-        a.scatter([r["minutes"]], [r["fd"]], color=color, marker="x")
-    a.set(xlabel="training minutes", ylabel="FD-LeNet (x: 2,000 samples at the end)", yscale="log",
-          title="sample quality against training time")
-    a.legend(fontsize=7)
-    b.plot(*zip(*common.smooth(diffusion_losses)), color="tab:blue")
-    b.set(xlabel="step", ylabel="eps-MSE", yscale="log", title="diffusion: one loss, falling")
-    for name, key, color in (("D", "d", "tab:gray"), ("G", "g", "tab:red")):
-        c.plot(*zip(*common.smooth(gan_history[key])), color=color, label=name)
-    c.set(xlabel="step", ylabel="loss", title="GAN: two losses, a game")
-    c.legend()
-    for ax in (a, b, c):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(g.out("gan", "gan_vs_diffusion.png"), dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- the table

@@ -233,6 +233,38 @@ def make_figures(cfg: Config, G, history: dict, device, evaluator=None) -> dict:
     return results
 
 
+def comparison_figure(path: str, runs: list[dict], gan_history: dict, diffusion_losses: list) -> None:
+    """The course's comparison in one figure (gallery.py's gan part makes the runs): FD against
+    training minutes (each GAN seed's curve, diffusion's curve where a run has one, x at the end of
+    every run), diffusion's one falling loss, and the GAN's two losses, a game with no end in sight.
+    runs: [{model, seed, minutes, fd, and fd_history (GAN) or curve [(minutes, epoch, fd)]}]"""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    for r in runs:
+        color = "tab:red" if r["model"] == "GAN" else "tab:blue"
+        curve = [(s / 60, fd) for s, _, fd, _ in r.get("fd_history", [])] or [(m, fd) for m, _, fd in r.get("curve", [])]
+        if curve:
+            a.plot(*zip(*curve), color=color, alpha=0.6, marker=".", label=f"{r['model']}, seed {r['seed']}")
+        a.scatter([r["minutes"]], [r["fd"]], color=color, marker="x")
+    a.set(xlabel="training minutes", ylabel="FD-LeNet (x: 2,000 samples at the end)", yscale="log",
+          title="sample quality against training time")
+    a.legend(fontsize=7)
+    b.plot(*zip(*common.smooth(diffusion_losses)), color="tab:blue")
+    b.set(xlabel="step", ylabel="eps-MSE", yscale="log", title="diffusion: one loss, falling")
+    for name, key, color in (("D", "d", "tab:gray"), ("G", "g", "tab:red")):
+        c.plot(*zip(*common.smooth(gan_history[key])), color=color, label=name)
+    c.set(xlabel="step", ylabel="loss", title="GAN: two losses, a game")
+    c.legend()
+    for ax in (a, b, c):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     """Train (or load, --sample-only) and make the figures. -> make_figures' results"""
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])

@@ -144,7 +144,7 @@ def test_images_in_0_1_get_a_warning_not_an_error(ev, capsys):
     assert out.count("\n") == 1 and out.startswith("warning: ") and "[-1, 1]" in out
     ev.fd(ev.x_test[:8])                                                # in [-1, 1]: no warning
     assert "warning" not in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="labels must be integer class ids") as e:
+    with pytest.raises(SystemExit, match="labels must be integer class ids"):
         ev.accuracy(ev.x_test[:4], [0.5, 1.0, 2.0, 3.0])
     with pytest.raises(SystemExit, match="NaN or inf .1 of 2 images.: the sampler diverged"):
         ev.fd(torch.stack([ev.x_test[0], torch.full_like(ev.x_test[0], float("inf"))]))

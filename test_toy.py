@@ -66,3 +66,11 @@ def test_main_writes_the_new_figures(tmp_path):
     for name in ["forward.png", "closed_form_vs_chain.png", "reverse.png", "samples.png", "loss.png"]:
         assert (tmp_path / name).stat().st_size > 50, name
     assert len(result["ed_chain"]) == len(result["ed_chain_floor"]) >= 2
+
+
+def test_course_panels_are_the_asked_steps(tmp_path):
+    """--panels course: t = 0, 33, 66, 99 of T = 100, evenly spaced in t (the assignment's figure)."""
+    assert toy_2d.course_steps(100) == [0, 33, 66, 99] and toy_2d.course_steps(10) == [0, 3, 6, 9]
+    toy_2d.main(["--steps", "5", "--n-train", "300", "--n-test", "100", "--n-samples", "50", "--no-gif",
+                 "--panels", "course", "--out", str(tmp_path)])
+    assert (tmp_path / "forward.png").stat().st_size > 50

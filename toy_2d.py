@@ -20,7 +20,8 @@ network must then guess the noise level from x_t alone, and one x_t is reached f
 Run:  python toy_2d.py                 # Swiss roll, figures in runs/toy_2d/ (about 40 s on one CPU core)
       python toy_2d.py --data moons
       python toy_2d.py --time-input none --out runs/toy_2d_none
-Figures: forward.png (the dissolve: steps evenly spaced in log-SNR, alpha_bar_t on each panel),
+Figures: forward.png (the dissolve: steps evenly spaced in log-SNR, alpha_bar_t on each panel;
+--panels course: the t = 0, 33, 66, 99 that course assignments ask for),
 closed_form_vs_chain.png (q(x_t | x_0) against t + 1 applications of q_step), reverse.png, samples.png,
 loss.png, reverse.gif; printed: the held-out loss and the energy distance of the samples (and of pure
 noise) to held-out data, beside its floor for this many points.
@@ -56,6 +57,9 @@ class Config:
         "help": "how the MLP sees t: sinusoidal embedding, the scalar t / T, or not at all (ablation)"})
     n_samples: int = field(default=2000, metadata={"min": 2})
     gif: bool = field(default=True, metadata={"help": "write reverse.gif (a few seconds)"})
+    panels: str = field(default="logsnr", metadata={"choices": ["logsnr", "course"], "help": "the steps of "
+                        "forward.png: evenly spaced in log-SNR, or the course's t = 0, 33, 66, 99 of T = 100 "
+                        "(evenly spaced in t: the last two both look like pure noise)"})
     out: str = "runs/toy_2d"
     seed: int = 0
 
@@ -124,6 +128,14 @@ def forward_steps(alpha_bar: torch.Tensor, n: int = 6) -> list[int]:
     log_snr = (alpha_bar / (1 - alpha_bar)).log()
     targets = torch.linspace(log_snr[0].item(), log_snr[-1].item(), n + 1)[1:]
     return sorted({int((log_snr - v).abs().argmin()) for v in targets})
+
+
+def course_steps(T: int) -> list[int]:
+    """The panels course assignments ask for: t = 0, T/3, 2T/3 and T-1, evenly spaced in t (0, 33, 66,
+    99 for T = 100). They differ from `forward_steps` because noise is not added evenly in t: with
+    the default schedule alpha_bar_33 = 0.56 and alpha_bar_66 = 0.10, so the cloud is already gone
+    by the third panel and the last two look alike."""
+    return [round(k * (T - 1) / 3) for k in range(4)]
 
 
 def closed_form_vs_chain(diffusion: Diffusion2D, x0: torch.Tensor, ts: list[int], generator):
@@ -264,8 +276,9 @@ def main(argv=None) -> dict:
     diffusion = Diffusion2D(cfg.T, cfg.beta_1, cfg.beta_T)
     g = torch.Generator().manual_seed(cfg.seed + 1)  # figure noise, apart from training's random numbers
 
-    # Forward process from the closed form, at steps evenly spaced in log-SNR.
-    shown, ab = forward_steps(diffusion.alpha_bar), diffusion.alpha_bar
+    # Forward process from the closed form, at steps evenly spaced in log-SNR (--panels course: in t).
+    ab = diffusion.alpha_bar
+    shown = forward_steps(ab) if cfg.panels == "logsnr" else course_steps(cfg.T)
     noisy = [diffusion.q_sample(x_test, torch.full((len(x_test),), t), torch.randn(x_test.shape, generator=g))
              for t in shown]
     titles = ["data x_0"] + [f"t = {t}, $\\bar\\alpha$ = {ab[t]:.3f}" for t in shown]

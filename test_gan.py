@@ -1,0 +1,80 @@
+"""gan_mnist.py: the players' shapes and losses, one step of the game, an exact resume, --sample-only,
+the FD-against-time record, and one-line errors; on conftest's tiny MNIST files."""
+import json
+import os
+
+import pytest
+import torch
+
+import evaluate
+import gan_mnist
+from conftest import one_line
+
+TINY = ["--epochs", "2", "--batch-size", "16", "--width", "8", "--z-dim", "8", "--n-samples", "4", "--sample-every", "1",
+        "--device", "cpu", "--no-download"]
+
+
+def run(mnist_dir, out, *extra):
+    return gan_mnist.main(["--data-dir", mnist_dir, "--out", str(out), *TINY, *extra])
+
+
+def test_players_shapes_and_spectral_norm():
+    torch.manual_seed(0)
+    G, D = gan_mnist.Generator(z_dim=8, width=8), gan_mnist.Discriminator(width=8)
+    x = gan_mnist.sample(G, 5)
+    assert x.shape == (5, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
+    assert D(x).shape == (5,)
+    normalised = [m for m in D.modules() if hasattr(m, "parametrizations")]
+    assert len(normalised) == 4                              # every conv and the linear layer
+
+
+def test_one_step_of_the_game_moves_both_players():
+    torch.manual_seed(0)
+    G, D = gan_mnist.Generator(z_dim=8, width=8), gan_mnist.Discriminator(width=8)
+    x_real, z = torch.rand(16, 1, 28, 28) * 2 - 1, torch.randn(16, 8)
+    before = [p.detach().clone() for p in (*G.parameters(), *D.parameters())]
+    for loss_fn, params in ((lambda: gan_mnist.d_loss(D, x_real, G(z).detach()), D.parameters()),
+                            (lambda: gan_mnist.g_loss(D, G(z)), G.parameters())):    # D's step, then G's
+        opt, loss = torch.optim.Adam(params, lr=1e-3), loss_fn()
+        assert torch.isfinite(loss) and loss > 0
+        loss.backward()
+        opt.step()
+    after = [p.detach() for p in (*G.parameters(), *D.parameters())]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after) if a.numel() > 1 and a.abs().sum() > 0)
+
+
+def test_resume_is_the_uninterrupted_run_and_sample_only_loads_it(mnist_dir, tmp_path):
+    straight = run(mnist_dir, tmp_path / "straight")
+    run(mnist_dir, tmp_path / "cut", "--epochs", "1")
+    torch.manual_seed(123)                                   # whatever the process did in between
+    run(mnist_dir, tmp_path / "cut", "--resume")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "cut"))
+    assert a["step"] == b["step"] == 8 and a["losses"] == b["losses"]
+    for key in ("model", "ema", "disc"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for name in ("samples.png", "loss.png", "samples_epoch002.png"):
+        assert (tmp_path / "cut" / name).stat().st_size > 50
+    assert run(mnist_dir, tmp_path / "straight", "--sample-only")["train_seconds"] == straight["train_seconds"]
+
+
+def test_fd_against_training_time(mnist_dir, tmp_path, monkeypatch):
+    real = evaluate.Evaluator
+    monkeypatch.setattr(evaluate, "Evaluator", lambda *a, **k: real(*a, **k, cache_dir=str(tmp_path / "c"),
+                                                                    classifier_epochs=1))
+    res = run(mnist_dir, tmp_path, "--eval", "8", "--eval-every", "1")
+    curve = json.load(open(tmp_path / "fd_vs_time.json"))
+    assert [epoch for _, epoch, _, _ in curve] == [1, 2] and curve[0][0] < curve[1][0]
+    assert res["fd"] == pytest.approx(curve[-1][2]) and res["sample_seconds_1000"] > 0
+    assert os.path.getsize(tmp_path / "fd_vs_time.png") > 50
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--eval-every", "2"], "--eval-every needs --eval N"),
+    (["--sample-only"], "not found"),
+    (["--resume"], "no checkpoint"),
+    (["--lr", "0"], "--lr must be > 0"),
+])
+def test_bad_input_is_one_line(extra, message, mnist_dir, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run(mnist_dir, tmp_path, *extra)
+    assert message in one_line(e)
