@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import common
 import ddpm_mnist
-from ddpm_mnist import DDPM, PRESETS, norm
+from ddpm_mnist import DDPM, PRESETS, norm, preset_for
 
 KIND = "cfg.py CondUNet"
 
@@ -118,7 +118,8 @@ def loss(ddpm: DDPM, model, x0: torch.Tensor, y: torch.Tensor, p_uncond: float, 
 
 def guided_eps(model: CondUNet, y: torch.Tensor, w: float):
     """The guided noise predictor eps~(x_t, t) for labels y (N,) and weight w, in the form the
-    samplers call, model(x_t, t). One forward pass of 2N images gives eps_cond and eps_uncond."""
+    samplers call, model(x_t, t). One forward pass of 2N images gives eps_cond and eps_uncond.
+    Any network model(x_t, t, y) with a null id model.null will do: dit_cifar.py's DiT uses it too."""
     null = torch.full_like(y, model.null)
 
     def eps(x_t, t):                                                   # x_t (N, C, H, W), t (N,)
@@ -214,9 +215,8 @@ class CondUNet(ddpm_mnist.UNet):
 
 
 def build_unet(cfg: Config, image_size: int, channels: int, num_classes: int) -> CondUNet:
-    preset = cfg.preset if cfg.preset != "auto" else ("cifar" if (image_size, channels) == (32, 3) else "mnist")
     return CondUNet(num_classes, cfg.cond, cfg.planes, cfg.tokens, cfg.cond_dim, image_size=image_size,
-                    channels=channels, **PRESETS[preset])
+                    channels=channels, **preset_for(cfg.preset, image_size, channels))
 
 
 # ----------------------------------------------------------------------------- training

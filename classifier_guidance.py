@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import common
 import ddpm_mnist
-from ddpm_mnist import DDPM, PRESETS, norm
+from ddpm_mnist import DDPM, PRESETS, norm, preset_for
 
 KIND = "classifier_guidance.py classifier"
 
@@ -169,8 +169,7 @@ class NoisyClassifier(ddpm_mnist.UNet):
 
 
 def build_classifier(preset: str, image_size: int, channels: int, num_classes: int) -> NoisyClassifier:
-    preset = preset if preset != "auto" else ("cifar" if (image_size, channels) == (32, 3) else "mnist")
-    return NoisyClassifier(num_classes, image_size, channels, **PRESETS[preset])
+    return NoisyClassifier(num_classes, image_size, channels, **preset_for(preset, image_size, channels))
 
 
 # ----------------------------------------------------------------------------- training

@@ -258,16 +258,16 @@ def load_images(dataset: str, data_dir: str = "data", train: bool = True, downlo
     return x.to(device), y.to(device)
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+def batches(x: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 128, seed: int = 0):
     """Shuffled (x, y) mini-batches of tensors that already live on the training device, in an
-    order fixed by `seed` (pass seed + epoch: a resumed run sees the same batches). The last
-    incomplete batch is dropped (steady shapes for torch.compile); a dataset smaller than one
-    batch gives one batch of everything."""
+    order fixed by `seed` (pass seed + epoch: a resumed run sees the same batches); y = None (no
+    labels) gives (x, None). The last incomplete batch is dropped (steady shapes for torch.compile);
+    a dataset smaller than one batch gives one batch of everything."""
     n, batch_size = len(x), min(batch_size, len(x))
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
     for i in range(0, n - batch_size + 1, batch_size):
         j = idx[i:i + batch_size]
-        yield x[j], y[j]
+        yield x[j], (None if y is None else y[j])
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -430,24 +430,37 @@ def save_grid(x: torch.Tensor, path: str, nrow: int = 8, padding: int = 2) -> No
     save_image(((x.detach().float().cpu() + 1) / 2).clamp(0, 1), path, nrow=nrow, padding=padding)
 
 
-def plot_curves(path: str, curves: dict, xlabel: str = "step", ylabel: str = "loss",
-                logy: bool = True, title: str | None = None) -> None:
-    """Line plot of named curves, each a list of (x, y) pairs or a list of y values."""
+def figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """-> (fig, axes) of matplotlib's plt.subplots, drawn off-screen (the Agg backend: no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt.subplots(nrows, ncols, **kwargs)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def save_figure(fig, path: str, dpi: int = 120, grid: bool = True, legend: float = 8) -> None:
+    """A light grid and a legend (font size `legend`, 0: none) on every panel that labels something,
+    a tight layout, the PNG, and the figure closed."""
+    import matplotlib.pyplot as plt
+    for ax in fig.axes:
+        if grid:
+            ax.grid(alpha=0.3)
+        if legend and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def plot_curves(path: str, curves: dict, xlabel: str = "step", ylabel: str = "loss",
+                logy: bool = True, title: str | None = None) -> None:
+    """Line plot of named curves, each a list of (x, y) pairs or a list of y values."""
+    fig, ax = figure(figsize=(6, 4))
     for name, values in curves.items():
         xs, ys = zip(*values) if len(values) and isinstance(values[0], (tuple, list)) else (range(len(values)), values)
         ax.plot(xs, ys, label=name, lw=1.2)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title or "", yscale="log" if logy else "linear")
-    if len(curves) > 1:
-        ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, legend=10 if len(curves) > 1 else 0)
 
 
 def smooth(values: list[float], k: int = 50) -> list[tuple[int, float]]:

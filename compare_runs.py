@@ -60,11 +60,7 @@ def describe(run: dict) -> str:
 
 
 def plot(runs: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = common.figure(1, 3, figsize=(16, 4.5))
     for name, r in runs.items():
         fd = " ".join(f"{k} FD {v:.2f}" for k, v in r["fd"].items())
         axes[0].plot(r["alpha_bar"], label=name)
@@ -75,14 +71,9 @@ def plot(runs: dict, path: str) -> None:
     axes[1].set(xlabel="t  (0 = clean data)", ylabel="test eps-MSE", yscale="log", title="test loss per timestep")
     axes[2].set(xlabel="log-SNR = log(alpha_bar / (1 - alpha_bar))  (right = clean data)", ylabel="test eps-MSE",
                 yscale="log", title="test loss per noise level")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     fig.suptitle("Compare the curves: the final training MSE is not comparable across schedules or targets "
                  "(each weighs the noise levels differently)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, legend=7)
 
 
 def main(argv=None) -> dict:

@@ -11,6 +11,7 @@ Conventions of ddpm_mnist.py: integer steps t = 0..T-1, images in [-1, 1], EMA w
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -123,10 +124,14 @@ def make_figures(cfg: Config, model, ddpm: DDPM, device, shape) -> dict:
         ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device,
                                 image_size=cfg.image_size or None, channels=cfg.channels)
         size = x_raw.shape[-1]  # scored without the --pad-to border
-        samplers = {("DDPM", T): lambda z, g: crop(ddpm.ddpm_sample(eps_model, z.shape, cfg.sigma, x_T=z, generator=g),
-                                                   size)} if cfg.ddpm_grid else {}
-        samplers |= {("DDIM", s): lambda z, g, s=s: crop(ddpm.ddim_sample(eps_model, z.shape, s, cfg.eta, x_T=z,
-                                                                          generator=g), size) for s in sweep}
+
+        def ddpm_all(z, g):
+            return crop(ddpm.ddpm_sample(eps_model, z.shape, cfg.sigma, x_T=z, generator=g), size)
+
+        def ddim(steps, z, g):
+            return crop(ddpm.ddim_sample(eps_model, z.shape, steps, cfg.eta, x_T=z, generator=g), size)
+        samplers = {("DDPM", T): ddpm_all} if cfg.ddpm_grid else {}
+        samplers |= {("DDIM", s): functools.partial(ddim, s) for s in sweep}
         rows = evaluate.score_sweep(ev, samplers, cfg.eval, shape, device, os.path.join(out, "eval.md"), cfg.seed)
         save_record(out, record | {"fd": {f"{r['sampler']} {r['steps']}": r["fd"] for r in rows}})
     return dict(test_loss=test_loss, eval=rows)

@@ -18,7 +18,7 @@ x0 clipping (--clip, the default; --no-clip runs the equations above as they sta
     step towards x0_hat, and at t = T-1 the factor 1 / sqrt(alpha_bar_t) = 157 turns a 1% error of
     eps into pixels far outside the data. Clipping x0_hat to [-1, 1] at every step (eps recomputed
     from the clipped x0_hat) keeps a real network's samples in range. Measured on the CPU recipe
-    (gallery.py, MNIST-8k, 2,000 DDIM-50 samples): FD-LeNet 28.6 clipped, 32.3 not; after half the
+    (gallery.py, MNIST-8k, 2,000 DDIM-50 samples): FD-LeNet 29.2 clipped, 31.6 not; after half the
     training, 51 against 182.
 What the network predicts (--predict): eps, x0, or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0.
     Each is a fixed linear function of the other given x_t, so all three learn the same estimator
@@ -236,6 +236,11 @@ PRESETS = {  # base channels, channel multiplier per resolution level, residual 
 }
 
 
+def preset_for(preset: str, image_size: int, channels: int) -> dict:
+    """PRESETS[preset]; "auto" picks cifar for 32x32 RGB images, mnist for anything else."""
+    return PRESETS[preset if preset != "auto" else "cifar" if (image_size, channels) == (32, 3) else "mnist"]
+
+
 def norm(c: int) -> nn.GroupNorm:
     """GroupNorm with at most 32 groups of at least 4 channels each (16 channels: 4 groups of 4).
     Never one channel per group: that normalises each channel over H x W alone, and so subtracts
@@ -413,13 +418,12 @@ def crop(x, size: int):
 
 def unet_kwargs(cfg: Config, x) -> dict:
     """The UNet's constructor arguments: the preset, overridden by --base/--mults/--num-res."""
-    preset = cfg.preset if cfg.preset != "auto" else "cifar" if x.shape[1:] == (3, 32, 32) else "mnist"
-    net = dict(PRESETS[preset], time_embed=cfg.time_embed)
+    net = dict(preset_for(cfg.preset, x.shape[-1], x.shape[1]), time_embed=cfg.time_embed)
     net |= {k: v for k, v in dict(base=cfg.base, mults=tuple(cfg.mults), num_res=cfg.num_res).items() if v}
     return dict(image_size=x.shape[-1], channels=x.shape[1], **net)
 
 
-def train(cfg: Config, x_train, y_train, device) -> tuple[UNet, DDPM]:
+def train(cfg: Config, x_train, device) -> tuple[UNet, DDPM]:
     """Algorithm 1 as a loop: AdamW with warm-up, EMA weights that sample, one atomic checkpoint per
     epoch (--resume continues it exactly), a DDIM grid every --sample-every epochs. -> (EMA UNet, DDPM)"""
     ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
@@ -440,7 +444,7 @@ def train(cfg: Config, x_train, y_train, device) -> tuple[UNet, DDPM]:
     for epoch in range(start, cfg.epochs):
         model.train()
         log = common.Epoch(f"epoch {epoch + 1:3d}/{cfg.epochs}", device)
-        for x0, _ in common.progress(common.batches(x_train, y_train, batch, cfg.seed + epoch),
+        for x0, _ in common.progress(common.batches(x_train, batch_size=batch, seed=cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch):
             common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, cfg.epochs * steps_per_epoch)
             with common.autocast(device, cfg.amp):
@@ -472,7 +476,7 @@ def ensure_trained(path: str, device, *, dataset: str = "mnist", data_dir: str =
                      channels=channels, seed=seed, amp=amp, out=os.path.dirname(path), ckpt=path)
         common.new_or_resume(path, resume=False, overwrite=False)
         common.seed_everything(seed)
-        train(cfg, *load_data(cfg, device), device)
+        train(cfg, load_data(cfg, device)[0], device)
     common.check(os.path.isfile(path), f"--base-ckpt '{path}' not found; train one with `python ddpm_mnist.py "
                  f"--out DIR` and pass DIR/ckpt.pt, or leave --base-ckpt out to use (and train) {DEFAULT_CKPT}")
     return path
@@ -515,8 +519,7 @@ def main(argv=None) -> dict:
     common.seed_everything(cfg.seed)
     common.setup_speed(device)
     if not cfg.sample_only:
-        x_train, y_train = load_data(cfg, device)
-        model, ddpm = train(cfg, x_train, y_train, device)
+        model, ddpm = train(cfg, load_data(cfg, device)[0], device)
     c = model.config
     import ddpm_figures                                   # the figures and measurements of a run, in their own file
     results = ddpm_figures.make_figures(cfg, model, ddpm, device, (c["channels"], c["image_size"], c["image_size"]))

@@ -262,21 +262,17 @@ def write_table(rows: list[dict], path: str) -> None:
 
 def plot_sweep(rows: list[dict], out: str) -> None:
     """speedup.png (measured, solid; theory, dashed), quality.png (MSE, PSNR, SSIM) and tradeoff.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = sorted({r["steps"] for r in rows})
     by = {S: [r for r in rows if r["steps"] == S] for S in steps}
     intervals = sorted({r["interval"] for r in rows})
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = common.figure(figsize=(6, 4))
     for j, S in enumerate(steps):
         ax.plot([r["interval"] for r in by[S]], [r["speedup"] for r in by[S]], "o-", color=f"C{j}", label=f"{S} steps")
         ax.plot([r["interval"] for r in by[S]], [r["theory"] for r in by[S]], "--", color=f"C{j}", alpha=0.6)
     ax.set(ylabel="speedup over the plain sampler", title="DeepCache speedup (dashed: if time went with FLOPs)")
     figure_done(fig, ax, os.path.join(out, "speedup.png"), intervals=intervals)
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = common.figure(1, 3, figsize=(15, 4))
     for j, S in enumerate(steps):
         axes[2].plot([r["interval"] for r in by[S]], [r["ssim"] for r in by[S]], "o-", color=f"C{j}", label=f"{S} steps")
         inexact = [r for r in by[S] if r["mse"] > 0]                     # interval 1 is exact: MSE 0, PSNR inf
@@ -290,7 +286,7 @@ def plot_sweep(rows: list[dict], out: str) -> None:
     axes[2].set(ylabel="SSIM vs uncached")
     figure_done(fig, axes, os.path.join(out, "quality.png"), intervals=intervals)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = common.figure(figsize=(6, 4))
     key, label = ("fd", "FD (lower is better)") if "fd" in rows[0] else ("ssim", "SSIM vs uncached")
     for j, S in enumerate(steps):
         ax.scatter([r["speedup"] for r in by[S]], [r[key] for r in by[S]], color=f"C{j}", label=f"{S} steps")
@@ -302,20 +298,13 @@ def plot_sweep(rows: list[dict], out: str) -> None:
 
 
 def figure_done(fig, axes, path, intervals=None) -> None:
-    """Grid and legend on every panel (a log x axis labelled with the intervals), then save."""
-    import matplotlib.pyplot as plt
-
-    for a in getattr(axes, "flat", [axes]):
-        if intervals:
-            a.set_xscale("log")
-            a.set_xticks(intervals, [str(i) for i in intervals])
-            a.minorticks_off()
-            a.set_xlabel("cache interval N")
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """A log x axis labelled with the intervals on every panel (if given), then common.save_figure."""
+    for a in getattr(axes, "flat", [axes]) if intervals else []:
+        a.set_xscale("log")
+        a.set_xticks(intervals, [str(i) for i in intervals])
+        a.minorticks_off()
+        a.set_xlabel("cache interval N")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

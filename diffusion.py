@@ -15,9 +15,9 @@ Example (10 epochs of MNIST with the default UNet: run it on a GPU):
     import common
     from diffusion import DiffusionProcess
     process = DiffusionProcess(image_size=28, channels=1, device="auto")        # a new DiffusionModel()
-    x_train, y_train = common.load_images("mnist", "data", device=process.device)  # (60000, 1, 28, 28) in [-1, 1]
+    x_train, _ = common.load_images("mnist", "data", device=process.device)  # (60000, 1, 28, 28) in [-1, 1]
     for epoch in range(10):
-        for x, _ in common.batches(x_train, y_train, 128, seed=epoch):
+        for x, _ in common.batches(x_train, batch_size=128, seed=epoch):
             loss = process.train_step(x)
         print(f"epoch {epoch + 1}: loss {loss:.4f}")
     images = process.sample(16, steps=50)                  # DDIM-50; steps=None: all 1000 DDPM steps

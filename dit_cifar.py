@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import latent_diffusion
+from cfg import guided_eps, loss as cfg_loss      # classifier-free guidance: label dropout, eps~, as in cfg.py
 from ddpm_mnist import DDPM
 from latent_diffusion import VAE, decode, encode_latents
 
@@ -96,18 +97,7 @@ def check_config(cfg: Config) -> None:
                  f"with, and '{cfg.vae}' does not exist; pass it with --vae")
 
 
-# ----------------------------------------------------------------------------- guidance, sampling, test loss
-
-
-def guided_eps(model: DiT, y: torch.Tensor, w: float):
-    """The guided predictor eps~(z_t, t) for labels y (N,), in the form the samplers call. One
-    forward pass of the doubled batch (2N) gives both eps_cond and eps_uncond."""
-    null = torch.full_like(y, model.null)
-
-    def eps(z_t, t):
-        eps_cond, eps_uncond = model(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
-        return eps_uncond + w * (eps_cond - eps_uncond)   # eps~ = eps_uncond + w (eps_cond - eps_uncond)
-    return eps
+# ----------------------------------------------------------------------------- sampling, test loss
 
 
 @torch.no_grad()
@@ -316,9 +306,8 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
         for z0, y0 in (common.progress(batches, f"epoch {epoch + 1}/{cfg.epochs}") if rank == 0 else batches):
             z0, y0 = z0[rank::world], y0[rank::world]        # this rank's share of the global batch
             common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
-            y_tilde = torch.where(torch.rand(y0.shape, device=device) < cfg.p_uncond, model.null, y0)  # drop y
-            with common.autocast(device, cfg.amp):
-                loss = ddpm.loss(lambda z_t, t: net(z_t, t, y_tilde), z0)   # || eps - eps_theta(z_t, t, y~) ||^2
+            with common.autocast(device, cfg.amp):           # || eps - eps_theta(z_t, t, y~) ||^2, y~: y or null
+                loss = cfg_loss(ddpm, net, z0, y0, cfg.p_uncond, model.null)
             opt.zero_grad(set_to_none=True)
             loss.backward()                                  # under DDP: gradients averaged over the ranks
             opt.step()

@@ -37,6 +37,7 @@ DDPM-T reference row (--reference, N x T UNet calls).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -155,10 +156,15 @@ def compare(cfg: Config, model, ddpm: DDPM, device, shape) -> list[dict]:
         return []
     import evaluate
     ev = evaluate.Evaluator("mnist", cfg.data_dir, cfg.download, device, image_size=shape[-1], channels=shape[0])
-    samplers = {(s, nfe): (lambda z, g, s=s, nfe=nfe: SOLVERS[s](ddpm, eps, z, steps_for(s, nfe), g))
-                for s in solvers for nfe in cfg.nfe}
+
+    def solve(solver, nfe, z, g):
+        return SOLVERS[solver](ddpm, eps, z, steps_for(solver, nfe), g)
+
+    def ddpm_all(z, g):
+        return ddpm.ddpm_sample(eps, z.shape, x_T=z, generator=g)
+    samplers = {(s, nfe): functools.partial(solve, s, nfe) for s in solvers for nfe in cfg.nfe}
     if cfg.reference:
-        samplers[("DDPM", ddpm.T)] = lambda z, g: ddpm.ddpm_sample(eps, z.shape, x_T=z, generator=g)
+        samplers[("DDPM", ddpm.T)] = ddpm_all
     rows = evaluate.score_sweep(ev, samplers, cfg.eval, shape, device, seed=cfg.seed)
     for r in rows:                                       # score_sweep's "steps" holds the NFE here
         r["nfe"] = r.pop("steps")

@@ -151,8 +151,8 @@ def train(cfg: Config, x_train, device, evaluator=None):
     for epoch in range(start, cfg.epochs):
         G.train(), D.train()
         log, d_epoch = common.Epoch(f"epoch {epoch + 1:3d}/{cfg.epochs} (G loss)", device), []
-        for x, _ in common.progress(common.batches(x_train, x_train.new_zeros(len(x_train)), cfg.batch_size,
-                                                   cfg.seed + epoch), f"epoch {epoch + 1}/{cfg.epochs}", n_batches):
+        for x, _ in common.progress(common.batches(x_train, batch_size=cfg.batch_size, seed=cfg.seed + epoch),
+                                    f"epoch {epoch + 1}/{cfg.epochs}", n_batches):
             for opt in (opt_g, opt_d):
                 common.set_lr(opt, cfg.lr, step, 0, 1)           # constant: a GAN is not warmed up
             z = torch.randn((len(x), cfg.z_dim), device=device)
@@ -238,11 +238,7 @@ def comparison_figure(path: str, runs: list[dict], gan_history: dict, diffusion_
     training minutes (each GAN seed's curve, diffusion's curve where a run has one, x at the end of
     every run), diffusion's one falling loss, and the GAN's two losses, a game with no end in sight.
     runs: [{model, seed, minutes, fd, and fd_history (GAN) or curve [(minutes, epoch, fd)]}]"""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, (a, b, c) = common.figure(1, 3, figsize=(15, 4))
     for r in runs:
         color = "tab:red" if r["model"] == "GAN" else "tab:blue"
         curve = [(s / 60, fd) for s, _, fd, _ in r.get("fd_history", [])] or [(m, fd) for m, _, fd in r.get("curve", [])]
@@ -251,18 +247,12 @@ def comparison_figure(path: str, runs: list[dict], gan_history: dict, diffusion_
         a.scatter([r["minutes"]], [r["fd"]], color=color, marker="x")
     a.set(xlabel="training minutes", ylabel="FD-LeNet (x: 2,000 samples at the end)", yscale="log",
           title="sample quality against training time")
-    a.legend(fontsize=7)
     b.plot(*zip(*common.smooth(diffusion_losses)), color="tab:blue")
     b.set(xlabel="step", ylabel="eps-MSE", yscale="log", title="diffusion: one loss, falling")
     for name, key, color in (("D", "d", "tab:gray"), ("G", "g", "tab:red")):
         c.plot(*zip(*common.smooth(gan_history[key])), color=color, label=name)
     c.set(xlabel="step", ylabel="loss", title="GAN: two losses, a game")
-    c.legend()
-    for ax in (a, b, c):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110, legend=7)
 
 
 def main(argv=None) -> dict:

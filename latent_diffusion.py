@@ -27,6 +27,7 @@ samples_epochNNN.png and loss.png; printed: scale factor, test reconstruction er
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -203,11 +204,11 @@ def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: b
     step, start, losses = common.resume(path, device, VAE_KIND, None, (), vae, ema, opt) if old else (0, 0, [])
     config = dict(epochs=epochs, kl_weight=kl_weight, batch_size=batch_size, lr=lr, seed=seed)
     print(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, training {path}")
-    unlabelled, n_batches = x_train.new_zeros(len(x_train)), len(x_train) // min(batch_size, len(x_train))
+    n_batches = len(x_train) // min(batch_size, len(x_train))
     for epoch in range(start, epochs):
         vae.train()
         log = common.Epoch(f"VAE epoch {epoch + 1}/{epochs}", device)
-        for x, _ in common.progress(common.batches(x_train, unlabelled, batch_size, seed + epoch),
+        for x, _ in common.progress(common.batches(x_train, batch_size=batch_size, seed=seed + epoch),
                                     f"VAE epoch {epoch + 1}/{epochs}", n_batches):
             common.set_lr(opt, lr, step, 0, epochs * n_batches)             # constant lr, no warm-up
             with common.autocast(device, amp):
@@ -241,11 +242,11 @@ def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tu
     net = torch.compile(model) if cfg.compile else model
     print(f"latent UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(z_train)} latents of shape {tuple(z_train.shape[1:])} on {device}")
-    unlabelled, n_batches = z_train.new_zeros(len(z_train)), len(z_train) // min(cfg.batch_size, len(z_train))
+    n_batches = len(z_train) // min(cfg.batch_size, len(z_train))
     for epoch in range(start, cfg.epochs):
         model.train()
         log = common.Epoch(f"epoch {epoch + 1}/{cfg.epochs}", device, "latents/s")
-        for z0, _ in common.progress(common.batches(z_train, unlabelled, cfg.batch_size, cfg.seed + epoch),
+        for z0, _ in common.progress(common.batches(z_train, batch_size=cfg.batch_size, seed=cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}", n_batches):
             common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, cfg.epochs * n_batches)
             with common.autocast(device, cfg.amp):
@@ -316,7 +317,10 @@ def make_figures(cfg: Config, model, ddpm: DDPM, vae: VAE, scale: float, x_test,
     if cfg.eval:  # opt-in: FD in a cached classifier's features (see evaluate.py)
         import evaluate
         ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device)
-        decoded = {k: lambda z, g, f=f: decode(vae, f(z, g), scale) for k, f in samplers.items()}
+
+        def decoding(sampler, z, g):                       # the latents a sampler makes, decoded to images
+            return decode(vae, sampler(z, g), scale)
+        decoded = {k: functools.partial(decoding, f) for k, f in samplers.items()}
         rows = evaluate.score_sweep(ev, decoded, cfg.eval, shape[1:], device, os.path.join(cfg.out, "eval.md"),
                                     cfg.seed)
     return dict(recon_mse=recon_mse, scale=scale, eval=rows)

@@ -31,6 +31,7 @@ eval.md (FD-LeNet and classes found for every flow and step count).
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -188,15 +189,15 @@ def train_flow(cfg: Config, stage: int, model: VelocityUNet, x1, x0, space: Spac
     net = torch.compile(model) if cfg.compile else model
     print(f"Flow-{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(x1)} {'data points' if x0 is None else 'fixed pairs'} of shape {space.shape}")
-    partner, n_batches = (x0 if x0 is not None else x1.new_zeros(len(x1))), len(x1) // min(cfg.batch_size, len(x1))
+    n_batches = len(x1) // min(cfg.batch_size, len(x1))
     for epoch in range(start, epochs):
         model.train()
         log = common.Epoch(f"Flow-{stage} epoch {epoch + 1}/{epochs}", device, "samples/s")
-        for x1_b, x0_b in common.progress(common.batches(x1, partner, cfg.batch_size, cfg.seed + epoch),
+        for x1_b, x0_b in common.progress(common.batches(x1, x0, cfg.batch_size, cfg.seed + epoch),
                                           f"Flow-{stage} epoch {epoch + 1}/{epochs}", n_batches):
             common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, epochs * n_batches)
             with common.autocast(device, cfg.amp):    # || (x1 - x0) - v_theta(x_t, t) ||^2
-                loss = rf_loss(net, x1_b, x0_b if x0 is not None else None)
+                loss = rf_loss(net, x1_b, x0_b)           # x0_b None: fresh noise (Flow-1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -281,8 +282,11 @@ def compare(cfg: Config, flows: dict, space: Space, device) -> dict:
     if cfg.eval:  # opt-in: FD in a cached classifier's features (see evaluate.py)
         import evaluate
         ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device)
-        samplers = {(name, steps): lambda z, g, m=model, s=steps: space.to_images(euler_sample(m, z, s))
-                    for name, model in flows.items() for steps in cfg.steps}
+
+        def euler(model, steps, z, g):
+            return space.to_images(euler_sample(model, z, steps))
+        samplers = {(name, steps): functools.partial(euler, model, steps) for name, model in flows.items()
+                    for steps in cfg.steps}
         scored = evaluate.score_sweep(ev, samplers, cfg.eval, space.shape, device, os.path.join(cfg.out, "eval.md"),
                                       cfg.seed)
     return dict(steps=rows, eval=scored)

@@ -223,12 +223,8 @@ def train(cfg: Config, diffusion: Diffusion2D, x_train: torch.Tensor) -> tuple[M
 def scatter_grid(path: str, rows: list[list[torch.Tensor]], titles: list[list[str]], suptitle: str,
                  size: float = 2.4) -> None:
     """One point cloud per panel, rows of panels on a common [-3.5, 3.5]^2 frame."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size * n_cols, size * n_rows + 0.4), squeeze=False)
+    fig, axes = common.figure(n_rows, n_cols, figsize=(size * n_cols, size * n_rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, (clouds, row_titles) in enumerate(zip(rows, titles)):
@@ -238,9 +234,7 @@ def scatter_grid(path: str, rows: list[list[torch.Tensor]], titles: list[list[st
             ax.set(xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), aspect="equal", xticks=[], yticks=[])
             ax.set_title(title, fontsize=9)
     fig.suptitle(suptitle)
-    fig.tight_layout(h_pad=1.5)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=90, grid=False, legend=0)
 
 
 def reverse_gif(path: str, xs: list[torch.Tensor], frames: int = 20) -> None:
