@@ -27,6 +27,14 @@ def test_the_smoke_gallery_writes_every_row(mnist_dir, tmp_path, monkeypatch):
     assert len(extra["exercises"]["figures"]) == 2 and len(extra["fast_sampling"]["figures"]) == 3
     assert len(extra["gan"]["figures"]) == 2 and "GAN" in extra["gan"]["details"]
     assert "exercises" in open("docs/results.md").read()
+    # --resume: the gan part scores its finished GAN runs again instead of training them over
+    ckpt = os.path.join("runs", "gallery", "smoke", "gan", "gan_0", "ckpt.pt")
+    written = os.stat(ckpt).st_mtime_ns
+    resumed = gallery.main(["--profile", "smoke", "--data-dir", mnist_dir, "--no-download", "--device", "cpu",
+                            "--docs", "docs", "--only", "gan", "--resume"])
+    assert os.stat(ckpt).st_mtime_ns == written
+    gan_rows = lambda details: [line for line in details.splitlines() if line.startswith("| GAN |")]  # noqa: E731
+    assert gan_rows(resumed["gan"]["details"]) == gan_rows(extra["gan"]["details"])
 
 
 def test_every_recipe_parses_with_its_scripts_flags():
