@@ -354,12 +354,14 @@ def gan(g: Gallery) -> dict:
     to sample 1,000 images. Diffusion's seed 0 is the ddpm part's run."""
     import ddpm_mnist
     import gan_mnist
-    runs, chunks = [], g.recipe["gan_chunks"]
+    runs, chunks, eval_s = [], g.recipe["gan_chunks"], 0.0    # eval_s: scoring (and loading), not training
     for seed in ("0", "1", "2"):
         out = g.out("gan", f"gan_{seed}")
         again = g.cfg.resume and os.path.exists(os.path.join(out, "ckpt.pt"))
-        res, _ = g.run("gan_mnist", *g.recipe["gan"], "--seed", seed, "--out", out, "--resume" if again else "--overwrite")
+        res, seconds = g.run("gan_mnist", *g.recipe["gan"], "--seed", seed, "--out", out,
+                             "--resume" if again else "--overwrite")
         runs.append(dict(res, model="GAN", seed=seed, minutes=res["train_seconds"] / 60))
+        eval_s += max(0.0, seconds - res["train_seconds"])    # its scoring (a resumed run: a part of it)
     for seed in ("0", "1", "2"):
         out, curve, minutes = (g.out("ddpm"), [], None) if seed == "0" else (g.out("gan", f"ddpm_{seed}"), [], 0.0)
         for i, epochs in enumerate(chunks if seed == "1" else chunks[-1:] if seed == "2" else ()):
@@ -367,10 +369,12 @@ def gan(g: Gallery) -> dict:
                                *(["--resume"] if i else ["--overwrite"]))
             minutes += seconds / 60
             if seed == "1" and epochs != chunks[-1]:     # quality on the way, 500 samples (the GAN's every K epochs: N)
-                res, _ = g.run("ddpm_mnist", "--sample-only", "--out", out, "--eval", "500", "--no-ddpm-grid",
-                               "--sweep-steps", "50", "--seed", seed)
+                res, seconds = g.run("ddpm_mnist", "--sample-only", "--out", out, "--eval", "500", "--no-ddpm-grid",
+                                     "--sweep-steps", "50", "--seed", seed)
                 curve.append((minutes, epochs, res["eval"][0]["fd"]))
-        res, _ = g.run("ddpm_mnist", "--sample-only", "--out", out, *g.recipe["ddpm_eval"], "--seed", seed)
+                eval_s += seconds
+        res, seconds = g.run("ddpm_mnist", "--sample-only", "--out", out, *g.recipe["ddpm_eval"], "--seed", seed)
+        eval_s += seconds
         row = next(r for r in res["eval"] if r["sampler"] == "DDIM")
         if minutes is None:                                  # the ddpm part's run: its recorded training time
             minutes = json.load(open(os.path.join(g.cfg.docs, "gallery", f"results_{g.cfg.profile}.json")))["ddpm"][
@@ -395,7 +399,7 @@ def gan(g: Gallery) -> dict:
                     [[r["model"], r["seed"], round(r["minutes"], 1), round(r["fd"], 2), r["classes"]] for r in runs])
     details += "\n\n" + table(["sampler", "seconds for 1,000 images (measured on 100)"],
                                [[k, round(10 * v, 2)] for k, v in times.items()])
-    return dict(lesson="gan_mnist.py against ddpm_mnist.py", train_s=sum(r["minutes"] for r in runs) * 60, eval_s=0.0,
+    return dict(lesson="gan_mnist.py against ddpm_mnist.py", train_s=sum(r["minutes"] for r in runs) * 60, eval_s=eval_s,
                 result=result, details=details, figures=g.figures("gan", "gan_vs_diffusion.png", "gan_0/samples.png"))
 
 
