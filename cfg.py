@@ -30,6 +30,7 @@ real images = 1), with --eval N also the class accuracy and FD of evaluate.py's 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -256,7 +257,7 @@ def train(cfg: Config, x_train: torch.Tensor, y_train: torch.Tensor, ckpt: str, 
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # a cheap progress grid
             y = torch.tensor(cfg.classes, device=device).repeat_interleave(8)     # one row of 8 per class
             x = sample(ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, cfg.clip,
-                       generator=torch.Generator(device).manual_seed(cfg.seed))
+                       generator=common.generator(device, cfg.seed))
             common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png"), nrow=8)
     common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
     return ema.module.eval(), ddpm
@@ -283,7 +284,7 @@ def make_figures(cfg: Config, model: CondUNet, ddpm: DDPM, device, evaluator=Non
 
     c, n = model.config, cfg.n_per_class
     y = torch.tensor(cfg.classes, device=device).repeat_interleave(n)       # (N,) one row per class
-    gen = lambda: common.generator(device, cfg.seed, stream=1)  # noqa: E731 (the samplers' z: the same for every w)
+    gen = functools.partial(common.generator, device, cfg.seed, 1)   # the samplers' z: the same for every w
     x_T = torch.randn((len(y), c["channels"], c["image_size"], c["image_size"]), device=device,
                       generator=common.generator(device, cfg.seed))
     cols = min(n, 10)

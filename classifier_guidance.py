@@ -27,6 +27,7 @@ with --eval N also the class accuracy by evaluate.py's LeNet (independent of the
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -237,7 +238,7 @@ def train(cfg: Config, model, ddpm: DDPM, base: dict, x_train, y_train, ckpt: st
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # a cheap progress grid
             y = torch.tensor(cfg.classes, device=device).repeat_interleave(8)
             x = sample(model, ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, cfg.sigma, cfg.clip,
-                       generator=torch.Generator(device).manual_seed(cfg.seed))
+                       generator=common.generator(device, cfg.seed))
             common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_s{cfg.scale:g}.png"), nrow=8)
     common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train cross-entropy": common.smooth(losses)})
     return ema.module.eval()
@@ -259,7 +260,7 @@ def load_classifier(path: str, base: dict, device) -> NoisyClassifier:
 @torch.no_grad()
 def accuracy_per_t(classifier, ddpm: DDPM, x: torch.Tensor, y: torch.Tensor, levels: int = 10, seed: int = 0):
     """Test accuracy of p_phi(y | x_t, t) at `levels` noise levels t from 0 to T-1: [(t, accuracy)]."""
-    g = torch.Generator(x.device).manual_seed(seed)
+    g = common.generator(x.device, seed)
     rows = []
     for t in torch.linspace(0, ddpm.T - 1, levels).round().long().unique().tolist():
         correct = 0
@@ -287,7 +288,7 @@ def make_figures(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=N
     common.plot_curves(os.path.join(cfg.out, "accuracy_per_t.png"), {"test accuracy": per_t}, xlabel="t",
                        ylabel="accuracy", logy=False, title="p_phi(y | x_t, t) on the test set")
     y = torch.tensor(cfg.classes, device=device).repeat_interleave(n)       # (N,) one row per class
-    gen = lambda: common.generator(device, cfg.seed, stream=1)  # noqa: E731 (the samplers' z: the same for every scale)
+    gen = functools.partial(common.generator, device, cfg.seed, 1)   # the samplers' z: the same for every scale
     x_T = torch.randn((len(y), c["channels"], c["image_size"], c["image_size"]), device=device,
                       generator=common.generator(device, cfg.seed))
     cols = min(n, 10)

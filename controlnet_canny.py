@@ -222,7 +222,7 @@ def make_figures(cfg: Config, unet, control, ddpm, x_test, c_test, device) -> di
     """control.png: rows of edge map | samples_per_edge samples | original; edge F1 vs unconditional.
     -> {"ControlNet": {precision, recall, f1, f1_exact}, "unconditional": {...}}"""
     model = ControlledUNet(unet, control).eval()
-    g = torch.Generator(device).manual_seed(cfg.seed)
+    g = common.generator(device, cfg.seed)
     k, n = cfg.samples_per_edge, min(cfg.n_digits, len(x_test))
     c = c_test[:n].repeat_interleave(k, 0)                                # (n k, 1, H, W)
     x = sample(ddpm, model, c, torch.randn(c.shape, device=device, generator=g), cfg.ddim_steps)

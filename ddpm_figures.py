@@ -26,7 +26,7 @@ from ddpm_mnist import DDPM, Config, crop, load_data, pad
 def test_loss_per_timestep(model, ddpm: DDPM, x_test, bins: int = 20, max_images: int = 2000, seed: int = 0):
     """Test eps-MSE of the noise predictor `model` with one random t per image, averaged overall and
     within `bins` bins of t: -> (mean, [(bin centre t, mean), ...])."""
-    g = torch.Generator(x_test.device).manual_seed(seed)
+    g = common.generator(x_test.device, seed)
     x0 = x_test[:max_images]
     t = torch.randint(0, ddpm.T, (len(x0),), device=x0.device, generator=g)
     eps = torch.randn(x0.shape, device=x0.device, generator=g)
@@ -51,7 +51,7 @@ def make_figures(cfg: Config, model, ddpm: DDPM, device, shape) -> dict:
     (--no-ddpm-grid), the DDIM step sweep (--sweep-steps), --eval N. -> {test_loss, eval: score_sweep rows}"""
     out, n, T = cfg.out, cfg.n_samples, ddpm.T
     eps_model = ddpm.eps_from(model, cfg.clip)                   # every sampler below takes eps_theta
-    gen = lambda: common.generator(device, cfg.seed, stream=1)   # noqa: E731 (the samplers' z: the same everywhere)
+    gen = functools.partial(common.generator, device, cfg.seed, 1)   # the samplers' z: the same everywhere
     x_T = torch.randn((n, *shape), device=device, generator=common.generator(device, cfg.seed))
     x_raw, _ = load_data(cfg, device, train=False, padded=False)
     test_loss, per_t = test_loss_per_timestep(eps_model, ddpm, pad(x_raw, cfg.pad_to), seed=cfg.seed)

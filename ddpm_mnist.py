@@ -460,7 +460,7 @@ def train(cfg: Config, x_train, device) -> tuple[UNet, DDPM]:
                                **common.training_state(model, ema, opt, step, epoch + 1, losses))
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:  # own generator: the run's RNG is untouched
             x = ddpm.ddim_sample(ddpm.eps_from(ema.module.eval(), cfg.clip), (cfg.n_samples, *x_train.shape[1:]),
-                                 cfg.ddim_steps, generator=torch.Generator(device).manual_seed(cfg.seed))
+                                 cfg.ddim_steps, generator=common.generator(device, cfg.seed))
             common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
     common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
     return ema.module.eval(), ddpm

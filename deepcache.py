@@ -207,7 +207,7 @@ def sweep(cfg: Config, unet, sample, device, shape, evaluator=None) -> list[dict
     cache = DeepCache(unet, cfg.branch)
     f = flops_fraction(cache, (cfg.batch_size, *shape), device)
     print(f"a cached step (branch {cfg.branch}) costs f = {f:.3f} of a full step's FLOPs")
-    x_T = torch.randn((cfg.batch_size, *shape), device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
+    x_T = torch.randn((cfg.batch_size, *shape), device=device, generator=common.generator(device, cfg.seed))
     rows = []
     for S in cfg.sweep_steps:
         intervals = [N for N in cfg.sweep_intervals if N <= S]
@@ -242,7 +242,7 @@ def sweep(cfg: Config, unet, sample, device, shape, evaluator=None) -> list[dict
 
 def eval_noise(cfg: Config, shape, device):
     """The same cfg.eval noise images for every setting, in batches of cfg.batch_size."""
-    g = torch.Generator(device).manual_seed(cfg.seed + 1)
+    g = common.generator(device, cfg.seed + 1)
     return [torch.randn((min(cfg.batch_size, cfg.eval - i), *shape), device=device, generator=g)
             for i in range(0, cfg.eval, cfg.batch_size)]
 
@@ -326,7 +326,7 @@ def main(argv=None) -> dict:
     c = unet.config
     shape = (c["channels"], c["image_size"], c["image_size"])
 
-    gen = torch.Generator(device).manual_seed(cfg.seed)
+    gen = common.generator(device, cfg.seed)
     x_T = torch.randn((cfg.n_samples, *shape), device=device, generator=gen)
     plain = sample(unet, x_T, cfg.steps)
     x = cached_sample(sample, cache, x_T, cfg.steps, cfg.interval, cfg.cache_schedule, cfg.power)

@@ -103,7 +103,7 @@ def check_config(cfg: Config) -> None:
 @torch.no_grad()
 def sample(model: DiT, ddpm: DDPM, vae: VAE, scale: float, y, w: float, steps: int, seed: int):
     """Images (N, 3, 32, 32) of classes y (N,): guided DDIM on the latents, then x = D(z_0 / s)."""
-    g = torch.Generator(y.device).manual_seed(seed)
+    g = common.generator(y.device, seed)
     z_T = torch.randn((len(y), *model.latent_shape), generator=g, device=y.device)   # (N, 4, 8, 8)
     z0 = ddpm.ddim_sample(guided_eps(model, y, w), z_T.shape, steps, x_T=z_T)
     return decode(vae, z0, scale)
@@ -112,7 +112,7 @@ def sample(model: DiT, ddpm: DDPM, vae: VAE, scale: float, y, w: float, steps: i
 @torch.no_grad()
 def test_loss(model: DiT, ddpm: DDPM, z, y, seed: int = 0, max_n: int = 2000) -> float:
     """The conditional eps-MSE on held-out latents, with t and eps fixed by the seed."""
-    g = torch.Generator(z.device).manual_seed(seed)
+    g = common.generator(z.device, seed)
     z, y = z[:max_n], y[:max_n]
     t = torch.randint(0, ddpm.T, (len(z),), generator=g, device=z.device)
     eps = torch.randn(z.shape, generator=g, device=z.device)

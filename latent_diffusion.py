@@ -262,7 +262,7 @@ def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tu
                                **common.training_state(model, ema, opt, step, epoch + 1, losses))
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # progress grid (own generator)
             z0 = ddpm.ddim_sample(ema.module.eval(), (cfg.n_samples, *z_train.shape[1:]), cfg.ddim_steps,
-                                  generator=torch.Generator(device).manual_seed(cfg.seed))
+                                  generator=common.generator(device, cfg.seed))
             common.save_grid(decode(vae, z0, scale), os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
     common.plot_curves(os.path.join(cfg.out, "loss.png"), {"latent DDPM loss": common.smooth(losses)})
     return ema.module.eval(), ddpm

@@ -121,7 +121,7 @@ def straightness(path) -> tuple[float, float]:
 
 def make_pairs(model, n: int, shape, steps: int, seed: int, device, batch_size: int = 1000):
     """Reflow's training set, made ONCE: noise x0 and Flow-1's ODE solution x1 = Flow-1(x0)."""
-    g = torch.Generator(device).manual_seed(seed)
+    g = common.generator(device, seed)
     x0 = torch.randn((n, *shape), device=device, generator=g)
     x1 = torch.cat([euler_sample(model, b, steps) for b in x0.split(batch_size)])
     return x0, x1
@@ -209,7 +209,7 @@ def train_flow(cfg: Config, stage: int, model: VelocityUNet, x1, x0, space: Spac
                                scale=space.scale, **common.training_state(model, ema, opt, step, epoch + 1, losses))
         if stage == 1 and (epoch + 1) % cfg.sample_every == 0:             # progress grid (own generator)
             x0_grid = torch.randn((cfg.n_samples, *space.shape), device=device,
-                                  generator=torch.Generator(device).manual_seed(cfg.seed))
+                                  generator=common.generator(device, cfg.seed))
             common.save_grid(space.to_images(euler_sample(ema.module.eval(), x0_grid, 50)),
                              os.path.join(cfg.out, f"flow1_epoch{epoch + 1:03d}.png"))
     return ema.module.eval(), losses
@@ -256,7 +256,7 @@ def compare(cfg: Config, flows: dict, space: Space, device) -> dict:
     """One figure and one table: each flow at each number of Euler steps, from the same noise.
     -> {steps: [{flow, steps, seconds, mse (to the many-step solution), S, deviation}], eval: score_sweep's rows}"""
     x0 = torch.randn((cfg.n_samples, *space.shape), device=device,
-                     generator=torch.Generator(device).manual_seed(cfg.seed))
+                     generator=common.generator(device, cfg.seed))
     grid, table, curves, rows = [], [], {}, []
     ref_steps = max(max(cfg.steps), cfg.pair_steps)
     for name, model in flows.items():
