@@ -400,14 +400,15 @@ class Epoch:
         self.n += n
 
     def end(self, step: int, ckpt: str, mean: torch.Tensor | None = None, quiet: bool = False) -> list[float]:
-        mean = torch.stack(self.losses).mean() if mean is None else mean
+        losses = torch.stack(self.losses)
+        mean = losses.mean() if mean is None else mean
         check_finite(mean, step, ckpt)                 # before saving: the last good checkpoint stays
         sync(self.device)
         self.seconds = time.perf_counter() - self.t0
         if not quiet:
             print(f"{self.name}  loss {mean.item():.4f}  {self.seconds:.1f}s  {self.n / self.seconds:.0f} {self.unit}",
                   flush=True)
-        return torch.stack(self.losses).tolist()
+        return losses.tolist()
 
 
 def check_finite(loss: torch.Tensor, step: int, ckpt: str) -> None:
@@ -471,12 +472,18 @@ def smooth(values: list[float], k: int = 50) -> list[tuple[int, float]]:
     return list(zip(range(k - 1, len(values)), v.tolist()))
 
 
+def markdown_table(header: list[str], rows: list[list], float_format: str = ".3f") -> str:
+    """Rows as a markdown table; floats formatted with `float_format` (3 decimals by default)."""
+    def cell(v):
+        return format(v, float_format) if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
 def write_table(path: str, header: list[str], rows: list[list]) -> str:
     """Write rows as a markdown table (floats with 3 decimals) to `path` and return its text."""
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    text = markdown_table(header, rows)
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return "\n".join(lines)
+        f.write(text + "\n")
+    return text
 

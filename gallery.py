@@ -172,9 +172,7 @@ class Gallery:
 
 def table(header: list[str], rows: list[list]) -> str:
     """A markdown table; floats with 3 significant digits."""
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
+    return common.markdown_table(header, rows, ".3g")
 
 
 def scored(rows: list[dict], *keys: str) -> str:
@@ -417,20 +415,20 @@ def hardware(device: torch.device) -> str:
 def write_results(docs: str) -> str:
     """docs/results.md from every profile's docs/gallery/results_PROFILE.json."""
     lines = ["# Results", "", "Written by `python gallery.py` (see its docstring); every number comes from a network "
-             "trained by the command beside it and scored with evaluate.py or the lesson's own measurement.", "",
-             "| lesson | profile | hardware | data | training | scoring | result |", "|---|---|---|---|---|---|---|"]
-    sections = []
+             "trained by the command beside it and scored with evaluate.py or the lesson's own measurement.", ""]
+    rows, sections = [], []
     for path in sorted(glob.glob(os.path.join(docs, "gallery", "results_*.json"))):
         runs = json.load(open(path))
         for part in PARTS + EXTRA:
             if part not in runs:
                 continue
             r = runs[part]
-            lines.append(f"| {r['lesson']} | {r['profile']} | {r['hardware']} | {r['data']} | "
-                         f"{r['train_s'] / 60:.1f} min | {r['eval_s'] / 60:.1f} min | {r['result']} |")
+            rows.append([r["lesson"], r["profile"], r["hardware"], r["data"], f"{r['train_s'] / 60:.1f} min",
+                         f"{r['eval_s'] / 60:.1f} min", r["result"]])
             figures = " ".join(f"![{os.path.basename(f)}]({f})" for f in r["figures"])
             sections.append(f"## {r['lesson']} ({r['profile']}, {r['date']})\n\n{r['details']}\n\n{figures}\n")
-    text = "\n".join(lines + [""] + sections)
+    header = ["lesson", "profile", "hardware", "data", "training", "scoring", "result"]
+    text = "\n".join(lines + [common.markdown_table(header, rows), ""] + sections)
     with open(os.path.join(docs, "results.md"), "w") as f:
         f.write(text)
     return text
