@@ -291,7 +291,9 @@ def test_controlnet_main(cn_run):
     args, out = cn_run
     for f in ("control.png", "loss.png", "edge_fidelity.md", "ckpt.pt", "edges_train_100_200.pt", "edges_test_100_200.pt"):
         assert os.path.isfile(os.path.join(out, f)), f
-    assert "| ControlNet |" in open(os.path.join(out, "edge_fidelity.md")).read()
+    table = open(os.path.join(out, "edge_fidelity.md")).read()
+    assert "| ControlNet |" in table and "| unconditional |" in table
+    assert "| another real digit |" in table          # the baseline is measured, not quoted
     before = digest(os.path.join(out, "ckpt.pt"))
     os.remove(os.path.join(out, "control.png"))
     cn.main(args + ["--out", out, "--sample-only"])
