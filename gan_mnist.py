@@ -216,9 +216,10 @@ def make_figures(cfg: Config, G, history: dict, device, evaluator=None) -> dict:
     if evaluator is None:
         return results
     _, seconds = common.timed(device, lambda: sample(G, 1000, common.generator(device, cfg.seed + 1)))
+    import evaluate
     x = sample(G, cfg.eval, common.generator(device, cfg.seed))
-    results |= dict(fd=evaluator.fd(x), classes=evaluate_coverage(evaluator, x), histogram=evaluator.histogram(x),
-                    sample_seconds_1000=seconds)
+    hist = evaluator.histogram(x)
+    results |= dict(fd=evaluator.fd(x), classes=evaluate.coverage(hist), histogram=hist, sample_seconds_1000=seconds)
     common.write_table(os.path.join(cfg.out, "eval.md"), ["samples", evaluator.name, "classes found",
                                                           "seconds to sample 1,000"],
                        [[cfg.eval, results["fd"], results["classes"], seconds]])
