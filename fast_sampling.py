@@ -125,7 +125,9 @@ def heun(ddpm: DDPM, model, x_T, steps: int, generator=None):
     taus = ddpm.ddim_timesteps(steps)
     a, _ = alpha_sigma(ddpm, taus[0])
     x = x_T / a                                                          # x~ = x / alpha
-    slope = lambda x, t: model(alpha_sigma(ddpm, t)[0] * x, torch.full((len(x),), t, device=x.device)).float()  # noqa: E731
+
+    def slope(x, t):                                                     # eps_theta at x_t = alpha_t x~
+        return model(alpha_sigma(ddpm, t)[0] * x, torch.full((len(x),), t, device=x.device)).float()
     for i, s in enumerate(taus):
         a_s, sigma_s = alpha_sigma(ddpm, s)
         d = slope(x, s)                                                  # dx~/dsigma~ = eps_theta(x, t)
