@@ -227,40 +227,36 @@ def train(cfg: Config, x_train: torch.Tensor, y_train: torch.Tensor, ckpt: str, 
     """AdamW with warm-up on the CFG loss, EMA weights for sampling, a checkpoint every epoch."""
     K = int(y_train.max()) + 1
     model = build_unet(cfg, x_train.shape[-1], x_train.shape[1], K).to(device)
-    ema, opt = common.make_ema(model, cfg.ema_decay), common.make_optimizer(model, cfg.lr)
+    run = common.Run(model, ckpt, KIND, device, cfg.lr, cfg.ema_decay)   # + the EMA, AdamW, step and losses
     ddpm = DDPM(cfg.T, cfg.schedule).to(device)
-    step, start, losses = 0, 0, []
     if cfg.resume:
-        same = ("T", "schedule", "preset", "cond", "planes", "tokens", "cond_dim", "image_size", "channels")
-        step, start, losses = common.resume(ckpt, device, KIND, cfg, same, model, ema, opt)
+        run.resume(cfg, same=("T", "schedule", "preset", "cond", "planes", "tokens", "cond_dim", "image_size",
+                              "channels"))
     net = torch.compile(model) if cfg.compile else model
     total = cfg.epochs * (len(x_train) // min(cfg.batch_size, len(x_train)))
-    print(f"CondUNet ({cfg.cond}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(x_train)} training images, {K} classes, null id {K}, on {device}")
-    for epoch in range(start, cfg.epochs):
+    print(f"CondUNet ({cfg.cond}): {run.millions():.2f}M parameters, {len(x_train)} training images, {K} classes, "
+          f"null id {K}, on {device}")
+    for epoch in range(run.epoch, cfg.epochs):
         model.train()
-        log = common.Epoch(f"epoch {epoch + 1:3d}/{cfg.epochs}", device)
+        run.new_epoch(f"epoch {epoch + 1:3d}/{cfg.epochs}")
         for x0, y in common.progress(common.batches(x_train, y_train, cfg.batch_size, cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}"):
-            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
+            common.set_lr(run.opt, cfg.lr, run.step, cfg.warmup_steps, total)
             with common.autocast(device, cfg.amp):
                 batch_loss = loss(ddpm, net, x0, y, cfg.p_uncond, K)  # || eps - eps_theta(x_t, t, y~) ||^2
-            opt.zero_grad(set_to_none=True)
+            run.opt.zero_grad(set_to_none=True)
             batch_loss.backward()
-            opt.step()
-            ema.update_parameters(model)
-            log.add(batch_loss, len(x0))
-            step += 1
-        losses += log.end(step, ckpt)                    # NaN guard, then the loss, time and img/s line
-        common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg),
-                               **common.training_state(model, ema, opt, step, epoch + 1, losses))
+            run.opt.step()
+            run.ema.update_parameters(model)
+            run.add(batch_loss, len(x0))
+        run.end_epoch(net=model.config, config=asdict(cfg))   # NaN guard, loss/time/img/s line, checkpoint
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # a cheap progress grid
             y = torch.tensor(cfg.classes, device=device).repeat_interleave(8)     # one row of 8 per class
-            x = sample(ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, cfg.clip,
+            x = sample(run.ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, cfg.clip,
                        generator=common.generator(device, cfg.seed))
             common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png"), nrow=8)
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
-    return ema.module.eval(), ddpm
+    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(run.losses)})
+    return run.ema.module.eval(), ddpm
 
 
 def load_trained(path: str, device) -> tuple[CondUNet, DDPM, dict]:

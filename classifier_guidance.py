@@ -210,38 +210,34 @@ def train(cfg: Config, model, ddpm: DDPM, base: dict, x_train, y_train, ckpt: st
     and a grid guided by the EMA classifier every --sample-every epochs."""
     K = int(y_train.max()) + 1
     classifier = build_classifier(cfg.preset, x_train.shape[-1], x_train.shape[1], K).to(device)
-    ema, opt = common.make_ema(classifier, cfg.ema_decay), common.make_optimizer(classifier, cfg.lr)
-    step, start, losses = 0, 0, []
+    run = common.Run(classifier, ckpt, KIND, device, cfg.lr, cfg.ema_decay)   # + the EMA, AdamW, step and losses
     if cfg.resume:
-        step, start, losses = common.resume(ckpt, device, KIND, cfg, ("preset",), classifier, ema, opt)
+        run.resume(cfg, same=("preset",))
     net = torch.compile(classifier) if cfg.compile else classifier
     total = cfg.epochs * (len(x_train) // min(cfg.batch_size, len(x_train)))
-    print(f"noisy classifier: {sum(p.numel() for p in classifier.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(x_train)} training images, T = {ddpm.T}, on {device}")
-    for epoch in range(start, cfg.epochs):
+    print(f"noisy classifier: {run.millions():.2f}M parameters, {len(x_train)} training images, T = {ddpm.T}, "
+          f"on {device}")
+    for epoch in range(run.epoch, cfg.epochs):
         classifier.train()
-        log = common.Epoch(f"epoch {epoch + 1:3d}/{cfg.epochs} (cross-entropy)", device)
+        run.new_epoch(f"epoch {epoch + 1:3d}/{cfg.epochs} (cross-entropy)")
         for x0, y in common.progress(common.batches(x_train, y_train, cfg.batch_size, cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}"):
-            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
+            common.set_lr(run.opt, cfg.lr, run.step, cfg.warmup_steps, total)
             with common.autocast(device, cfg.amp):
                 loss = classifier_loss(ddpm, net, x0, y)   # -log p_phi(y | x_t, t)
-            opt.zero_grad(set_to_none=True)
+            run.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            ema.update_parameters(classifier)
-            log.add(loss, len(x0))
-            step += 1
-        losses += log.end(step, ckpt)                    # NaN guard, then the loss, time and img/s line
-        common.save_checkpoint(ckpt, kind=KIND, net=classifier.config, config=asdict(cfg), base=base,
-                               **common.training_state(classifier, ema, opt, step, epoch + 1, losses))
+            run.opt.step()
+            run.ema.update_parameters(classifier)
+            run.add(loss, len(x0))
+        run.end_epoch(net=classifier.config, config=asdict(cfg), base=base)   # NaN guard, line, checkpoint
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # a cheap progress grid
             y = torch.tensor(cfg.classes, device=device).repeat_interleave(8)
-            x = sample(model, ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, cfg.sigma, cfg.clip,
-                       generator=common.generator(device, cfg.seed))
+            x = sample(model, run.ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, cfg.sigma,
+                       cfg.clip, generator=common.generator(device, cfg.seed))
             common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_s{cfg.scale:g}.png"), nrow=8)
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train cross-entropy": common.smooth(losses)})
-    return ema.module.eval()
+    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train cross-entropy": common.smooth(run.losses)})
+    return run.ema.module.eval()
 
 
 def load_classifier(path: str, base: dict, device) -> NoisyClassifier:

@@ -355,60 +355,74 @@ def load_weights(model: torch.nn.Module, state_dict: dict, path: str) -> None:
             "use the settings it was trained with")
 
 
-def resume(path: str, device, kind: str, cfg, same: tuple[str, ...], model, ema, opt) -> tuple[int, int, list]:
-    """Continue a run from `path`: weights, EMA, optimizer moments and the random-number state come
-    back, so the resumed run draws the t, noise and dropout an uninterrupted one would. The fields
-    in `same` (those that define the model or the process, e.g. T) must equal the checkpoint's;
-    the learning rate is the current --lr (the loop sets it every step). -> (step, epoch, losses)"""
-    state = load_checkpoint(path, device, kind, keys=("model", "ema", "opt", "step", "epoch", "rng"))
-    for k in same:
-        new, old = getattr(cfg, k), state.get("config", {}).get(k)
-        check(old is None or old == new,
-              f"--{k.replace('_', '-')} is {new} but '{path}' was trained with {old}; resume with the "
-              "same value, or train a new model into another --out")
-    load_weights(model, state["model"], path)
-    ema.module.load_state_dict(state["ema"])
-    ema.n_averaged.fill_(state["step"])
-    opt.load_state_dict(state["opt"])
-    torch.set_rng_state(state["rng"]["cpu"].cpu())
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-    print(f"resumed {path} at epoch {state['epoch']}, step {state['step']}")
-    return state["step"], state["epoch"], state["losses"]
+class Run:
+    """What a training loop carries from step to step, so that the loop shows only the lesson's step:
+    the trained `model`, its EMA copy `ema` (the weights that sample), the optimizer `opt` (AdamW unless
+    given), the `step` and `epoch` counts, the step `losses`, and the checkpoint `ckpt` of `kind` that
+    every epoch ends in. `add` counts a step; `end_epoch` is the NaN guard, the loss line and the
+    atomic checkpoint; `resume` brings all of it back, with the random-number state."""
 
+    def __init__(self, model, ckpt: str, kind: str, device, lr: float, ema_decay: float = 0.999, opt=None):
+        self.model, self.ckpt, self.kind, self.device = model, ckpt, kind, device
+        self.ema, self.opt = make_ema(model, ema_decay), opt or make_optimizer(model, lr)
+        self.step, self.epoch, self.losses = 0, 0, []
 
-def training_state(model, ema, opt, step: int, epoch: int, losses: list) -> dict:
-    """What `resume` needs, for save_checkpoint; `ema` holds the weights to sample with."""
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    return dict(model=model.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(), step=step,
-                epoch=epoch, losses=losses, rng=rng)
+    def resume(self, cfg, same: tuple[str, ...] = ()) -> dict:
+        """Continue from `ckpt`: weights, EMA, optimizer moments and the random-number state come back,
+        so the resumed run draws the t, noise and dropout an uninterrupted one would. The fields of `cfg`
+        named in `same` (those that define the model or the process, e.g. T) must equal the checkpoint's;
+        the learning rate is the current --lr (the loop sets it every step). -> the checkpoint"""
+        state = load_checkpoint(self.ckpt, self.device, self.kind, keys=("model", "ema", "opt", "step", "epoch", "rng"))
+        for k in same:
+            new, old = getattr(cfg, k), state.get("config", {}).get(k)
+            check(old is None or old == new, f"--{k.replace('_', '-')} is {new} but '{self.ckpt}' was trained with "
+                  f"{old}; resume with the same value, or train a new model into another --out")
+        load_weights(self.model, state["model"], self.ckpt)
+        self.ema.module.load_state_dict(state["ema"])
+        self.ema.n_averaged.fill_(state["step"])
+        self.opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"]["cpu"].cpu())
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        self.step, self.epoch, self.losses = state["step"], state["epoch"], state["losses"]
+        print(f"resumed {self.ckpt} at epoch {self.epoch}, step {self.step}")
+        return state
 
+    def millions(self, model=None) -> float:
+        """Parameters of `model` (default: the trained one), in millions."""
+        return sum(p.numel() for p in (model or self.model).parameters()) / 1e6
 
-class Epoch:
-    """The bookkeeping of one training epoch, so that a loop shows only the lesson's step: `add` keeps
-    each step's loss (on the device: no sync per step) and counts the examples; `end` stops the run on
-    a NaN/inf mean before anything is saved, prints the mean loss, the time and the throughput, and
-    returns the step losses for the run's history. `mean` (dit_cifar.py: averaged over the ranks)
-    replaces the epoch's own mean in the check and the line."""
-
-    def __init__(self, name: str, device, unit: str = "img/s"):
-        self.name, self.device, self.unit, self.losses, self.n = name, device, unit, [], 0
-        self.t0, self.seconds = time.perf_counter(), 0.0
+    def new_epoch(self, name: str, unit: str = "img/s") -> None:
+        """An epoch begins: its name and throughput unit for the loss line, its clock, its step losses."""
+        self.name, self.unit, self.epoch_losses, self.n, self.t0 = name, unit, [], 0, time.perf_counter()
 
     def add(self, loss: torch.Tensor, n: int) -> None:
-        self.losses.append(loss.detach())
-        self.n += n
+        """One optimizer step done: its loss (kept on the device: no sync per step), n examples, the count."""
+        self.epoch_losses.append(loss.detach())
+        self.n, self.step = self.n + n, self.step + 1
 
-    def end(self, step: int, ckpt: str, mean: torch.Tensor | None = None, quiet: bool = False) -> list[float]:
-        losses = torch.stack(self.losses)
+    def end_epoch(self, mean=None, quiet: bool = False, save: bool = True, **extra) -> None:
+        """The NaN guard (before saving: the last good checkpoint stays), the line of the mean loss, time
+        and throughput, the history, then (save) the checkpoint with `extra` entries (`net`, `config`...).
+        `mean` (dit_cifar.py: the mean over the ranks) replaces the epoch's own in the guard and the line."""
+        losses = torch.stack(self.epoch_losses)
         mean = losses.mean() if mean is None else mean
-        check_finite(mean, step, ckpt)                 # before saving: the last good checkpoint stays
+        check_finite(mean, self.step, self.ckpt)
         sync(self.device)
         self.seconds = time.perf_counter() - self.t0
         if not quiet:
             print(f"{self.name}  loss {mean.item():.4f}  {self.seconds:.1f}s  {self.n / self.seconds:.0f} {self.unit}",
                   flush=True)
-        return losses.tolist()
+        self.losses, self.epoch = self.losses + losses.tolist(), self.epoch + 1
+        if save:
+            self.save(**extra)
+
+    def save(self, **extra) -> None:
+        """The atomic checkpoint: `extra` and all that `resume` needs."""
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        save_checkpoint(self.ckpt, kind=self.kind, **extra, model=self.model.state_dict(),
+                        ema=self.ema.module.state_dict(), opt=self.opt.state_dict(), step=self.step,
+                        epoch=self.epoch, losses=self.losses, rng=rng)
 
 
 def check_finite(loss: torch.Tensor, step: int, ckpt: str) -> None:

@@ -188,31 +188,27 @@ def train(cfg: Config, unet: ddpm_mnist.UNet, ddpm: ddpm_mnist.DDPM, x_train, c_
     control = ControlNet(unet).to(device)
     model = ControlledUNet(unet, control)                # freezes the UNet
     net = torch.compile(model) if cfg.compile else model
-    ema, opt = common.make_ema(control, cfg.ema_decay), common.make_optimizer(control, cfg.lr)  # control only
-    step, start, losses = 0, 0, []
+    run = common.Run(control, ckpt, KIND, device, cfg.lr, cfg.ema_decay)   # control only: EMA, AdamW, step, losses
     if cfg.resume:   # the thresholds define the task: a resumed run must keep them
-        step, start, losses = common.resume(ckpt, device, KIND, cfg, ("low", "high"), control, ema, opt)
-    n_train, n_frozen = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (control, unet))
-    print(f"ControlNet: {n_train:.2f}M trainable, UNet {n_frozen:.2f}M frozen; {len(x_train)} digits on {device}")
+        run.resume(cfg, same=("low", "high"))
+    print(f"ControlNet: {run.millions():.2f}M trainable, UNet {run.millions(unet):.2f}M frozen; {len(x_train)} "
+          f"digits on {device}")
     total = cfg.epochs * (len(x_train) // min(cfg.batch_size, len(x_train)))
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(run.epoch, cfg.epochs):
         model.train()
-        log = common.Epoch(f"epoch {epoch + 1}/{cfg.epochs}", device)
+        run.new_epoch(f"epoch {epoch + 1}/{cfg.epochs}")
         for x0, c in common.progress(common.batches(x_train, c_train, cfg.batch_size, cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}", total // cfg.epochs):
-            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
+            common.set_lr(run.opt, cfg.lr, run.step, cfg.warmup_steps, total)
             with common.autocast(device, cfg.amp):
                 loss = ddpm.loss(lambda x_t, t: net(x_t, t, c), x0)     # || eps - eps_theta(x_t, t, c) ||^2
-            opt.zero_grad(set_to_none=True)
+            run.opt.zero_grad(set_to_none=True)
             loss.backward()                              # reaches the zero_convs, then the copied encoder
-            opt.step()
-            ema.update_parameters(control)
-            log.add(loss, len(x0))
-            step += 1
-        losses += log.end(step, ckpt)                    # NaN guard, then the loss, time and img/s line
-        common.save_checkpoint(ckpt, kind=KIND, net=unet.config, config=asdict(cfg),
-                               **common.training_state(control, ema, opt, step, epoch + 1, losses))
-    return ema.module.eval(), losses
+            run.opt.step()
+            run.ema.update_parameters(control)
+            run.add(loss, len(x0))
+        run.end_epoch(net=unet.config, config=asdict(cfg))   # NaN guard, loss/time/img/s line, checkpoint
+    return run.ema.module.eval(), run.losses
 
 
 # ----------------------------------------------------------------------------- figures

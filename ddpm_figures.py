@@ -8,6 +8,13 @@ DDPM sample grids, and the answers to the course exercises' questions, each one 
 - DDIM's step count against quality and wall time, with a DDPM row (ddim_sweep.png/.md/_time.png),
 - with --eval N, the FD-LeNet and class histogram of every sampler (eval.md, evaluate.py).
 Conventions of ddpm_mnist.py: integer steps t = 0..T-1, images in [-1, 1], EMA weights sample.
+
+Course exercises (each run writes OUT/per_timestep.json; compare_runs.py overlays several runs):
+    python ddpm_mnist.py --base 32 --mults 1 2 4 --out runs/unet3          # 3 levels [32, 64, 128]
+    python ddpm_mnist.py --base 64 --mults 1 2 4 8 --pad-to 32 --out runs/unet4  # 4 levels need 32x32
+    python ddpm_mnist.py --schedule cosine --cosine-clip 0.95 --out runs/cos95
+    python ddpm_mnist.py --predict x0 --out runs/x0  # or v; --time-embed concat for the other embedding
+    python compare_runs.py --runs runs/ddpm_mnist runs/cos95 runs/x0 --out runs/compare
 """
 from __future__ import annotations
 
@@ -19,7 +26,13 @@ import os
 import torch
 
 import common
-from ddpm_mnist import DDPM, Config, crop, load_data, pad
+from ddpm_mnist import DDPM, Config, load_data, pad
+
+
+def crop(x, size: int):
+    """The centre size x size of (N, C, H, W) images: undoes `pad`."""
+    p = (x.shape[-1] - size) // 2
+    return x[..., p:p + size, p:p + size]
 
 
 @torch.no_grad()

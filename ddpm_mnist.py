@@ -27,23 +27,14 @@ What the network predicts (--predict): eps, x0, or v = sqrt(alpha_bar_t) eps - s
     always take an eps-predictor: DDPM.eps_from converts the network's output in one place.
 Images live in [-1, 1] inside the model. The file reads as the paper does: the process (DDPM:
 schedule, loss, samplers), the network that predicts eps (UNet), the training loop (train); the
-figures and measurements of a run are in ddpm_figures.py.
+figures, and the course exercises' commands, are in ddpm_figures.py.
 
 Run:
     python ddpm_mnist.py                      # train 40 epochs into runs/ddpm_mnist/, then all figures
-    python ddpm_mnist.py --epochs 100 --schedule cosine --out runs/cosine
     python ddpm_mnist.py --resume --epochs 60 # continue a run (takes a new --lr; T, schedule, preset must match)
-    python ddpm_mnist.py --sample-only        # figures from runs/ddpm_mnist/ckpt.pt, no training
+    python ddpm_mnist.py --sample-only --eval 10000   # figures (+ FD-LeNet, evaluate.py) from OUT/ckpt.pt
     python ddpm_mnist.py --preset tiny --epochs 1 --no-ddpm-grid --sweep-steps 10 50   # a CPU: minutes
-    python ddpm_mnist.py --sample-only --eval 10000   # + FD-LeNet of DDPM and the DDIM sweep (evaluate.py)
-    python ddpm_mnist.py --dataset cifar10    # pixel-space CIFAR-10 with the wider UNet preset
-    python ddpm_mnist.py --dataset PATH       # your own images, PATH/<class>/<image>.png
-Course exercises (each run writes OUT/per_timestep.json; compare_runs.py overlays several runs):
-    python ddpm_mnist.py --base 32 --mults 1 2 4 --out runs/unet3          # 3 levels [32, 64, 128]
-    python ddpm_mnist.py --base 64 --mults 1 2 4 8 --pad-to 32 --out runs/unet4  # 4 levels need 32x32
-    python ddpm_mnist.py --schedule cosine --cosine-clip 0.95 --out runs/cos95
-    python ddpm_mnist.py --predict x0 --out runs/x0  # or v; --time-embed concat for the other embedding
-    python compare_runs.py --runs runs/ddpm_mnist runs/cos95 runs/x0 --out runs/compare
+    python ddpm_mnist.py --dataset PATH       # your own images, PATH/<class>/<image>.png (or cifar10)
 The graded course interface (DiffusionModel, DiffusionProcess) lives in diffusion.py.
 """
 from __future__ import annotations
@@ -64,21 +55,19 @@ DEFAULT_CKPT = "runs/ddpm_mnist/ckpt.pt"  # the base model of the scripts that b
 @dataclass
 class Config(common.RunConfig):
     dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder ROOT/<class>/<image>"})
-    image_size: int = field(default=0, metadata={"help": "resize to this (0: 32 for image folders, native size "
-                            "for mnist/cifar10)", "min": 0})
-    pad_to: int = field(default=0, metadata={"min": 0, "help": "pad the images with -1 (black) to this size, e.g. "
-                        "32 so that 4 UNet levels fit 28x28 MNIST; 0 = no padding"})
+    image_size: int = field(default=0, metadata={"help": "resize to this (0: 32 for folders, else native)", "min": 0})
+    pad_to: int = field(default=0, metadata={"min": 0, "help": "pad with -1 (black) to this size, e.g. 32 so that "
+                        "4 UNet levels fit 28x28 MNIST; 0 = no padding"})
     channels: int = field(default=3, metadata={"help": "image folders only: 1 (gray) or 3 (RGB)", "choices": [1, 3]})
     preset: str = field(default="auto", metadata={"help": "UNet size (auto: cifar for 32x32 RGB, else mnist)",
                                                   "choices": ["auto", "tiny", "mnist", "cifar"]})
     base: int = field(default=0, metadata={"help": "UNet base channels (0 = the preset's)", "min": 0})
     mults: tuple[int, ...] = field(default=(), metadata={"min": 1, "help": "channel multiplier per level, e.g. "
-                                   "1 2 4 8 for 4 levels (empty = the preset's); 2^(levels-1) must divide the size"})
+                                   "1 2 4 8 (empty = the preset's); 2^(levels-1) must divide the size"})
     num_res: int = field(default=0, metadata={"help": "residual blocks per level (0 = the preset's)", "min": 0})
-    time_embed: str = field(default="add", metadata={"choices": ["add", "concat"], "help": "add: each ResBlock turns "
-                            "the time embedding into a scale and a shift of its normalised features; concat: the "
-                            "embedding, broadcast to maps, is concatenated to each ResBlock's first convolution's input"})
-    predict: str = field(default="eps", metadata={"help": "the network's target: eps, x0 or v (see the docstring)",
+    time_embed: str = field(default="add", metadata={"choices": ["add", "concat"], "help": "add: scale and shift "
+                            "of the normalised features; concat: maps joined to conv1's input (see ResBlock)"})
+    predict: str = field(default="eps", metadata={"help": "the network's target (see the docstring)",
                                                   "choices": ["eps", "x0", "v"]})
     schedule: str = field(default="linear", metadata={"help": "beta_t", "choices": ["linear", "cosine", "sigmoid"]})
     cosine_clip: float = field(default=0.999, metadata={"help": "--schedule cosine: the largest beta_t (0.999 as "
@@ -92,18 +81,15 @@ class Config(common.RunConfig):
     sigma: str = field(default="posterior", metadata={"help": "DDPM sigma_t^2", "choices": ["beta", "posterior"]})
     ddim_steps: int = field(default=50, metadata={"help": "DDIM steps of the grids and progress samples", "min": 1})
     eta: float = field(default=0.0, metadata={"help": "DDIM noise: 0 deterministic, 1 DDPM-like", "min": 0})
-    clip: bool = field(default=True, metadata={"help": "clip x0_hat to [-1, 1] at every DDPM and DDIM step "
-                       "(see the docstring; --no-clip samples with the plain equations)"})
+    clip: bool = field(default=True, metadata={"help": "clip x0_hat to [-1, 1] at every DDPM and DDIM step"})
     n_samples: int = field(default=64, metadata={"help": "images per sample grid", "min": 2})
     sample_every: int = field(default=5, metadata={"help": "epochs between progress grids", "min": 1})
-    ddpm_grid: bool = field(default=True, metadata={"help": "every T-step DDPM run: the grids ddpm_4x4/8x8.png, T UNet "
-                            "passes over --n-samples images (2-core CPU, 64 images: ~3 min with --preset tiny, ~35 min "
-                            "with the mnist UNet), the sweep's DDPM row and --eval's"})
+    ddpm_grid: bool = field(default=True, metadata={"help": "the T-step DDPM grids, sweep row and --eval row (2-core "
+                            "CPU, 64 images: ~3 min tiny preset, ~35 min mnist UNet)"})
     sweep_steps: tuple[int, ...] = field(default=(10, 20, 50, 100, 1000), metadata={"min": 0, "help": "DDIM step "
-                                         "counts of ddim_sweep.png, 8 images each; counts above --T are left out, 0 = "
-                                         "no sweep (2-core CPU, per 1000 steps: ~0.5 min tiny, ~4 min mnist UNet)"})
-    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples from DDPM and from each DDIM sweep "
-                      "step count with evaluate.py into OUT/eval.md; 0 = off; costs N x (T + sweep steps) UNet passes"})
+                                         "counts of ddim_sweep.png (8 images each; > --T left out; 0 = none)"})
+    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples of DDPM and of each sweep step count "
+                      "with evaluate.py into OUT/eval.md (0 = off; N x (T + sweep steps) UNet passes)"})
     out: str = field(default="runs/ddpm_mnist", metadata={"help": "folder of the checkpoint and figures"})
     ckpt: str = field(default="", metadata={"help": "checkpoint path (empty: OUT/ckpt.pt)"})
 
@@ -268,15 +254,14 @@ class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the time embedding in between; optional self-attention after.
 
     How t gets in, and why there. The projected embedding is one number per channel, the same at
-    every pixel. GroupNorm subtracts each group's mean over its channels and pixels, so a constant
-    added *before* it is (partly) subtracted again: all of it when a group is one channel, which is
-    how this UNet once lost t. So t enters *after* the norm, as a scale and a shift of the
-    normalised features (Dhariwal & Nichol's "scale-shift norm", like DiT's adaLN):
+    every pixel; GroupNorm subtracts each group's mean over its channels and pixels, so a constant
+    added *before* it is subtracted again (all of it when a group is one channel: how this UNet once
+    lost t). So t enters *after* the norm, as a scale and a shift (Dhariwal & Nichol's scale-shift
+    norm, like DiT's adaLN):
         h = conv1(silu(norm1(x)));   h = norm2(h) * (1 + gamma(emb)) + beta(emb);   h = conv2(silu(h))
-    time_embed="concat" (the course exercise): the embedding, broadcast to t_dim constant maps, is
-    concatenated to conv1's input instead; away from the border that adds a per-channel constant
-    before norm2, and it survives only as differences between the channels of a group: groups of
-    several channels (`norm`) are what let t through, not the zero padding."""
+    time_embed="concat" (the course exercise): t_dim constant maps joined to conv1's input instead;
+    t survives norm2 only as differences between the channels of a group, which `norm`'s groups of
+    several channels keep (the zero padding is not what lets it through)."""
 
     def __init__(self, c_in: int, c_out: int, t_dim: int, dropout: float, attn: bool = False, time_embed: str = "add"):
         super().__init__()
@@ -410,12 +395,6 @@ def pad(x, size: int):
     return F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2), value=-1.0) if p else x
 
 
-def crop(x, size: int):
-    """The centre size x size of (N, C, H, W) images: undoes `pad`."""
-    p = (x.shape[-1] - size) // 2
-    return x[..., p:p + size, p:p + size]
-
-
 def unet_kwargs(cfg: Config, x) -> dict:
     """The UNet's constructor arguments: the preset, overridden by --base/--mults/--num-res."""
     net = dict(preset_for(cfg.preset, x.shape[-1], x.shape[1]), time_embed=cfg.time_embed)
@@ -430,40 +409,35 @@ def train(cfg: Config, x_train, device) -> tuple[UNet, DDPM]:
     model = UNet(**unet_kwargs(cfg, x_train)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    ema, opt = common.make_ema(model, cfg.ema_decay), common.make_optimizer(model, cfg.lr)
+    run = common.Run(model, ckpt, KIND, device, cfg.lr, cfg.ema_decay)   # + the EMA, AdamW, step and losses
     ddpm = DDPM(cfg.T, cfg.schedule, cfg.cosine_clip, cfg.predict).to(device)
     net = torch.compile(model) if cfg.compile else model
-    step, start, losses = 0, 0, []
     if cfg.resume:  # weights, EMA, optimizer and RNG state; a changed process or network is refused
-        same = ("T", "schedule", "cosine_clip", "predict", "preset", "base", "mults", "num_res", "time_embed", "pad_to")
-        step, start, losses = common.resume(ckpt, device, KIND, cfg, same, model, ema, opt)
-    print(f"UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(x_train)} training images on {device}")
+        run.resume(cfg, same=("T", "schedule", "cosine_clip", "predict", "preset", "base", "mults", "num_res",
+                              "time_embed", "pad_to"))
+    print(f"UNet: {run.millions():.2f}M parameters, {len(x_train)} training images on {device}")
     batch = min(cfg.batch_size, len(x_train))
     steps_per_epoch = len(x_train) // batch
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(run.epoch, cfg.epochs):
         model.train()
-        log = common.Epoch(f"epoch {epoch + 1:3d}/{cfg.epochs}", device)
+        run.new_epoch(f"epoch {epoch + 1:3d}/{cfg.epochs}")
         for x0, _ in common.progress(common.batches(x_train, batch_size=batch, seed=cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch):
-            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, cfg.epochs * steps_per_epoch)
+            common.set_lr(run.opt, cfg.lr, run.step, cfg.warmup_steps, cfg.epochs * steps_per_epoch)
             with common.autocast(device, cfg.amp):
                 loss = ddpm.loss(net, x0)                # || eps - eps_theta(x_t, t) ||^2 at a random t (or x0, v)
-            opt.zero_grad(set_to_none=True)
+            run.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            ema.update_parameters(model)                 # theta_ema <- d theta_ema + (1 - d) theta
-            log.add(loss, len(x0))
-            step += 1
-        losses += log.end(step, ckpt)                    # NaN guard, then the loss, time and img/s line
-        common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg),
-                               **common.training_state(model, ema, opt, step, epoch + 1, losses))
+            run.opt.step()
+            run.ema.update_parameters(model)             # theta_ema <- d theta_ema + (1 - d) theta
+            run.add(loss, len(x0))
+        run.end_epoch(net=model.config, config=asdict(cfg))   # NaN guard, loss/time/img/s line, checkpoint
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:  # own generator: the run's RNG is untouched
-            x = ddpm.ddim_sample(ddpm.eps_from(ema.module.eval(), cfg.clip), (cfg.n_samples, *x_train.shape[1:]),
+            x = ddpm.ddim_sample(ddpm.eps_from(run.ema.module.eval(), cfg.clip), (cfg.n_samples, *x_train.shape[1:]),
                                  cfg.ddim_steps, generator=common.generator(device, cfg.seed))
             common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)})
-    return ema.module.eval(), ddpm
+    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(run.losses)})
+    return run.ema.module.eval(), ddpm
 
 
 def ensure_trained(path: str, device, *, dataset: str = "mnist", data_dir: str = "data", download: bool = True,

@@ -286,56 +286,52 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
     ddpm = DDPM(cfg.T, cfg.schedule).to(device)
     net = torch.compile(model) if cfg.compile else model
     net = DDP(net) if world > 1 else net                     # DDP starts by broadcasting rank 0's weights,
-    ema, opt = common.make_ema(model, cfg.ema_decay), common.make_optimizer(model, cfg.lr)  # so EMA comes after
-    step, start, losses, test_losses = 0, 0, [], []
+    run = common.Run(model, cfg.ckpt, KIND, device, cfg.lr, cfg.ema_decay)   # so the EMA comes after
+    test_losses = []
     if cfg.resume:                                           # every rank reads the same file
         saved = common.load_checkpoint(cfg.ckpt, device, KIND, keys=("net", "scale", "test_losses"))
-        check_fits(saved, z.shape[1:], scale, cfg.ckpt, cfg.vae)
-        step, start, losses = common.resume(cfg.ckpt, device, KIND, cfg, ("T", "schedule", "model"), model, ema, opt)
+        check_fits(saved, z.shape[1:], scale, cfg.ckpt, cfg.vae)   # before the weights: a one-line reason
+        run.resume(cfg, same=("T", "schedule", "model"))
         test_losses = saved["test_losses"]
     if rank == 0:
-        print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{(z.shape[-1] // model.p) ** 2} tokens, {len(z)} latents {tuple(z.shape[1:])}, "
-              f"{world} process(es) on {device}")
+        print(f"{cfg.model}: {run.millions():.2f}M parameters, {(z.shape[-1] // model.p) ** 2} tokens, "
+              f"{len(z)} latents {tuple(z.shape[1:])}, {world} process(es) on {device}")
     total = cfg.epochs * (len(z) // min(cfg.batch_size, len(z)))
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(run.epoch, cfg.epochs):
         model.train()
         torch.manual_seed(cfg.seed + world * epoch + rank)  # own t, eps, drops per rank; the same after --resume
-        log = common.Epoch(f"epoch {epoch + 1:3d}/{cfg.epochs}", device)
+        run.new_epoch(f"epoch {epoch + 1:3d}/{cfg.epochs}")
         batches = common.batches(z, y, cfg.batch_size, cfg.seed + epoch)            # the same on every rank
         for z0, y0 in (common.progress(batches, f"epoch {epoch + 1}/{cfg.epochs}") if rank == 0 else batches):
             z0, y0 = z0[rank::world], y0[rank::world]        # this rank's share of the global batch
-            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
+            common.set_lr(run.opt, cfg.lr, run.step, cfg.warmup_steps, total)
             with common.autocast(device, cfg.amp):           # || eps - eps_theta(z_t, t, y~) ||^2, y~: y or null
                 loss = cfg_loss(ddpm, net, z0, y0, cfg.p_uncond, model.null)
-            opt.zero_grad(set_to_none=True)
+            run.opt.zero_grad(set_to_none=True)
             loss.backward()                                  # under DDP: gradients averaged over the ranks
-            opt.step()
-            ema.update_parameters(model)
-            log.add(loss, len(z0) * world)                   # the images of the global batch
-            step += 1
-        mean = torch.stack(log.losses).mean()
+            run.opt.step()
+            run.ema.update_parameters(model)
+            run.add(loss, len(z0) * world)                   # the images of the global batch
+        mean = torch.stack(run.epoch_losses).mean()
         if world > 1:   # one verdict on every rank: a NaN on any rank stops them all (none waits in a collective)
             dist.all_reduce(mean)
             mean /= world                                    # the mean over all ranks' losses
-        losses += log.end(step, cfg.ckpt, mean, quiet=True)  # NaN guard (before saving), time
+        run.end_epoch(mean, quiet=True, save=False)          # NaN guard (before saving), time
         if rank != 0:
             continue
-        test_losses.append((step, test_loss(ema.module.eval(), ddpm, z_test, y_test, cfg.seed)))
-        print(f"{log.name}  loss {mean.item():.4f}  test {test_losses[-1][1]:.4f}  {log.seconds:.1f}s  "
-              f"{log.n / log.seconds:.0f} img/s", flush=True)
-        state = common.training_state(model, ema, opt, step, epoch + 1, losses)   # + the RNG state, for --resume
-        common.save_checkpoint(cfg.ckpt, kind=KIND, net=model.config, config=asdict(cfg), scale=scale,
-                               test_losses=test_losses, **state)
+        test_losses.append((run.step, test_loss(run.ema.module.eval(), ddpm, z_test, y_test, cfg.seed)))
+        print(f"{run.name}  loss {mean.item():.4f}  test {test_losses[-1][1]:.4f}  {run.seconds:.1f}s  "
+              f"{run.n / run.seconds:.0f} img/s", flush=True)
+        run.save(net=model.config, config=asdict(cfg), scale=scale, test_losses=test_losses)   # + RNG, for --resume
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
             y_grid = torch.arange(model.null, device=device).repeat_interleave(8)   # one row per class
-            x = sample(ema.module, ddpm, vae, scale, y_grid, cfg.scale, cfg.ddim_steps, cfg.seed)
+            x = sample(run.ema.module, ddpm, vae, scale, y_grid, cfg.scale, cfg.ddim_steps, cfg.seed)
             common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png"), nrow=8)
     if world > 1:
         common.check(replicas_in_sync(model), "the DDP replicas diverged; this is a bug, please report it")
         if rank == 0:
             print(f"DDP: the parameters are identical on all {world} ranks")
-    return ema.module.eval(), ddpm, dict(config=asdict(cfg), losses=losses, test_losses=test_losses)
+    return run.ema.module.eval(), ddpm, dict(config=asdict(cfg), losses=run.losses, test_losses=test_losses)
 
 
 def load_trained(ckpt: str, device) -> tuple[DiT, DDPM, dict]:

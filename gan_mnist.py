@@ -135,26 +135,26 @@ def train(cfg: Config, x_train, device, evaluator=None):
     -> (EMA generator, {"g": G losses, "d": D losses, "fd": [(training seconds, epoch, FD, classes)]})"""
     ckpt = os.path.join(cfg.out, "ckpt.pt")
     G, D = Generator(cfg.z_dim, cfg.width).to(device), Discriminator(cfg.width).to(device)
-    ema = common.make_ema(G, cfg.ema_decay)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    step, start, g_losses, history = 0, 0, [], dict(d=[], fd=[], seconds=0.0)
-    if cfg.resume:        # G, its EMA and optimizer through common.resume (with the RNG); then D's own
-        step, start, g_losses = common.resume(ckpt, device, KIND, cfg, ("z_dim", "width"), G, ema, opt_g)
+    run = common.Run(G, ckpt, KIND, device, cfg.lr, cfg.ema_decay, opt=opt_g)   # G, its EMA, step and G losses
+    history = dict(d=[], fd=[], seconds=0.0)
+    if cfg.resume:        # G, its EMA and optimizer (with the RNG) through run.resume; then D's own
+        run.resume(cfg, same=("z_dim", "width"))
         state = common.load_checkpoint(ckpt, device, KIND, keys=("disc", "disc_opt", "history"))
         D.load_state_dict(state["disc"])
         opt_d.load_state_dict(state["disc_opt"])
         history = state["history"]
-    print(f"G {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f}M "
-          f"parameters; {len(x_train)} training images on {device}")
+    print(f"G {run.millions():.2f}M, D {run.millions(D):.2f}M parameters; {len(x_train)} training images on {device}")
     n_batches = len(x_train) // min(cfg.batch_size, len(x_train))
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(run.epoch, cfg.epochs):
         G.train(), D.train()
-        log, d_epoch = common.Epoch(f"epoch {epoch + 1:3d}/{cfg.epochs} (G loss)", device), []
+        run.new_epoch(f"epoch {epoch + 1:3d}/{cfg.epochs} (G loss)")
+        d_epoch = []
         for x, _ in common.progress(common.batches(x_train, batch_size=cfg.batch_size, seed=cfg.seed + epoch),
                                     f"epoch {epoch + 1}/{cfg.epochs}", n_batches):
             for opt in (opt_g, opt_d):
-                common.set_lr(opt, cfg.lr, step, 0, 1)           # constant: a GAN is not warmed up
+                common.set_lr(opt, cfg.lr, run.step, 0, 1)       # constant: a GAN is not warmed up
             z = torch.randn((len(x), cfg.z_dim), device=device)
             with common.autocast(device, cfg.amp):
                 loss_d = d_loss(D, x, G(z).detach())             # D: data real, fakes generated
@@ -166,26 +166,23 @@ def train(cfg: Config, x_train, device, evaluator=None):
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
-            ema.update_parameters(G)
-            log.add(loss_g, len(x))
+            run.ema.update_parameters(G)
             d_epoch.append(loss_d.detach())
-            step += 1
-        common.check_finite(torch.stack(d_epoch).mean(), step, ckpt)   # D's loss, then G's, before saving
-        g_losses += log.end(step, ckpt)
+            run.add(loss_g, len(x))
+        common.check_finite(torch.stack(d_epoch).mean(), run.step, ckpt)   # D's loss, then G's, before saving
+        run.end_epoch(save=False)
         history["d"] += torch.stack(d_epoch).tolist()
-        history["seconds"] += log.seconds
+        history["seconds"] += run.seconds
         if evaluator is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
-            x = sample(ema.module.eval(), cfg.eval, common.generator(device, cfg.seed))
+            x = sample(run.ema.module.eval(), cfg.eval, common.generator(device, cfg.seed))
             history["fd"].append((history["seconds"], epoch + 1, evaluator.fd(x), evaluate_coverage(evaluator, x)))
             print(f"  after {history['seconds'] / 60:.1f} min of training: {evaluator.name} {history['fd'][-1][2]:.2f}, "
                   f"{history['fd'][-1][3]}")
-        common.save_checkpoint(ckpt, kind=KIND, net=G.config, config=asdict(cfg), disc=D.state_dict(),
-                               disc_opt=opt_d.state_dict(), history=history,
-                               **common.training_state(G, ema, opt_g, step, epoch + 1, g_losses))
+        run.save(net=G.config, config=asdict(cfg), disc=D.state_dict(), disc_opt=opt_d.state_dict(), history=history)
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
-            common.save_grid(sample(ema.module.eval(), cfg.n_samples, common.generator(device, cfg.seed)),
+            common.save_grid(sample(run.ema.module.eval(), cfg.n_samples, common.generator(device, cfg.seed)),
                              os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
-    return ema.module.eval(), dict(history, g=g_losses)
+    return run.ema.module.eval(), dict(history, g=run.losses)
 
 
 def evaluate_coverage(evaluator, x) -> str:

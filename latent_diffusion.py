@@ -199,33 +199,29 @@ def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: b
     torch.manual_seed(seed)                               # the same VAE whichever script trains it
     vae = (VAE(**old["net"]) if old else VAE(x_train.shape[1], latent_channels, base)).to(device)
     check_vae_fits(vae, x_train.shape[1:], path)
-    ema = common.make_ema(vae, decay=0.0)                 # decay 0: no averaging, the VAE is used as trained
-    opt = common.make_optimizer(vae, lr)
-    step, start, losses = common.resume(path, device, VAE_KIND, None, (), vae, ema, opt) if old else (0, 0, [])
+    run = common.Run(vae, path, VAE_KIND, device, lr, ema_decay=0.0)   # decay 0: the VAE is used as trained
+    if old:
+        run.resume(None)
     config = dict(epochs=epochs, kl_weight=kl_weight, batch_size=batch_size, lr=lr, seed=seed)
-    print(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, training {path}")
+    print(f"VAE: {run.millions():.2f}M parameters, training {path}")
     n_batches = len(x_train) // min(batch_size, len(x_train))
-    for epoch in range(start, epochs):
+    for epoch in range(run.epoch, epochs):
         vae.train()
-        log = common.Epoch(f"VAE epoch {epoch + 1}/{epochs}", device)
+        run.new_epoch(f"VAE epoch {epoch + 1}/{epochs}")
         for x, _ in common.progress(common.batches(x_train, batch_size=batch_size, seed=seed + epoch),
                                     f"VAE epoch {epoch + 1}/{epochs}", n_batches):
-            common.set_lr(opt, lr, step, 0, epochs * n_batches)             # constant lr, no warm-up
+            common.set_lr(run.opt, lr, run.step, 0, epochs * n_batches)         # constant lr, no warm-up
             with common.autocast(device, amp):
                 loss = vae_loss(x, *vae(x), kl_weight)[0]                    # ||x - x_hat||^2 + w KL
-            opt.zero_grad(set_to_none=True)
+            run.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            ema.update_parameters(vae)
-            log.add(loss, len(x))
-            step += 1
-        losses += log.end(step, path)                     # NaN guard, then the loss, time and img/s line
-        common.save_checkpoint(path, kind=VAE_KIND, net=vae.config, config=config,
-                               **common.training_state(vae, ema, opt, step, epoch + 1, losses))
+            run.opt.step()
+            run.ema.update_parameters(vae)
+            run.add(loss, len(x))
+        run.end_epoch(net=vae.config, config=config)      # NaN guard, loss/time/img/s line, checkpoint
     scale = latent_scale(encode_latents(vae.eval(), x_train))   # s = 1 / std(mu) over the training set
     print(f"latent scale factor s = 1 / std(mu) = {scale:.4f} (over {len(x_train)} training latents)")
-    common.save_checkpoint(path, kind=VAE_KIND, net=vae.config, config=config, scale=scale,
-                           **common.training_state(vae, ema, opt, step, epochs, losses))
+    run.save(net=vae.config, config=config, scale=scale)
     return vae.requires_grad_(False), scale
 
 
@@ -233,39 +229,34 @@ def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tu
     """DDPM (Algorithm 1) on the scaled latents z_train (N, c_z, h, w); one checkpoint per epoch.
     -> (the EMA UNet in eval mode, the diffusion process)"""
     model = latent_unet(z_train.shape[1:], cfg.unet_base, cfg.unet_res).to(device)
-    ema, opt = common.make_ema(model, cfg.ema_decay), common.make_optimizer(model, cfg.lr)
+    run = common.Run(model, ckpt, UNET_KIND, device, cfg.lr, cfg.ema_decay)   # + the EMA, AdamW, step and losses
     ddpm = DDPM(cfg.T, cfg.schedule).to(device)
-    step, start, losses = 0, 0, []
     if cfg.resume:
-        same = ("T", "schedule", "unet_base", "unet_res", "dataset")
-        step, start, losses = common.resume(ckpt, device, UNET_KIND, cfg, same, model, ema, opt)
+        run.resume(cfg, same=("T", "schedule", "unet_base", "unet_res", "dataset"))
     net = torch.compile(model) if cfg.compile else model
-    print(f"latent UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(z_train)} latents of shape {tuple(z_train.shape[1:])} on {device}")
+    print(f"latent UNet: {run.millions():.2f}M parameters, {len(z_train)} latents of shape "
+          f"{tuple(z_train.shape[1:])} on {device}")
     n_batches = len(z_train) // min(cfg.batch_size, len(z_train))
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(run.epoch, cfg.epochs):
         model.train()
-        log = common.Epoch(f"epoch {epoch + 1}/{cfg.epochs}", device, "latents/s")
+        run.new_epoch(f"epoch {epoch + 1}/{cfg.epochs}", "latents/s")
         for z0, _ in common.progress(common.batches(z_train, batch_size=cfg.batch_size, seed=cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}", n_batches):
-            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, cfg.epochs * n_batches)
+            common.set_lr(run.opt, cfg.lr, run.step, cfg.warmup_steps, cfg.epochs * n_batches)
             with common.autocast(device, cfg.amp):
                 loss = ddpm.loss(net, z0)                 # || eps - eps_theta(z_t, t) ||^2, z_t from z0 = s mu(x)
-            opt.zero_grad(set_to_none=True)
+            run.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            ema.update_parameters(model)
-            log.add(loss, len(z0))
-            step += 1
-        losses += log.end(step, ckpt)                     # NaN guard, then the loss, time and latents/s line
-        common.save_checkpoint(ckpt, kind=UNET_KIND, net=model.config, config=asdict(cfg), scale=scale,
-                               **common.training_state(model, ema, opt, step, epoch + 1, losses))
+            run.opt.step()
+            run.ema.update_parameters(model)
+            run.add(loss, len(z0))
+        run.end_epoch(net=model.config, config=asdict(cfg), scale=scale)   # NaN guard, line, checkpoint
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # progress grid (own generator)
-            z0 = ddpm.ddim_sample(ema.module.eval(), (cfg.n_samples, *z_train.shape[1:]), cfg.ddim_steps,
+            z0 = ddpm.ddim_sample(run.ema.module.eval(), (cfg.n_samples, *z_train.shape[1:]), cfg.ddim_steps,
                                   generator=common.generator(device, cfg.seed))
             common.save_grid(decode(vae, z0, scale), os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"latent DDPM loss": common.smooth(losses)})
-    return ema.module.eval(), ddpm
+    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"latent DDPM loss": common.smooth(run.losses)})
+    return run.ema.module.eval(), ddpm
 
 
 def load_trained(path: str, device, scale: float, vae_path: str) -> tuple[UNet, DDPM]:

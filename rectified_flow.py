@@ -181,38 +181,34 @@ def train_flow(cfg: Config, stage: int, model: VelocityUNet, x1, x0, space: Spac
     every x1, made by Flow-1 after `flow1_step` steps), one checkpoint OUT/flowSTAGE.pt per epoch;
     resume: continue that file. -> (the EMA network, the per-step losses)"""
     ckpt, epochs = os.path.join(cfg.out, f"flow{stage}.pt"), (cfg.epochs if stage == 1 else cfg.reflow_epochs)
-    ema, opt = common.make_ema(model, cfg.ema_decay), common.make_optimizer(model, cfg.lr)
-    step, start, losses = 0, 0, []
+    run = common.Run(model, ckpt, KIND, device, cfg.lr, cfg.ema_decay)   # + the EMA, AdamW, step and losses
     if resume:
         same = ("space", "preset") if cfg.space == "pixel" else ("space", "unet_base", "unet_res")
-        step, start, losses = common.resume(ckpt, device, KIND, cfg, same + ("dataset",), model, ema, opt)
+        run.resume(cfg, same + ("dataset",))
     net = torch.compile(model) if cfg.compile else model
-    print(f"Flow-{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    print(f"Flow-{stage}: {run.millions():.2f}M parameters, "
           f"{len(x1)} {'data points' if x0 is None else 'fixed pairs'} of shape {space.shape}")
     n_batches = len(x1) // min(cfg.batch_size, len(x1))
-    for epoch in range(start, epochs):
+    for epoch in range(run.epoch, epochs):
         model.train()
-        log = common.Epoch(f"Flow-{stage} epoch {epoch + 1}/{epochs}", device, "samples/s")
+        run.new_epoch(f"Flow-{stage} epoch {epoch + 1}/{epochs}", "samples/s")
         for x1_b, x0_b in common.progress(common.batches(x1, x0, cfg.batch_size, cfg.seed + epoch),
                                           f"Flow-{stage} epoch {epoch + 1}/{epochs}", n_batches):
-            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, epochs * n_batches)
+            common.set_lr(run.opt, cfg.lr, run.step, cfg.warmup_steps, epochs * n_batches)
             with common.autocast(device, cfg.amp):    # || (x1 - x0) - v_theta(x_t, t) ||^2
                 loss = rf_loss(net, x1_b, x0_b)           # x0_b None: fresh noise (Flow-1)
-            opt.zero_grad(set_to_none=True)
+            run.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            ema.update_parameters(model)
-            log.add(loss, len(x1_b))
-            step += 1
-        losses += log.end(step, ckpt)                     # NaN guard, then the loss, time and samples/s line
-        common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg), flow1_step=flow1_step,
-                               scale=space.scale, **common.training_state(model, ema, opt, step, epoch + 1, losses))
+            run.opt.step()
+            run.ema.update_parameters(model)
+            run.add(loss, len(x1_b))
+        run.end_epoch(net=model.config, config=asdict(cfg), flow1_step=flow1_step, scale=space.scale)
         if stage == 1 and (epoch + 1) % cfg.sample_every == 0:             # progress grid (own generator)
             x0_grid = torch.randn((cfg.n_samples, *space.shape), device=device,
                                   generator=common.generator(device, cfg.seed))
-            common.save_grid(space.to_images(euler_sample(ema.module.eval(), x0_grid, 50)),
+            common.save_grid(space.to_images(euler_sample(run.ema.module.eval(), x0_grid, 50)),
                              os.path.join(cfg.out, f"flow1_epoch{epoch + 1:03d}.png"))
-    return ema.module.eval(), losses
+    return run.ema.module.eval(), run.losses
 
 
 def load_flow(path: str, device, space: Space) -> VelocityUNet:
