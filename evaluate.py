@@ -17,7 +17,9 @@ codebase with each other, at the same N and against the same test split. The cla
 on the real training split the first time it is needed and cached in `checkpoints/`, under a name
 that holds a hash of the test images (a different copy of a dataset gets its own classifier) and,
 when --classifier-epochs is given, the epochs (another length trains another classifier). A cache
-file that is damaged or not an evaluate.py classifier is replaced by a new one.
+file that is damaged or not an evaluate.py classifier is replaced by a new one. It trains from its
+own seed: the same classifier whichever script needs it first, and the caller's RNG untouched.
+Values scored by two different classifiers differ by ~10% (README): compare under one classifier.
 
 Calibration, printed beside every score, each between two sets of half the test split's size:
 two random halves of the real test set (the floor: sampling noise alone), real training images
@@ -268,12 +270,14 @@ class Evaluator:
                      "can write to")
         x, y = common.load_images(self.dataset, train=True, device=self.device, **self._data)
         arch = "lenet" if x.shape[1] == 1 else "resnet"
-        net = NETS[arch](channels=x.shape[1], num_classes=int(y.max()) + 1).to(self.device)
         epochs = epochs or default_epochs(arch, len(x))
         print(f"training the {arch} classifier of the metric on {len(x)} images of {self.dataset} "
               f"({epochs} epochs on {self.device}); it is cached in {self.path}")
         t0 = time.perf_counter()
-        train_classifier(net, x, y, epochs, self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(0)   # its own seed: the same classifier whatever ran before; the caller's RNG untouched
+            net = NETS[arch](channels=x.shape[1], num_classes=int(y.max()) + 1).to(self.device)
+            train_classifier(net, x, y, epochs, self.device)
         acc = (predict(net, self.x_test, self.device) == self.y_test).float().mean().item()
         print(f"classifier: test accuracy {100 * acc:.2f}% ({len(self.x_test)} images), {time.perf_counter() - t0:.0f}s")
         common.save_checkpoint(self.path, kind=KIND, net=net.config, model=net.state_dict(),

@@ -415,7 +415,8 @@ def hardware(device: torch.device) -> str:
 def write_results(docs: str) -> str:
     """docs/results.md from every profile's docs/gallery/results_PROFILE.json."""
     lines = ["# Results", "", "Written by `python gallery.py` (see its docstring); every number comes from a network "
-             "trained by the command beside it and scored with evaluate.py or the lesson's own measurement.", ""]
+             "trained by the command beside it and scored with evaluate.py or the lesson's own measurement. FD values "
+             "compare only when one metric classifier scored them (the README's evaluation section says which).", ""]
     rows, sections = [], []
     for path in sorted(glob.glob(os.path.join(docs, "gallery", "results_*.json"))):
         runs = json.load(open(path))

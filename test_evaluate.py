@@ -172,3 +172,19 @@ def test_ddpm_eval_writes_table(ev, mnist_dir, tmp_path, monkeypatch):
     table = open(os.path.join(out, "eval.md")).read()                # T = 10: the sweep is DDIM 10 only
     assert "| DDPM | 10 |" in table and "| DDIM | 10 |" in table and "FD-LeNet" in table
     assert "real halves" in table and len(table.splitlines()) == 6    # header, rule, 2 rows, blank, note
+
+
+def test_the_classifier_is_the_same_whatever_ran_before_and_leaves_the_callers_rng(mnist_dir, tmp_path):
+    """The metric's classifier is seeded on its own: two processes that reach it from different random
+    states train the same one (so FD values compare across scripts and machines' first runs), and the
+    caller's random stream is untouched (a GAN that builds its evaluator before training trains the
+    same whether the cache existed or not)."""
+    weights = []
+    for i in range(2):
+        torch.manual_seed(i)                    # the caller's state differs between the two runs
+        before = torch.get_rng_state()
+        ev = evaluate.Evaluator("mnist", mnist_dir, download=False, cache_dir=str(tmp_path / str(i)),
+                                classifier_epochs=1)
+        assert torch.equal(torch.get_rng_state(), before), "training the classifier moved the caller's RNG"
+        weights.append(ev.classifier.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
