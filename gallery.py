@@ -21,7 +21,10 @@ Parts run in the order below; a part that builds on an earlier one's model (clas
 ControlNet, DeepCache and fast sampling on the DDPM base, DeepCache on the reflowed flow, latent
 flow on the VAE) finds it under --runs. The results of each profile are kept in
 docs/gallery/results_PROFILE.json, so `--only` updates its parts and keeps the others;
-docs/results.md is written again from all profiles after every part.
+docs/results.md is written again from all profiles after every part. `--rescore` scores the runs
+already under --runs again without training them (after a change to evaluate.py or its classifier):
+
+    python gallery.py --profile cpu --data-dir ../shared/data --rescore --only ddpm cfg exercises
 """
 from __future__ import annotations
 
@@ -58,6 +61,9 @@ class Config:
     resume: bool = field(default=False, metadata={"help": "the gan part continues the GAN runs it finds under "
                          "--runs (--resume; a finished one is scored again) instead of starting them over: "
                          "they keep their training time in the checkpoint"})
+    rescore: bool = field(default=False, metadata={"help": "score the runs already under --runs again and train "
+                          "nothing (after a change to evaluate.py or its classifier); a row keeps the training time "
+                          "it recorded; not the gan part, whose FD curve is measured while it trains"})
 
 
 # ----------------------------------------------------------------------------- the recipes
@@ -155,7 +161,12 @@ class Gallery:
         return common.timed(self.device, lambda: main(argv))
 
     def train(self, script: str, part: str, *argv: str):
-        """A training command into runs/PART (replacing the gallery's earlier run of it)."""
+        """A training command into runs/PART (replacing the gallery's earlier run of it); with --rescore
+        nothing runs: -> (None, None), and the row keeps its recorded training time."""
+        if self.cfg.rescore:
+            common.check(os.path.isdir(self.out(part)), f"--rescore: there is no run '{self.out(part)}' to score; "
+                         "train it first (leave --rescore out)")
+            return None, None
         return self.run(script, *self.recipe[part], *argv, "--out", self.out(part), "--overwrite")
 
     def figures(self, part: str, *patterns: str) -> list[str]:
@@ -314,8 +325,9 @@ def exercises(g: Gallery) -> dict:
     flags = {"eps": [], "x0": ["--predict", "x0"], "v": ["--predict", "v"], "cosine": ["--schedule", "cosine"],
              "cosine 0.95": ["--schedule", "cosine", "--cosine-clip", "0.95"]}
     folder = {name: g.out("exercises", name.replace(" ", "_")) for name in flags}
-    train_s = sum(g.run("ddpm_mnist", *g.recipe["exercise"], *f, "--out", folder[name], "--overwrite")[1]
-                  for name, f in flags.items())
+    again = "--sample-only" if g.cfg.rescore else "--overwrite"      # --rescore: the same figures and scores only
+    seconds = [g.run("ddpm_mnist", *g.recipe["exercise"], *f, "--out", folder[name], again)[1] for name, f in flags.items()]
+    train_s = None if g.cfg.rescore else sum(seconds)
     runs = {}
     for compare, names, labels in (("predict", ("eps", "x0", "v"), ("eps", "x0", "v")),
                                    ("schedule", ("eps", "cosine", "cosine 0.95"), ("linear", "cosine", "cosine 0.95"))):
@@ -427,7 +439,8 @@ def write_results(docs: str) -> str:
             rows.append([r["lesson"], r["profile"], r["hardware"], r["data"], f"{r['train_s'] / 60:.1f} min",
                          f"{r['eval_s'] / 60:.1f} min", r["result"]])
             figures = " ".join(f"![{os.path.basename(f)}]({f})" for f in r["figures"])
-            sections.append(f"## {r['lesson']} ({r['profile']}, {r['date']})\n\n{r['details']}\n\n{figures}\n")
+            when = f"trained {r['trained']}, scored {r['date']}" if r.get("trained") else r["date"]
+            sections.append(f"## {r['lesson']} ({r['profile']}, {when})\n\n{r['details']}\n\n{figures}\n")
     header = ["lesson", "profile", "hardware", "data", "training", "scoring", "result"]
     text = "\n".join(lines + [common.markdown_table(header, rows), ""] + sections)
     with open(os.path.join(docs, "results.md"), "w") as f:
@@ -438,6 +451,8 @@ def write_results(docs: str) -> str:
 def main(argv=None) -> dict:
     """Run the parts of one profile; -> {part: its row of docs/results.md}"""
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    common.check(not (cfg.rescore and "gan" in cfg.only), "--rescore cannot score the gan part: its FD curve is "
+                 "measured while it trains; run --only gan again (--resume scores its finished GAN runs)")
     g = Gallery(cfg)
     n_train = len(common.load_images("mnist", cfg.data_dir, True, cfg.download)[0])
     data = "MNIST-8k" if n_train == 8000 else f"MNIST, {n_train:,} training digits"
@@ -446,9 +461,11 @@ def main(argv=None) -> dict:
     runs = json.load(open(store)) if os.path.isfile(store) else {}
     for part in [p for p in PARTS + EXTRA if p in cfg.only or (not cfg.only and p in PARTS)]:
         common.seed_everything(0)
-        row = globals()[part](g)
-        runs[part] = dict(row, profile=cfg.profile, hardware=hardware(g.device), data=data,
-                          date=datetime.date.today().isoformat())
+        row, today = globals()[part](g), datetime.date.today().isoformat()
+        if row["train_s"] is None:                     # --rescore: the same trained run, scored again today
+            before = runs.get(part, {})
+            row |= dict(train_s=before.get("train_s", 0.0), trained=before.get("trained", before.get("date", "?")))
+        runs[part] = dict(row, profile=cfg.profile, hardware=hardware(g.device), data=data, date=today)
         with open(store, "w") as f:
             json.dump(runs, f, indent=1)
         print(write_results(cfg.docs).split("\n## ")[0])

@@ -3,6 +3,8 @@ docs/results.md gets one row per lesson, with its figures copied under docs/gall
 import json
 import os
 
+import pytest
+
 import gallery
 
 
@@ -27,6 +29,17 @@ def test_the_smoke_gallery_writes_every_row(mnist_dir, tmp_path, monkeypatch):
     assert len(extra["exercises"]["figures"]) == 2 and len(extra["fast_sampling"]["figures"]) == 3
     assert len(extra["gan"]["figures"]) == 2 and "GAN" in extra["gan"]["details"]
     assert "exercises" in open("docs/results.md").read()
+    # --rescore: the same runs scored again, nothing trained; the rows keep their training times
+    ckpts = [os.path.join("runs", "gallery", "smoke", *p, "ckpt.pt") for p in (("ddpm",), ("exercises", "eps"))]
+    stamps = [os.stat(c).st_mtime_ns for c in ckpts]
+    rescored = gallery.main(["--profile", "smoke", "--data-dir", mnist_dir, "--no-download", "--device", "cpu",
+                             "--docs", "docs", "--only", "ddpm", "exercises", "--rescore"])
+    assert [os.stat(c).st_mtime_ns for c in ckpts] == stamps
+    for part in ("ddpm", "exercises"):
+        assert rescored[part]["train_s"] == extra[part]["train_s"] and rescored[part]["result"] == extra[part]["result"]
+        assert rescored[part]["trained"] == extra[part]["date"]
+    with pytest.raises(SystemExit, match="--rescore cannot score the gan part"):
+        gallery.main(["--profile", "smoke", "--data-dir", mnist_dir, "--no-download", "--only", "gan", "--rescore"])
     # --resume: the gan part scores its finished GAN runs again instead of training them over
     ckpt = os.path.join("runs", "gallery", "smoke", "gan", "gan_0", "ckpt.pt")
     written = os.stat(ckpt).st_mtime_ns
