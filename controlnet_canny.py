@@ -87,8 +87,10 @@ def sample(ddpm: ddpm_mnist.DDPM, model: ControlledUNet, c, x_T, steps: int):
 def edge_f1(x, edges, low: int, high: int, tolerance: int) -> dict:
     """Precision, recall and F1 of the Canny edges of images x against `edges`; a pixel matches
     when an edge of the other map lies within `tolerance` pixels (a (2 tol + 1)^2 window)."""
+    def grow(e):                                        # every pixel within `tolerance` of an edge of e
+        return F.max_pool2d(e, 2 * tolerance + 1, 1, tolerance)
+
     pred = canny(x, low, high)
-    grow = lambda e: F.max_pool2d(e, 2 * tolerance + 1, 1, tolerance)     # noqa: E731
     precision = (pred * grow(edges)).sum() / pred.sum().clamp(min=1)
     recall = (edges * grow(pred)).sum() / edges.sum().clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-8)

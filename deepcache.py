@@ -42,6 +42,7 @@ samples per interval, for each sweep step count S) and the table speed_quality.m
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -174,7 +175,9 @@ def load_base(base: str, path: str, device, data_dir: str, download: bool):
     if base == "ddim":
         path = ddpm_mnist.ensure_trained(path, device, data_dir=data_dir, download=download)
         unet, ddpm, state = ddpm_mnist.load_trained(path, device)   # one line if it is another script's file
-        sample = lambda model, x_T, S: ddpm.ddim_sample(ddpm.eps_from(model, clip=True), x_T.shape, S, x_T=x_T)  # noqa: E731
+
+        def sample(model, x_T, S):                                   # DDIM, eta = 0, S steps, from x_T
+            return ddpm.ddim_sample(ddpm.eps_from(model, clip=True), x_T.shape, S, x_T=x_T)
         return unet, sample, state, ddpm.T                           # (clipped x0_hat: ddpm_mnist's default)
     state = common.load_checkpoint(path, device, rf.KIND, keys=("net", "ema", "config"), hint="train one with "
                                    "`python rectified_flow.py` (it writes runs/rectified_flow/pixel/flow1.pt and flow2.pt)")
@@ -214,8 +217,8 @@ def sweep(cfg: Config, unet, sample, device, shape, evaluator=None) -> list[dict
         if len(intervals) < len(cfg.sweep_intervals):          # N > S: one full step, as N = S
             print(f"{S} steps: intervals {', '.join(str(N) for N in cfg.sweep_intervals if N > S)} left out "
                   f"(longer than the run: one full step, like interval {S}; nothing new is cached)")
-        runs = {0: lambda: sample(unet, x_T, S)}                # 0 = the plain sampler
-        runs.update({N: (lambda N=N: cached_sample(sample, cache, x_T, S, N)) for N in intervals})
+        runs = {0: functools.partial(sample, unet, x_T, S)}     # 0 = the plain sampler
+        runs.update({N: functools.partial(cached_sample, sample, cache, x_T, S, N) for N in intervals})
         times, out = {k: [] for k in runs}, {}
         for r in common.progress(range(cfg.warmup + cfg.repeats), f"{S} steps, timing {len(runs)} samplers"):
             for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):

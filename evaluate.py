@@ -148,7 +148,9 @@ class ResNet(Classifier):
         self.config = dict(arch="resnet", channels=channels, num_classes=num_classes, width=width)
         w = width
         self.num_features = 8 * w
-        res = lambda c: Residual(conv_bn(c, c), conv_bn(c, c))  # noqa: E731
+
+        def res(c):                                                            # a residual pair of conv-BN-ReLU
+            return Residual(conv_bn(c, c), conv_bn(c, c))
         self.body = nn.Sequential(
             conv_bn(channels, w),                                              # (N, w, H, W)
             conv_bn(w, 2 * w), nn.MaxPool2d(2), res(2 * w),                    # (N, 2w, H/2, W/2)
