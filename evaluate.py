@@ -31,6 +31,7 @@ Images are in [-1, 1], like everywhere in this codebase (images in [0, 1] get a 
 Run:
     python evaluate.py SAMPLES.pt --dataset mnist      # a (N, C, H, W) tensor in [-1, 1], or a dict
                                                        # {'x': images, 'y': requested labels (long)}
+    python evaluate.py --references --dataset mnist    # what a score means: FD of reference sets
     python ddpm_mnist.py --sample-only --eval 10000    # DDPM and the DDIM step sweep, scored
 """
 from __future__ import annotations
@@ -65,6 +66,8 @@ class Config:
     classifier_epochs: int | None = field(default=None, metadata={"min": 1, "help": "classifier epochs (default: "
                                           "per RECIPES); a new value trains (and caches) another classifier"})
     calibrate: bool = field(default=True, metadata={"help": "print the calibration distances too"})
+    references: bool = field(default=False, metadata={"help": "print the FD of reference sets (training images, "
+                             "blurred, shifted, half the classes, noise) instead of scoring samples"})
     batch_size: int = field(default=500, metadata={"min": 1, "help": "images per forward pass when scoring"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
 
@@ -347,6 +350,22 @@ class Evaluator:
                                  f"blurred (sigma {sigma:g} px)": self.fd_between(blur(a, sigma), b)}
         return self._calibration
 
+    def references(self, seed: int = 0) -> dict[str, float]:
+        """What a score means: the FD against the real test images of reference sets as large as the
+        test split. Real training images (a random draw), the test images blurred or shifted, the
+        training images of half the classes (half the modes dropped), and uniform noise."""
+        g = torch.Generator().manual_seed(seed)
+        x, y = common.load_images(self.dataset, train=True, **self._data)
+        t, half = self.x_test, self.num_classes // 2
+
+        def draw(pool):                                  # as many images as the test split, at random
+            return pool[torch.randperm(len(pool), generator=g)[:len(t)]]
+        sets = {"real training images": draw(x), "test images blurred, sigma 0.5 px": blur(t, 0.5),
+                "test images blurred, sigma 1 px": blur(t, 1.0), "test images shifted by 2 px":
+                torch.roll(t, (2, 2), dims=(2, 3)), f"training images of classes 0-{half - 1} only": draw(x[y < half]),
+                "uniform noise": torch.rand(t.shape, generator=g) * 2 - 1}
+        return {name: self.fd(s) for name, s in sets.items()}
+
     def describe(self) -> str:
         """One line: what the score compares, and the calibration values beside it."""
         cal = ", ".join(f"{k} {v:.3f}" for k, v in self.calibration().items())
@@ -433,11 +452,16 @@ def load_samples(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    common.check(bool(cfg.samples), "give the samples file: python evaluate.py SAMPLES.pt --dataset mnist")
+    common.check(bool(cfg.samples) or cfg.references, "give the samples file: python evaluate.py SAMPLES.pt "
+                 "--dataset mnist (or --references for the reference table)")
     device = common.get_device(cfg.device)
-    x, y = load_samples(cfg.samples)
+    x, y = load_samples(cfg.samples) if cfg.samples else (None, None)
     ev = Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device, cfg.image_size or None, cfg.channels,
                    cache_dir=cfg.cache_dir, classifier_epochs=cfg.classifier_epochs, batch_size=cfg.batch_size)
+    if cfg.references:
+        print(common.markdown_table(["reference set", ev.name], [[k, v] for k, v in ev.references().items()], ".1f"))
+        print(ev.describe())
+        return
     accuracy = ev.accuracy(x, y) if y is not None else None          # first: it checks the labels
     t0 = time.perf_counter()
     print(f"{ev.name} {ev.fd(x):.3f}  ({len(x)} samples, scored in {time.perf_counter() - t0:.1f}s)")

@@ -188,3 +188,13 @@ def test_the_classifier_is_the_same_whatever_ran_before_and_leaves_the_callers_r
         assert torch.equal(torch.get_rng_state(), before), "training the classifier moved the caller's RNG"
         weights.append(ev.classifier.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_the_reference_table(ev, mnist_dir, capsys):
+    refs = ev.references()
+    assert len(refs) == 6 and all(v >= 0 for v in refs.values())
+    assert refs["uniform noise"] > refs["real training images"]
+    assert refs["test images blurred, sigma 1 px"] > refs["test images blurred, sigma 0.5 px"]
+    evaluate.main(["--references", "--dataset", "mnist", "--data-dir", mnist_dir, "--no-download",
+                   "--cache-dir", os.path.dirname(ev.path), "--classifier-epochs", "3", "--device", "cpu"])
+    assert "| uniform noise |" in capsys.readouterr().out
