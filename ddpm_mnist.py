@@ -18,8 +18,8 @@ x0 clipping (--clip, the default; --no-clip runs the equations above as they sta
     step towards x0_hat, and at t = T-1 the factor 1 / sqrt(alpha_bar_t) = 157 turns a 1% error of
     eps into pixels far outside the data. Clipping x0_hat to [-1, 1] at every step (eps recomputed
     from the clipped x0_hat) keeps a real network's samples in range. Measured on the CPU recipe
-    (gallery.py, MNIST-8k, 2,000 DDIM-50 samples): FD-LeNet 29.2 clipped, 31.6 not; after half the
-    training, 51 against 182.
+    (gallery.py, MNIST-8k, 2,000 DDIM-50 samples): FD-LeNet 32.0 clipped, 34.5 not; after half the
+    training (an earlier run, scored by an earlier classifier), 51 against 182.
 What the network predicts (--predict): eps, x0, or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0.
     Each is a fixed linear function of the other given x_t, so all three learn the same estimator
     E[eps | x_t]; only the loss weight over noise levels differs: x0-MSE = eps-MSE (1 - ab)/ab and
