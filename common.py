@@ -364,15 +364,17 @@ class Run:
 
     def __init__(self, model, ckpt: str, kind: str, device, lr: float, ema_decay: float = 0.999, opt=None):
         self.model, self.ckpt, self.kind, self.device = model, ckpt, kind, device
-        self.ema, self.opt = make_ema(model, ema_decay), opt or make_optimizer(model, lr)
+        self.ema, self.opt = make_ema(model, ema_decay), opt if opt is not None else make_optimizer(model, lr)
         self.step, self.epoch, self.losses = 0, 0, []
 
-    def resume(self, cfg, same: tuple[str, ...] = ()) -> dict:
+    def resume(self, cfg, same: tuple[str, ...] = (), keys: tuple[str, ...] = ()) -> dict:
         """Continue from `ckpt`: weights, EMA, optimizer moments and the random-number state come back,
         so the resumed run draws the t, noise and dropout an uninterrupted one would. The fields of `cfg`
         named in `same` (those that define the model or the process, e.g. T) must equal the checkpoint's;
-        the learning rate is the current --lr (the loop sets it every step). -> the checkpoint"""
-        state = load_checkpoint(self.ckpt, self.device, self.kind, keys=("model", "ema", "opt", "step", "epoch", "rng"))
+        the learning rate is the current --lr (the loop sets it every step); `keys`: the entries the
+        lesson adds that must be there too. -> the checkpoint, for those entries"""
+        state = load_checkpoint(self.ckpt, self.device, self.kind,
+                                keys=("model", "ema", "opt", "step", "epoch", "rng") + tuple(keys))
         for k in same:
             new, old = getattr(cfg, k), state.get("config", {}).get(k)
             check(old is None or old == new, f"--{k.replace('_', '-')} is {new} but '{self.ckpt}' was trained with "
@@ -390,7 +392,7 @@ class Run:
 
     def millions(self, model=None) -> float:
         """Parameters of `model` (default: the trained one), in millions."""
-        return sum(p.numel() for p in (model or self.model).parameters()) / 1e6
+        return sum(p.numel() for p in (self.model if model is None else model).parameters()) / 1e6
 
     def new_epoch(self, name: str, unit: str = "img/s") -> None:
         """An epoch begins: its name and throughput unit for the loss line, its clock, its step losses."""

@@ -140,8 +140,7 @@ def train(cfg: Config, x_train, device, evaluator=None):
     run = common.Run(G, ckpt, KIND, device, cfg.lr, cfg.ema_decay, opt=opt_g)   # G, its EMA, step and G losses
     history = dict(d=[], fd=[], seconds=0.0)
     if cfg.resume:        # G, its EMA and optimizer (with the RNG) through run.resume; then D's own
-        run.resume(cfg, same=("z_dim", "width"))
-        state = common.load_checkpoint(ckpt, device, KIND, keys=("disc", "disc_opt", "history"))
+        state = run.resume(cfg, same=("z_dim", "width"), keys=("disc", "disc_opt", "history"))
         D.load_state_dict(state["disc"])
         opt_d.load_state_dict(state["disc_opt"])
         history = state["history"]
