@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     model = model.to(memory_format=fmt)
     net = torch.compile(model) if cfg.compile else model
     ddpm = ddpm_mnist.DDPM(cfg.T).to(device)
-    opt = common.make_optimizer(model, 1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
     x0 = torch.randn(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, device=device).clamp(-1, 1)
     x0 = x0.contiguous(memory_format=fmt)
 

@@ -1,38 +1,32 @@
 """Classifier-free guidance (Ho & Salimans, 2022): one class-conditional UNet that has also learned
 the unconditional task, and a guidance weight w that trades diversity for class fidelity.
 
-Training is the DDPM loss of ddpm_mnist.py with the label y as a second input, replaced by a
-dedicated null class (id K = the number of classes, "no label") with probability p_uncond:
+Training is ddpm_mnist.py's DDPM loss with the label y as a second input, replaced by a dedicated
+null class (id K = the number of classes, "no label") with probability p_uncond:
     L = || eps - eps_theta(x_t, t, y~) ||^2,   y~ = null with probability p_uncond, else y
 Sampling runs ddpm_mnist.py's DDPM or DDIM sampler, unchanged, on the guided noise prediction
     eps~(x_t, t, y) = eps_theta(x_t, t, null) + w (eps_theta(x_t, t, y) - eps_theta(x_t, t, null))
-w = 1 is the plain conditional model, w = 0 the unconditional one; w > 1 extrapolates away from
-the unconditional prediction: more typical digits, less variety. Both predictions come from ONE
-forward pass over the doubled batch [x_t, x_t] with labels [y, null].
+w = 1 is the plain conditional model, w = 0 the unconditional one; w > 1 extrapolates away from the
+unconditional prediction: more typical digits, less variety. Both predictions come from ONE forward
+pass over the doubled batch [x_t, x_t] with labels [y, null].
 How the label enters the network (--cond):
     input  (a): a learned embedding of y, shaped into `planes` maps of the image size and
                 concatenated with x_t as extra input channels
     xattn  (b): cross-attention from the feature maps (queries) to `tokens` learned class tokens
-                (keys, values), after every block of the lowest resolution and of the bottleneck;
-                the tokens are an argument of those blocks, like the time embedding
+                (keys, values) after every block of the lowest resolution and of the bottleneck;
+                the forward hands the tokens to those blocks as an argument, like the time embedding
 Conventions of ddpm_mnist.py: integer steps t = 0..T-1, images in [-1, 1], EMA weights sample.
 
 Run:
-    python cfg.py                          # train (cross-attention), then the figures below
-    python cfg.py --cond input             # the label as input maps instead of cross-attention
-    python cfg.py --sample-only --scales 0 1 2 4 --classes 3 8   # from runs/cfg/ckpt.pt, no training
-    python cfg.py --sample-only --eval 1000   # + class accuracy and FD of 1000 samples per w (evaluate.py)
+    python cfg.py                          # train with cross-attention into runs/cfg/ (the loss and a
+                                           # grid at w = --scale every --sample-every epochs)
+    python cfg.py --cond input             # the label as input maps instead
     python cfg.py --resume                 # continue an interrupted run (--overwrite: start again)
-Figures in --out: cfg_w{w}.png for each w in --scales (one row per class, the same noise for every
-w), tradeoff.png and tradeoff.md: the within-class diversity against w (mean pairwise distance,
-real images = 1), with --eval N also the class accuracy and FD of evaluate.py's classifier.
+    python cfg_sweep.py --scales 0 1 2 4 --classes 3 8   # from runs/cfg/ckpt.pt: a grid per w, what w trades
 """
-from __future__ import annotations
-
-import dataclasses
-import functools
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -47,7 +41,7 @@ KIND = "cfg.py CondUNet"
 
 
 @dataclass
-class Config(common.RunConfig):
+class Config(common.RunConfig):   # --scales and the flags below it are cfg_sweep.py's
     dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder ROOT/<class>/"})
     image_size: int = field(default=0, metadata={"help": "resize images to this (0: MNIST 28, others 32)", "min": 0})
     channels: int = field(default=3, metadata={"help": "image folders only: 1 (gray) or 3 (RGB)", "choices": [1, 3]})
@@ -65,25 +59,21 @@ class Config(common.RunConfig):
     warmup_steps: int = field(default=500, metadata={"help": "linear warm-up (at most a fifth of the run)", "min": 0})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights, which sample", "min": 0})
     scale: float = field(default=3.0, metadata={"help": "guidance weight w of the progress grids"})
-    scales: tuple[float, ...] = field(default=(0.0, 1.0, 3.0, 5.0, 7.5), metadata={
-        "help": "guidance weights w; w = 1 is the plain conditional model"})
     classes: tuple[int, ...] = field(default=tuple(range(10)), metadata={"help": "classes (grid rows)", "min": 0})
-    n_per_class: int = field(default=50, metadata={"help": "samples per class and w for the diversity (grids show 10)",
-                                                   "min": 2})
-    sampler: str = field(default="ddim", metadata={"help": "ddpm runs all T steps", "choices": ["ddim", "ddpm"]})
     ddim_steps: int = field(default=50, metadata={"help": "DDIM steps (at most --T)", "min": 1})
-    eta: float = field(default=0.0, metadata={"help": "DDIM noise: 0 deterministic, 1 DDPM-like", "min": 0})
     clip: bool = field(default=True, metadata={"help": "clip x0_hat to [-1, 1] at every step (large w overshoots)"})
-    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples per w (balanced over --classes) "
-                      "with evaluate.py: class accuracy and FD; 0 = off. Costs N x 2 x steps UNet passes per w, "
-                      "and training evaluate.py's classifier once (~1 min on a GPU, cached in checkpoints/)"})
     sample_every: int = field(default=5, metadata={"help": "epochs between progress grids", "min": 1})
     out: str = field(default="runs/cfg", metadata={"help": "output folder"})
     ckpt: str = field(default="", metadata={"help": "checkpoint path (default OUT/ckpt.pt)"})
+    scales: tuple[float, ...] = field(default=(0.0, 1.0, 3.0, 5.0, 7.5), metadata={"help": "guidance weights w"})
+    n_per_class: int = field(default=50, metadata={"help": "samples per class and w (grids show 10)", "min": 2})
+    sampler: str = field(default="ddim", metadata={"help": "ddpm runs all T steps", "choices": ["ddim", "ddpm"]})
+    eta: float = field(default=0.0, metadata={"help": "DDIM noise: 0 deterministic, 1 DDPM-like", "min": 0})
+    eval: int = field(default=0, metadata={"help": "class accuracy and FD of N samples per w (0: off)", "min": 0})
 
 
 def check_config(cfg: Config) -> None:
-    """The checks that argparse (choices, min) cannot make."""
+    """The checks that argparse (choices, min) cannot make (cfg_sweep.py's too: it sets --sample-only)."""
     common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
     common.check(cfg.p_uncond < 1, f"--p-uncond must be < 1 (1 never shows a label), got {cfg.p_uncond}")
     common.check(cfg.p_uncond > 0 or cfg.sample_only, "--p-uncond 0 never shows the network the null class, so "
@@ -93,12 +83,6 @@ def check_config(cfg: Config) -> None:
     common.check(cfg.sample_only or cfg.ddim_steps <= cfg.T, f"--ddim-steps must be at most --T ({cfg.T}), "
                  f"got {cfg.ddim_steps}")
     common.check(cfg.eval != 1, "--eval needs at least 2 samples for a Frechet distance (or 0: off)")
-
-
-def load_data(cfg: Config, device, train: bool = True):
-    """(x, y): images (N, C, H, W) in [-1, 1] and their class labels (N,)."""
-    return common.load_images(cfg.dataset, cfg.data_dir, train, cfg.download, cfg.image_size or None,
-                              cfg.channels, device)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -117,7 +101,7 @@ def loss(ddpm: DDPM, model, x0: torch.Tensor, y: torch.Tensor, p_uncond: float, 
     return ddpm.loss(lambda x_t, t: model(x_t, t, y_tilde), x0)
 
 
-def guided_eps(model: CondUNet, y: torch.Tensor, w: float):
+def guided_eps(model: "CondUNet", y: torch.Tensor, w: float):
     """The guided noise predictor eps~(x_t, t) for labels y (N,) and weight w, in the form the
     samplers call, model(x_t, t). One forward pass of 2N images gives eps_cond and eps_uncond.
     Any network model(x_t, t, y) with a null id model.null will do: dit_cifar.py's DiT uses it too."""
@@ -131,7 +115,7 @@ def guided_eps(model: CondUNet, y: torch.Tensor, w: float):
 
 
 @torch.no_grad()
-def sample(model: CondUNet, ddpm: DDPM, y: torch.Tensor, w: float, sampler: str = "ddim", steps: int = 50,
+def sample(model: "CondUNet", ddpm: DDPM, y: torch.Tensor, w: float, sampler: str = "ddim", steps: int = 50,
            eta: float = 0.0, clip: bool = True, x_T=None, generator=None) -> torch.Tensor:
     """Images (N, C, H, W), clamped to [-1, 1], of the classes y (N,) at guidance weight w. With
     `clip`, the estimate x0_hat of the guided eps is clipped to [-1, 1] at every step (clip_x0)."""
@@ -185,8 +169,8 @@ class XAttnBlock(nn.Module):
 
 class CondUNet(ddpm_mnist.UNet):
     """eps_theta(x_t, t, y): ddpm_mnist's UNet with a label y in 0..K-1, or y = K = `null` (none).
-    With cross-attention, the UNet's encode/decode hand the class tokens to every block as `cond`,
-    an argument beside the time embedding (no state is stored on a module between calls)."""
+    Its forward walks the UNet's parts as UNet.forward does and hands the class tokens to the
+    cross-attention blocks, an argument beside the time embedding (nothing is stored between calls)."""
 
     def __init__(self, num_classes: int, cond: str = "xattn", planes: int = 4, tokens: int = 4,
                  cond_dim: int = 128, **unet):
@@ -212,7 +196,23 @@ class CondUNet(ddpm_mnist.UNet):
             x = torch.cat([x, maps.to(x.dtype)], dim=1)                                   # (N, C + planes, H, W)
         else:
             tokens = self.label_tokens(y).reshape(len(y), self.n_tokens, -1)              # (N, tokens, cond_dim)
-        return self.decode(*self.encode(self.inc(x), emb, tokens), emb, tokens)
+
+        def run(block, h):                               # the tokens go to the cross-attention blocks only
+            return block(h, emb, tokens) if isinstance(block, XAttnBlock) else block(h, emb)
+
+        h, hs = self.inc(x), []
+        for level in self.downs:                         # encoder: keep every block's output as a skip
+            for block in level.blocks:
+                h = run(block, h)
+                hs.append(h)
+            h = level.resample(h)
+        for block in self.mid:                           # bottleneck, at the lowest resolution
+            h = run(block, h)
+        for level in self.ups:                           # decoder: each block takes the last unused skip
+            for block in level.blocks:
+                h = run(block, torch.cat([h, hs.pop()], dim=1))
+            h = level.resample(h)
+        return self.out(h)
 
 
 def build_unet(cfg: Config, image_size: int, channels: int, num_classes: int) -> CondUNet:
@@ -224,121 +224,76 @@ def build_unet(cfg: Config, image_size: int, channels: int, num_classes: int) ->
 
 
 def train(cfg: Config, x_train: torch.Tensor, y_train: torch.Tensor, ckpt: str, device) -> tuple[CondUNet, DDPM]:
-    """AdamW with warm-up on the CFG loss, EMA weights for sampling, a checkpoint every epoch."""
+    """AdamW with warm-up on the CFG loss, EMA weights that sample, one atomic checkpoint per epoch
+    (--resume continues it exactly), a guided grid every --sample-every epochs. -> (EMA CondUNet, DDPM)"""
     K = int(y_train.max()) + 1
     model = build_unet(cfg, x_train.shape[-1], x_train.shape[1], K).to(device)
-    run = common.Run(model, ckpt, KIND, device, cfg.lr, cfg.ema_decay)   # + the EMA, AdamW, step and losses
+    ema = common.make_ema(model, cfg.ema_decay)          # theta_ema, the weights that sample
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     ddpm = DDPM(cfg.T, cfg.schedule).to(device)
-    if cfg.resume:
-        run.resume(cfg, same=("T", "schedule", "preset", "cond", "planes", "tokens", "cond_dim", "image_size",
-                              "channels"))
+    step, start, losses = 0, 0, []
+    if cfg.resume:   # weights, EMA, optimizer and RNG come back; a changed process or network is refused
+        state = common.resume(ckpt, device, KIND, model, ema, opt, cfg, same=(
+            "T", "schedule", "preset", "cond", "planes", "tokens", "cond_dim", "image_size", "channels"))
+        step, start, losses = state["step"], state["epoch"], state["losses"]
     net = torch.compile(model) if cfg.compile else model
-    total = cfg.epochs * (len(x_train) // min(cfg.batch_size, len(x_train)))
-    print(f"CondUNet ({cfg.cond}): {run.millions():.2f}M parameters, {len(x_train)} training images, {K} classes, "
-          f"null id {K}, on {device}")
-    for epoch in range(run.epoch, cfg.epochs):
+    batch = min(cfg.batch_size, len(x_train))
+    total = cfg.epochs * (len(x_train) // batch)
+    print(f"CondUNet ({cfg.cond}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(x_train)} training images, {K} classes, null id {K}, on {device}")
+    for epoch in range(start, cfg.epochs):
         model.train()
-        run.new_epoch(f"epoch {epoch + 1:3d}/{cfg.epochs}")
-        for x0, y in common.progress(common.batches(x_train, y_train, cfg.batch_size, cfg.seed + epoch),
+        t0, epoch_losses = time.perf_counter(), []
+        for x0, y in common.progress(common.batches(x_train, y_train, batch, cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}"):
-            common.set_lr(run.opt, cfg.lr, run.step, cfg.warmup_steps, total)
+            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
             with common.autocast(device, cfg.amp):
-                batch_loss = loss(ddpm, net, x0, y, cfg.p_uncond, K)  # || eps - eps_theta(x_t, t, y~) ||^2
-            run.opt.zero_grad(set_to_none=True)
+                batch_loss = loss(ddpm, net, x0, y, cfg.p_uncond, K)   # || eps - eps_theta(x_t, t, y~) ||^2
+            opt.zero_grad(set_to_none=True)
             batch_loss.backward()
-            run.opt.step()
-            run.ema.update_parameters(model)
-            run.add(batch_loss, len(x0))
-        run.end_epoch(net=model.config, config=asdict(cfg))   # NaN guard, loss/time/img/s line, checkpoint
-        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # a cheap progress grid
+            opt.step()
+            ema.update_parameters(model)                 # theta_ema <- d theta_ema + (1 - d) theta
+            epoch_losses.append(batch_loss.detach())     # on the device: no sync per step
+            step += 1
+        epoch_losses = torch.stack(epoch_losses)
+        common.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays on disk
+        seconds = time.perf_counter() - t0
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {epoch_losses.mean().item():.4f}  {seconds:.1f}s  "
+              f"{len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
+        losses += epoch_losses.tolist()
+        common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg), model=model.state_dict(),
+                               ema=ema.module.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1,
+                               losses=losses, rng=common.rng_state())
+        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # own generator: the run's RNG stays
             y = torch.tensor(cfg.classes, device=device).repeat_interleave(8)     # one row of 8 per class
-            x = sample(run.ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, cfg.clip,
+            x = sample(ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, cfg.clip,
                        generator=common.generator(device, cfg.seed))
-            common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png"), nrow=8)
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(run.losses)})
-    return run.ema.module.eval(), ddpm
+            common.save_labelled_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png"), 8,
+                                      [f"class {k}" for k in cfg.classes], f"CFG after epoch {epoch + 1}: EMA weights, "
+                                      f"w = {cfg.scale:g}, DDIM-{cfg.ddim_steps}")
+    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)},
+                       title=f"CondUNet ({cfg.cond}): training loss per step (smoothed)")
+    return ema.module.eval(), ddpm
 
 
-def load_trained(path: str, device) -> tuple[CondUNet, DDPM, dict]:
-    """The EMA network and diffusion process of a checkpoint written by `train`."""
-    state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "config"),
-                                   hint="train with `python cfg.py` first, or pass --ckpt")
-    model = CondUNet(**state["net"]).to(device)
-    common.load_weights(model, state["ema"], path)
-    return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device), state
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-@torch.no_grad()
-def make_figures(cfg: Config, model: CondUNet, ddpm: DDPM, device, evaluator=None) -> list[list]:
-    """For each w: n_per_class samples of every class in --classes from the same noise, a grid of
-    the first 10 per class and their within-class diversity relative to real test images; with an
-    evaluator, also the class accuracy and FD of cfg.eval samples balanced over the classes."""
-    import evaluate  # for the diversity metric (evaluate.py imports torchmetrics: slow, so only here)
-
-    c, n = model.config, cfg.n_per_class
-    y = torch.tensor(cfg.classes, device=device).repeat_interleave(n)       # (N,) one row per class
-    gen = functools.partial(common.generator, device, cfg.seed, 1)   # the samplers' z: the same for every w
-    x_T = torch.randn((len(y), c["channels"], c["image_size"], c["image_size"]), device=device,
-                      generator=common.generator(device, cfg.seed))
-    cols = min(n, 10)
-    in_grid = torch.arange(len(y), device=device) % n < cols
-    x_real, y_real = load_data(cfg, device, train=False)
-    real = torch.cat([(y_real == k).nonzero()[:n, 0] for k in cfg.classes])
-    div_real = evaluate.within_class_diversity(x_real[real], y_real[real])
-    y_eval = torch.tensor(cfg.classes, device=device).repeat(math.ceil(cfg.eval / len(cfg.classes)))[:cfg.eval]
-    rows = []
-    for w in common.progress(cfg.scales, "guidance weights"):
-        x = sample(model, ddpm, y, w, cfg.sampler, cfg.ddim_steps, cfg.eta, cfg.clip, x_T, gen())
-        common.save_grid(x[in_grid], os.path.join(cfg.out, f"cfg_w{w:g}.png"), nrow=cols)
-        row = [w, evaluate.within_class_diversity(x, y) / div_real]
-        if evaluator is not None:                        # cfg.eval more samples, in batches of 500
-            g = common.generator(device, cfg.seed)   # one stream: x_T, then its z, batch after batch
-            x = torch.cat([sample(model, ddpm, yb, w, cfg.sampler, cfg.ddim_steps, cfg.eta, cfg.clip, generator=g)
-                           for yb in common.progress(y_eval.split(500), f"w = {w:g}: {cfg.eval} samples")])
-            row += [evaluator.accuracy(x, y_eval), evaluator.fd(x)]
-        rows.append(row)
-    header = ["w", "diversity (real = 1)"] + (["class accuracy", evaluator.name] if evaluator else [])
-    print(common.write_table(os.path.join(cfg.out, "tradeoff.md"), header, rows))
-    curves = {"diversity (within-class distance, real = 1)": [(r[0], r[1]) for r in rows]}
-    if evaluator is not None:
-        curves["class accuracy"] = [(r[0], r[2]) for r in rows]
-    common.plot_curves(os.path.join(cfg.out, "tradeoff.png"), curves, xlabel="guidance weight w", ylabel="",
-                       logy=False, title=f"CFG ({c['cond']}, {cfg.sampler}): fidelity vs diversity, {n}/class")
-    return rows
-
-
-def main(argv=None) -> list[list]:
+def main(argv=None) -> tuple[CondUNet, DDPM]:
+    """Train (or continue, --resume) into --out. -> (EMA CondUNet, DDPM)"""
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    common.check(not cfg.sample_only, "cfg.py trains; sample a trained run with `python cfg_sweep.py` (same flags)")
     check_config(cfg)
     common.seed_everything(cfg.seed)
     device = common.get_device(cfg.device)
     common.setup_speed(device)
     common.prepare_out(cfg.out)
     ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
-    if cfg.sample_only:
-        model, ddpm, _ = load_trained(ckpt, device)
-        K, c = model.null, model.config          # the figures compare with real images of the model's shape
-        cfg = dataclasses.replace(cfg, image_size=c["image_size"], channels=c["channels"])
-        common.check(cfg.ddim_steps <= ddpm.T, f"--ddim-steps must be at most the model's T ({ddpm.T}), "
-                     f"got {cfg.ddim_steps}")
-    else:
-        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
-        x_train, y_train = load_data(cfg, device)
-        K = int(y_train.max()) + 1
+    common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
+    x_train, y_train = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, cfg.image_size or None,
+                                          cfg.channels, device)            # (N, C, H, W) in [-1, 1], (N,)
+    K = int(y_train.max()) + 1
     common.check(max(cfg.classes) < K, f"--classes must be in 0..{K - 1}, got {cfg.classes}")
-    evaluator = None
-    if cfg.eval:  # before training: a problem with the evaluator shows now, not after the run
-        import evaluate
-        evaluator = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device,
-                                       image_size=cfg.image_size or None, channels=cfg.channels)
-    if not cfg.sample_only:
-        model, ddpm = train(cfg, x_train, y_train, ckpt, device)
-    rows = make_figures(cfg, model, ddpm, device, evaluator)
-    print(f"figures in {cfg.out}/")
-    return rows
+    model, ddpm = train(cfg, x_train, y_train, ckpt, device)
+    print(f"trained: {ckpt}; a grid per w and what w trades: python cfg_sweep.py --out {cfg.out}")
+    return model, ddpm
 
 
 if __name__ == "__main__":

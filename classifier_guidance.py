@@ -14,22 +14,16 @@ The base model is ddpm_mnist.py's (runs/ddpm_mnist/ckpt.pt; when it is missing, 
 training runs first with its default settings). Integer steps t = 0..T-1, images in [-1, 1].
 
 Run:
-    python classifier_guidance.py                      # (base model,) classifier, then the figures
+    python classifier_guidance.py          # (the base model,) the classifier, a guided grid every few epochs
     python classifier_guidance.py --base-ckpt runs/ddpm_cosine/ckpt.pt --out runs/cg_cosine
-    python classifier_guidance.py --sample-only --scales 0 2 5 --samplers ddim   # no training
-    python classifier_guidance.py --sample-only --eval 1000   # + LeNet accuracy and FD of 1000 samples per s
-    python classifier_guidance.py --resume             # continue the classifier's training
-Printed: the classifier's test accuracy per noise level (also accuracy_per_t.png). Figures in
---out: guided_{sampler}_s{scale}.png (one row per target class, the same noise for every scale,
-s = 0 the unguided baseline), accuracy_vs_scale.png and .md: the class accuracy by p_phi itself at
-t = 0 (optimistic: the samples were pushed towards what p_phi likes) and the within-class diversity;
-with --eval N also the class accuracy by evaluate.py's LeNet (independent of the guide) and FD.
+    python classifier_guidance.py --resume # continue the classifier's training
+    python classifier_guidance_sweep.py --scales 0 2 5 --samplers ddim   # guided grids, accuracy per t and s
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -38,58 +32,45 @@ import torch.nn.functional as F
 
 import common
 import ddpm_mnist
-from ddpm_mnist import DDPM, PRESETS, norm, preset_for
+from ddpm_mnist import DDPM, PRESETS, Level, ResBlock, norm, preset_for
 
 KIND = "classifier_guidance.py classifier"
 
 
 @dataclass
-class Config(common.RunConfig):
+class Config(common.RunConfig):   # --scales and the flags below it are classifier_guidance_sweep.py's
     dataset: str = field(default="mnist", metadata={"help": "the base model's data: mnist, cifar10 or an image folder"})
     image_size: int = field(default=0, metadata={"help": "resize images to this (0: the base model's size)", "min": 0})
-    channels: int = field(default=3, metadata={"help": "image folders only: 1 (gray) or 3 (RGB), as the base's",
-                                               "choices": [1, 3]})
-    base_ckpt: str = field(default=ddpm_mnist.DEFAULT_CKPT, metadata={
-        "help": "unconditional ddpm_mnist.py checkpoint (this default is trained first when missing)"})
-    preset: str = field(default="auto", metadata={"help": "classifier size (that UNet's encoder)",
-                                                  "choices": ["auto", *PRESETS]})
+    channels: int = field(default=3, metadata={"help": "image folders: 1 (gray) or 3 (RGB)", "choices": [1, 3]})
+    base_ckpt: str = field(default=ddpm_mnist.DEFAULT_CKPT, metadata={"help": "ddpm_mnist.py checkpoint to guide"})
+    preset: str = field(default="auto", metadata={"help": "classifier size (UNet encoder)", "choices": ["auto", *PRESETS]})
     epochs: int = field(default=10, metadata={"help": "passes over the training set", "min": 1})
     batch_size: int = field(default=128, metadata={"help": "images per optimizer step", "min": 1})
     lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate (after the warm-up)"})
     warmup_steps: int = field(default=200, metadata={"help": "linear warm-up (at most a fifth of the run)", "min": 0})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights, which guide", "min": 0})
     scale: float = field(default=3.0, metadata={"help": "guidance scale s of the progress grids"})
-    scales: tuple[float, ...] = field(default=(0.0, 1.0, 3.0, 10.0), metadata={
-        "help": "guidance scales s; s = 0 is the unguided base model"})
-    samplers: tuple[str, ...] = field(default=("ddim", "ddpm"), metadata={
-        "help": "ddpm runs all T steps of the base, each with a classifier gradient", "choices": ["ddim", "ddpm"]})
     classes: tuple[int, ...] = field(default=tuple(range(10)), metadata={"help": "target classes (rows)", "min": 0})
-    n_per_class: int = field(default=50, metadata={"help": "samples per class and scale (grids show 10)", "min": 2})
     ddim_steps: int = field(default=50, metadata={"help": "DDIM steps (at most the base's T)", "min": 1})
-    eta: float = field(default=0.0, metadata={"help": "DDIM noise: 0 deterministic, 1 DDPM-like", "min": 0})
-    sigma: str = field(default="posterior", metadata={"help": "DDPM Sigma_t = sigma_t^2 I",
-                                                      "choices": ["beta", "posterior"]})
     clip: bool = field(default=True, metadata={"help": "clip x0_hat to [-1, 1] at every step (large s overshoots)"})
-    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples per sampler and s (balanced over "
-                      "--classes) with evaluate.py: LeNet class accuracy and FD; 0 = off. Costs N x steps x (UNet "
-                      "+ classifier forward and backward) each, and training evaluate.py's classifier once "
-                      "(~1 min on a GPU, cached in checkpoints/)"})
     sample_every: int = field(default=5, metadata={"help": "epochs between progress grids", "min": 1})
     out: str = field(default="runs/classifier_guidance", metadata={"help": "output folder"})
     ckpt: str = field(default="", metadata={"help": "classifier checkpoint (default OUT/ckpt.pt)"})
+    scales: tuple[float, ...] = field(default=(0.0, 1.0, 3.0, 10.0), metadata={"help": "guidance scales s"})
+    samplers: tuple[str, ...] = field(default=("ddim", "ddpm"), metadata={"help": "ddpm: T steps, each with a "
+                                      "classifier gradient", "choices": ["ddim", "ddpm"]})
+    n_per_class: int = field(default=50, metadata={"help": "samples per class and scale (grids show 10)", "min": 2})
+    eta: float = field(default=0.0, metadata={"help": "DDIM noise: 0 deterministic, 1 DDPM-like", "min": 0})
+    sigma: str = field(default="posterior", metadata={"help": "DDPM Sigma_t", "choices": ["beta", "posterior"]})
+    eval: int = field(default=0, metadata={"help": "LeNet accuracy and FD of N samples per s (0: off)", "min": 0})
 
 
 def check_config(cfg: Config) -> None:
-    """The checks that argparse (choices, min) cannot make; those against the base come in load_base."""
+    """The checks that argparse (choices, min) cannot make (the sweep's too); those against the base: load_base."""
     common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
     common.check(all(math.isfinite(s) for s in (cfg.scale, *cfg.scales)),
                  f"--scale and --scales must be finite numbers, got {cfg.scale} and {cfg.scales}")
     common.check(cfg.eval != 1, "--eval needs at least 2 samples for a Frechet distance (or 0: off)")
-
-
-def load_data(cfg: Config, image_size: int, channels: int, device, train: bool = True):
-    """(x, y): images (N, C, H, W) in [-1, 1] at the base's size, and their class labels (N,)."""
-    return common.load_images(cfg.dataset, cfg.data_dir, train, cfg.download, image_size, channels, device)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -152,21 +133,43 @@ def sample(model, classifier: NoisyClassifier, ddpm: DDPM, y: torch.Tensor, scal
 # ----------------------------------------------------------------------------- network
 
 
-class NoisyClassifier(ddpm_mnist.UNet):
-    """p_phi(y | x_t, t): the encoder half of ddpm_mnist's UNet (time embedding, down levels and
-    bottleneck, `UNet.encode`; no decoder: a classifier needs the features, not an image), then
-    GroupNorm-SiLU and a linear layer on the flattened bottleneck map. (Where a stroke is matters
-    for a digit: with global average pooling instead, the same network learned ~10x more slowly.)"""
+class NoisyClassifier(nn.Module):
+    """p_phi(y | x_t, t): the encoder half of ddpm_mnist's UNet (time embedding, input convolution,
+    down levels, bottleneck; built in the UNet's order, under the UNet's names), then GroupNorm-SiLU
+    and a linear layer on the flattened bottleneck map. No decoder: a classifier needs the features,
+    not an image. (Where a stroke is matters for a digit: with global average pooling instead, the
+    same network learned ~10x more slowly.)"""
 
     def __init__(self, num_classes: int, image_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, dropout=0.1):
-        super().__init__(image_size, channels, base, mults, num_res, dropout, decoder=False)
-        self.config["num_classes"] = num_classes
-        c, side = base * mults[-1], image_size // 2 ** (len(mults) - 1)
+        super().__init__()
+        last = len(mults) - 1                            # the bottleneck is image_size / 2^last wide
+        common.check(image_size % 2 ** last == 0, f"image size {image_size} is not divisible by 2^{last}: the "
+                     f"classifier's {len(mults)} levels do not fit it; pick a --preset with fewer levels")
+        self.config = dict(image_size=image_size, channels=channels, base=base, mults=tuple(mults),
+                           num_res=num_res, dropout=dropout, num_classes=num_classes)
+        self.base, t_dim = base, 4 * base
+        self.time_mlp = nn.Sequential(nn.Linear(base, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.inc = nn.Conv2d(channels, base, 3, padding=1)
+        self.downs, c = nn.ModuleList(), base
+        for i, m in enumerate(mults):                    # self-attention at the lowest resolution, as in the UNet
+            blocks = []
+            for _ in range(num_res):
+                blocks.append(ResBlock(c, base * m, t_dim, dropout, i == last))
+                c = base * m
+            self.downs.append(Level(blocks, nn.Conv2d(c, c, 3, stride=2, padding=1) if i < last else nn.Identity()))
+        self.mid = nn.ModuleList([ResBlock(c, c, t_dim, dropout, True), ResBlock(c, c, t_dim, dropout, False)])
+        side = image_size // 2 ** last
         self.head = nn.Sequential(norm(c), nn.SiLU(), nn.Flatten(), nn.Linear(c * side * side, num_classes))
 
-    def forward(self, x, t):                        # x_t (N, C, H, W), t (N,) -> logits (N, K)
-        h, _ = self.encode(self.inc(x), self.embed_time(t))   # (N, c, side, side), side = H / 2^(levels - 1)
-        return self.head(h)
+    def forward(self, x, t):                             # x_t (N, C, H, W), t (N,) -> logits (N, K)
+        emb, h = self.time_mlp(common.timestep_embedding(t, self.base)), self.inc(x)
+        for level in self.downs:
+            for block in level.blocks:
+                h = block(h, emb)
+            h = level.resample(h)
+        for block in self.mid:
+            h = block(h, emb)
+        return self.head(h)                              # from (N, c, side, side), side = H / 2^(levels - 1)
 
 
 def build_classifier(preset: str, image_size: int, channels: int, num_classes: int) -> NoisyClassifier:
@@ -206,154 +209,80 @@ def check_fits_base(state: dict, base: dict, path: str) -> None:
 
 
 def train(cfg: Config, model, ddpm: DDPM, base: dict, x_train, y_train, ckpt: str, device) -> NoisyClassifier:
-    """AdamW with warm-up on the classifier loss, EMA weights that guide, a checkpoint every epoch,
-    and a grid guided by the EMA classifier every --sample-every epochs."""
+    """AdamW with warm-up on the classifier loss, EMA weights that guide, one atomic checkpoint per epoch
+    (--resume continues it exactly), a grid guided by the EMA classifier every --sample-every epochs."""
     K = int(y_train.max()) + 1
     classifier = build_classifier(cfg.preset, x_train.shape[-1], x_train.shape[1], K).to(device)
-    run = common.Run(classifier, ckpt, KIND, device, cfg.lr, cfg.ema_decay)   # + the EMA, AdamW, step and losses
-    if cfg.resume:
-        run.resume(cfg, same=("preset",))
+    ema = common.make_ema(classifier, cfg.ema_decay)     # phi_ema, the weights that guide
+    opt = torch.optim.AdamW(classifier.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
+    step, start, losses = 0, 0, []
+    if cfg.resume:   # weights, EMA, optimizer and RNG come back; another classifier size is refused
+        state = common.resume(ckpt, device, KIND, classifier, ema, opt, cfg, same=("preset",))
+        step, start, losses = state["step"], state["epoch"], state["losses"]
     net = torch.compile(classifier) if cfg.compile else classifier
-    total = cfg.epochs * (len(x_train) // min(cfg.batch_size, len(x_train)))
-    print(f"noisy classifier: {run.millions():.2f}M parameters, {len(x_train)} training images, T = {ddpm.T}, "
-          f"on {device}")
-    for epoch in range(run.epoch, cfg.epochs):
+    batch = min(cfg.batch_size, len(x_train))
+    total = cfg.epochs * (len(x_train) // batch)
+    print(f"noisy classifier: {sum(p.numel() for p in classifier.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(x_train)} training images, T = {ddpm.T}, on {device}")
+    for epoch in range(start, cfg.epochs):
         classifier.train()
-        run.new_epoch(f"epoch {epoch + 1:3d}/{cfg.epochs} (cross-entropy)")
-        for x0, y in common.progress(common.batches(x_train, y_train, cfg.batch_size, cfg.seed + epoch),
+        t0, epoch_losses = time.perf_counter(), []
+        for x0, y in common.progress(common.batches(x_train, y_train, batch, cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}"):
-            common.set_lr(run.opt, cfg.lr, run.step, cfg.warmup_steps, total)
+            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, total)
             with common.autocast(device, cfg.amp):
                 loss = classifier_loss(ddpm, net, x0, y)   # -log p_phi(y | x_t, t)
-            run.opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            run.opt.step()
-            run.ema.update_parameters(classifier)
-            run.add(loss, len(x0))
-        run.end_epoch(net=classifier.config, config=asdict(cfg), base=base)   # NaN guard, line, checkpoint
-        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # a cheap progress grid
-            y = torch.tensor(cfg.classes, device=device).repeat_interleave(8)
-            x = sample(model, run.ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, cfg.sigma,
+            opt.step()
+            ema.update_parameters(classifier)            # phi_ema <- d phi_ema + (1 - d) phi
+            epoch_losses.append(loss.detach())           # on the device: no sync per step
+            step += 1
+        epoch_losses = torch.stack(epoch_losses)
+        common.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays on disk
+        seconds = time.perf_counter() - t0
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs} (cross-entropy)  loss {epoch_losses.mean().item():.4f}  "
+              f"{seconds:.1f}s  {len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
+        losses += epoch_losses.tolist()
+        common.save_checkpoint(ckpt, kind=KIND, net=classifier.config, config=asdict(cfg), base=base,
+                               model=classifier.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(),
+                               step=step, epoch=epoch + 1, losses=losses, rng=common.rng_state())
+        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # own generator: the run's RNG stays
+            y = torch.tensor(cfg.classes, device=device).repeat_interleave(8)     # one row of 8 per class
+            x = sample(model, ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, "posterior",
                        cfg.clip, generator=common.generator(device, cfg.seed))
-            common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_s{cfg.scale:g}.png"), nrow=8)
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train cross-entropy": common.smooth(run.losses)})
-    return run.ema.module.eval()
+            common.save_labelled_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_s{cfg.scale:g}.png"), 8,
+                                      [f"class {k}" for k in cfg.classes], f"guided by the EMA classifier after epoch "
+                                      f"{epoch + 1}: s = {cfg.scale:g}, DDIM-{cfg.ddim_steps}")
+    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train cross-entropy": common.smooth(losses)},
+                       title="noisy classifier: training cross-entropy per step (smoothed)")
+    return ema.module.eval()
 
 
-def load_classifier(path: str, base: dict, device) -> NoisyClassifier:
-    """The EMA classifier of a checkpoint written by `train`; it must fit the base (check_fits_base)."""
-    state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "base"),
-                                   hint="train with `python classifier_guidance.py` first, or pass --ckpt")
-    check_fits_base(state, base, path)
-    classifier = NoisyClassifier(**state["net"]).to(device)
-    common.load_weights(classifier, state["ema"], path)
-    return classifier.eval()
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-@torch.no_grad()
-def accuracy_per_t(classifier, ddpm: DDPM, x: torch.Tensor, y: torch.Tensor, levels: int = 10, seed: int = 0):
-    """Test accuracy of p_phi(y | x_t, t) at `levels` noise levels t from 0 to T-1: [(t, accuracy)]."""
-    g = common.generator(x.device, seed)
-    rows = []
-    for t in torch.linspace(0, ddpm.T - 1, levels).round().long().unique().tolist():
-        correct = 0
-        for xb, yb in zip(x.split(500), y.split(500)):
-            tb = torch.full((len(xb),), t, device=x.device)
-            x_t = ddpm.q_sample(xb, tb, torch.randn(xb.shape, device=x.device, generator=g))
-            correct += (classifier(x_t, tb).argmax(1) == yb).sum().item()
-        rows.append((t, correct / len(x)))
-    return rows
-
-
-@torch.no_grad()
-def make_figures(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=None) -> dict:
-    """Accuracy per noise level, then for each sampler and scale: n_per_class samples of every
-    class in --classes from the same noise, a grid of the first 10 per class, the within-class
-    diversity relative to real test images and p_phi's own accuracy; with an evaluator, also
-    evaluate.py's accuracy and FD of cfg.eval samples balanced over the classes.
-    -> {accuracy_per_t: [(t, accuracy)], rows: the rows of accuracy_vs_scale.md}"""
-    import evaluate  # for the diversity metric (evaluate.py imports torchmetrics: slow, so only here)
-
-    c, n = model.config, cfg.n_per_class
-    x_test, y_test = load_data(cfg, c["image_size"], c["channels"], device, train=False)
-    per_t = accuracy_per_t(classifier, ddpm, x_test[:2000], y_test[:2000], seed=cfg.seed)
-    print("noisy classifier, test accuracy per noise level:\n" + "\n".join(f"  t = {t:4d}: {a:.3f}" for t, a in per_t))
-    common.plot_curves(os.path.join(cfg.out, "accuracy_per_t.png"), {"test accuracy": per_t}, xlabel="t",
-                       ylabel="accuracy", logy=False, title="p_phi(y | x_t, t) on the test set")
-    y = torch.tensor(cfg.classes, device=device).repeat_interleave(n)       # (N,) one row per class
-    gen = functools.partial(common.generator, device, cfg.seed, 1)   # the samplers' z: the same for every scale
-    x_T = torch.randn((len(y), c["channels"], c["image_size"], c["image_size"]), device=device,
-                      generator=common.generator(device, cfg.seed))
-    cols = min(n, 10)
-    in_grid = torch.arange(len(y), device=device) % n < cols
-    real = torch.cat([(y_test == k).nonzero()[:n, 0] for k in cfg.classes])
-    div_real = evaluate.within_class_diversity(x_test[real], y_test[real])
-    y_eval = torch.tensor(cfg.classes, device=device).repeat(math.ceil(cfg.eval / len(cfg.classes)))[:cfg.eval]
-    rows = []
-    for sampler, s in common.progress([(a, b) for a in cfg.samplers for b in cfg.scales], "guidance scales"):
-        x = sample(model, classifier, ddpm, y, s, sampler, cfg.ddim_steps, cfg.eta, cfg.sigma, cfg.clip, x_T, gen())
-        common.save_grid(x[in_grid], os.path.join(cfg.out, f"guided_{sampler}_s{s:g}.png"), nrow=cols)
-        own = (classifier(x, torch.zeros_like(y)).argmax(1) == y).float().mean().item()  # p_phi at t = 0
-        row = [sampler, s, evaluate.within_class_diversity(x, y) / div_real, own]
-        if evaluator is not None:                        # cfg.eval more samples, in batches of 500
-            g = common.generator(device, cfg.seed)   # one stream: x_T, then its z, batch after batch
-            x = torch.cat([sample(model, classifier, ddpm, yb, s, sampler, cfg.ddim_steps, cfg.eta, cfg.sigma,
-                                  cfg.clip, generator=g)
-                           for yb in common.progress(y_eval.split(500), f"{sampler} s = {s:g}: {cfg.eval} samples")])
-            row += [evaluator.accuracy(x, y_eval), evaluator.fd(x)]
-        rows.append(row)
-    header = ["sampler", "scale s", "diversity (real = 1)", "accuracy by p_phi itself"]
-    header += ["class accuracy (LeNet)", evaluator.name] if evaluator else []
-    print(common.write_table(os.path.join(cfg.out, "accuracy_vs_scale.md"), header, rows))
-    series = [("diversity", 2), ("accuracy by p_phi", 3)] + ([("accuracy by LeNet", 4)] if evaluator else [])
-    curves = {f"{name}, {smp}": [(r[1], r[i]) for r in rows if r[0] == smp]
-              for smp in cfg.samplers for name, i in series}
-    common.plot_curves(os.path.join(cfg.out, "accuracy_vs_scale.png"), curves, xlabel="guidance scale s", ylabel="",
-                       logy=False, title=f"classifier guidance, {n} samples per class")
-    return dict(accuracy_per_t=per_t, rows=rows)
-
-
-def main(argv=None) -> dict:
+def main(argv=None) -> NoisyClassifier:
+    """Train the classifier (or continue it, --resume) into --out. -> the EMA classifier"""
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    common.check(not cfg.sample_only, "classifier_guidance.py trains; sample with a trained classifier with "
+                 "`python classifier_guidance_sweep.py` (same flags)")
     check_config(cfg)
     common.seed_everything(cfg.seed)
     device = common.get_device(cfg.device)
     common.setup_speed(device)
     common.prepare_out(cfg.out)
     ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
-    if cfg.sample_only:  # stop now, not after training a base model, when there is nothing to sample with
-        common.load_checkpoint(ckpt, device, KIND, keys=("net", "ema", "base"),
-                               hint="train with `python classifier_guidance.py` first, or pass --ckpt")
-        common.check(os.path.isfile(cfg.base_ckpt), f"--base-ckpt '{cfg.base_ckpt}' not found; --sample-only "
-                     "needs the base model the classifier was trained for")
-    else:
-        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
+    common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
     model, ddpm, base = load_base(cfg, device)
-    if cfg.sample_only:
-        classifier = load_classifier(ckpt, base, device)
-        K = classifier.config["num_classes"]
-    else:  # every check against the base BEFORE training: a mismatch never costs a run or a checkpoint
-        if cfg.resume:
-            check_fits_base(common.load_checkpoint(ckpt, device, KIND, keys=("net", "base")), base, ckpt)
-        x_train, y_train = load_data(cfg, base["image_size"], cfg.channels, device)
-        common.check(x_train.shape[1] == base["channels"], f"the data has {x_train.shape[1]} channel(s), the "
-                     f"base model '{base['path']}' makes {base['channels']}-channel images; pass its --dataset "
-                     "and --channels")
-        K = int(y_train.max()) + 1
+    if cfg.resume:   # every check against the base BEFORE training: a mismatch never costs a run or a checkpoint
+        check_fits_base(common.load_checkpoint(ckpt, device, KIND, keys=("net", "base")), base, ckpt)
+    x_train, y_train = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, base["image_size"],
+                                          cfg.channels, device)            # (N, C, H, W) in [-1, 1], (N,)
+    common.check(x_train.shape[1] == base["channels"], f"the data has {x_train.shape[1]} channel(s), the base "
+                 f"model '{base['path']}' makes {base['channels']}-channel images; pass its --dataset and --channels")
+    K = int(y_train.max()) + 1
     common.check(max(cfg.classes) < K, f"--classes must be in 0..{K - 1}, got {cfg.classes}")
-    evaluator = None
-    if cfg.eval:  # before training: a problem with the evaluator shows now, not after the run
-        import evaluate
-        evaluator = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device,
-                                       image_size=base["image_size"], channels=base["channels"])
-    if not cfg.sample_only:
-        classifier = train(cfg, model, ddpm, base, x_train, y_train, ckpt, device)
-    results = make_figures(cfg, model, classifier, ddpm, device, evaluator)
-    print(f"figures in {cfg.out}/")
-    return results
+    classifier = train(cfg, model, ddpm, base, x_train, y_train, ckpt, device)
+    print(f"trained: {ckpt}; guided grids and accuracies: python classifier_guidance_sweep.py --out {cfg.out}")
+    return classifier
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Compare ddpm_mnist.py runs: schedules, parameterisations, architectures, side by side.
 
-Every ddpm_mnist.py run writes OUT/per_timestep.json: alpha_bar_t of its schedule, its test eps-MSE
-in 20 bins of t (one random t per test image) with the log-SNR of each bin,
+Every ddpm_figures.py run (training, or --sample-only on a ddpm_mnist.py run) writes OUT/per_timestep.json:
+alpha_bar_t of its schedule, its test eps-MSE in 20 bins of t (one random t per test image) with the
+log-SNR of each bin,
     log-SNR_t = log(alpha_bar_t / (1 - alpha_bar_t))   (high: clean data, t = 0; low: noise, t = T-1),
 and the FD of each sampler when it ran with --eval N. This script overlays them in one figure:
 alpha_bar_t against t, the per-timestep loss against t and against log-SNR, and the FDs.
@@ -42,8 +43,8 @@ def check_config(cfg: Config) -> None:
 def load_run(folder: str) -> dict:
     """The record ddpm_mnist.py wrote into `folder` (one line if it is missing or unreadable)."""
     path = os.path.join(folder, "per_timestep.json")
-    common.check(os.path.isfile(path), f"'{path}' not found; run `python ddpm_mnist.py --out {folder}` "
-                 f"(or `--sample-only --out {folder}`) first")
+    common.check(os.path.isfile(path), f"'{path}' not found; run `python ddpm_figures.py --out {folder}` "
+                 f"(or `--sample-only --out {folder}` on a trained run) first")
     try:
         with open(path) as f:
             run = json.load(f)
@@ -59,15 +60,32 @@ def describe(run: dict) -> str:
     return f"{c['schedule']}{clip}, {c['predict']}, {c['time_embed']}, base {n['base']} x {list(n['mults'])}"
 
 
+def twin(runs: dict, name: str, key: str, rel: float) -> str:
+    """' (drawn on <earlier run>)' when an earlier run's `key` curve matches this one's within rel (relative;
+    absolute for alpha_bar): the legend says so, as the two lines lie one over the other."""
+    a = runs[name][key]
+    for other in list(runs)[:list(runs).index(name)]:
+        b = runs[other][key]
+        if len(a) == len(b) and all(abs(x - y) <= rel * (1 if key == "alpha_bar" else max(abs(x), abs(y)))
+                                    for x, y in zip(a, b)):
+            return f" (drawn on {other})"
+    return ""
+
+
 def plot(runs: dict, path: str) -> None:
     fig, axes = common.figure(1, 3, figsize=(16, 4.5))
-    for name, r in runs.items():
+    one_schedule = all(r["alpha_bar"] == next(iter(runs.values()))["alpha_bar"] for r in runs.values())
+    for i, (name, r) in enumerate(runs.items()):       # a line style and a marker per run: coinciding curves show
+        style = dict(ls=["-", "--", ":", "-."][i % 4], marker="os^vDx"[i % 6], ms=4, alpha=0.85)
         fd = " ".join(f"{k} FD {v:.2f}" for k, v in r["fd"].items())
-        axes[0].plot(r["alpha_bar"], label=name)
+        if i == 0 or not one_schedule:
+            label = "every run" if one_schedule else name + twin(runs, name, "alpha_bar", 0.001)
+            axes[0].plot(r["alpha_bar"], label=label, markevery=max(1, len(r["alpha_bar"]) // 8), **style)
         mean = f"mean {r['test_loss']:.4f}" + (", " + fd if fd else "")
-        axes[1].plot(r["t"], r["loss"], marker=".", label=f"{name} ({mean})")
-        axes[2].plot(r["logsnr"], r["loss"], marker=".", label=name)
-    axes[0].set(xlabel="t  (0 = clean data, T-1 = noise)", ylabel="alpha_bar_t", title="schedule")
+        axes[1].plot(r["t"], r["loss"], label=f"{name} ({mean}){twin(runs, name, 'loss', 0.01)}", **style)
+        axes[2].plot(r["logsnr"], r["loss"], label=name, **style)
+    axes[0].set(xlabel="t  (0 = clean data, T-1 = noise)", ylabel="alpha_bar_t",
+                title="schedule alpha_bar_t" + (": the same for every run" if one_schedule else " of each run"))
     axes[1].set(xlabel="t  (0 = clean data)", ylabel="test eps-MSE", yscale="log", title="test loss per timestep")
     axes[2].set(xlabel="log-SNR = log(alpha_bar / (1 - alpha_bar))  (right = clean data)", ylabel="test eps-MSE",
                 yscale="log", title="test loss per noise level")

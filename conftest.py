@@ -83,10 +83,10 @@ def image_folder(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ddpm_ckpt(mnist_dir, tmp_path_factory) -> str:
-    import ddpm_mnist
+    import ddpm_figures                                   # ddpm_mnist.py's training, and the figures of its run
 
     out = str(tmp_path_factory.mktemp("ddpm_base"))
-    ddpm_mnist.main(["--data-dir", mnist_dir, "--no-download", "--out", out, "--preset", "tiny",
-                     "--T", "50", "--epochs", "1", "--batch-size", "16", "--n-samples", "4", "--no-ddpm-grid", "--sweep-steps", "0",
-                     "--ddim-steps", "10", "--device", "cpu"])
+    ddpm_figures.main(["--data-dir", mnist_dir, "--no-download", "--out", out, "--preset", "tiny",
+                       "--T", "50", "--epochs", "1", "--batch-size", "16", "--n-samples", "4", "--no-ddpm-grid",
+                       "--sweep-steps", "0", "--ddim-steps", "10", "--device", "cpu"])
     return os.path.join(out, "ckpt.pt")

@@ -1,40 +1,37 @@
-"""Latent diffusion on CIFAR-10 with a Diffusion Transformer (DiT, Peebles & Xie, 2023).
-On one GPU, on CPU, or on N GPUs with torchrun and DistributedDataParallel.
+"""Latent diffusion on CIFAR-10 with a Diffusion Transformer (DiT, Peebles & Xie, 2023), on one GPU,
+on CPU, or on N GPUs with torchrun and DistributedDataParallel.
 
-1. latent_diffusion.py's VAE compresses x (3, 32, 32) to z (4, 8, 8), 12x fewer numbers. The
-   latents (posterior means) are scaled by s = 1 / std(z_train) to unit variance, like the noise
-   they are mixed with, and encoded once: the DiT's epochs never run the encoder.
-2. DDPM on the scaled latents (ddpm_mnist.py's process, unchanged): z_t = sqrt(alpha_bar_t) z_0 +
-   sqrt(1 - alpha_bar_t) eps, L = || eps - eps_theta(z_t, t, y) ||^2; DDIM samples, x = D(z_0 / s).
+1. latent_diffusion.py's VAE compresses x (3, 32, 32) to z (4, 8, 8); the latents (posterior means)
+   are scaled by s = 1 / std(z_train) to unit variance and encoded once, before the DiT's epochs.
+2. DDPM on them (ddpm_mnist.py's process): L = || eps - eps_theta(z_t, t, y) ||^2; DDIM samples are
+   decoded, x = D(z_0 / s).
 3. The DiT: patchify z into T = (8/p)^2 tokens of p*p*4 numbers, embed them linearly, add a fixed
    2-D sin-cos position embedding; transformer blocks conditioned on c = emb(t) + emb(y) by
    adaLN-Zero: (beta, gamma, alpha) = Linear(SiLU(c)) per block, and
        h = LN(x) (1 + gamma) + beta,   x <- x + alpha * Attention(h)   (the same for the MLP).
-   That Linear starts at zero, so alpha = 0 and every block starts as the identity; the final
-   projection starts at zero too (eps_theta = 0 at initialisation); unpatchify gives eps.
-4. Classifier-free guidance (as in cfg.py): in training y becomes the null class (id K = number
-   of classes) with probability 0.1; sampling uses eps_uncond + w (eps_cond - eps_uncond), both
-   from one forward pass of the doubled batch (w = 1 is the plain conditional model).
-5. Multi-GPU: under torchrun every process holds a replica wrapped in DistributedDataParallel
-   (gradients all-reduced, so the replicas stay identical); all ranks draw the same global batch
-   and each keeps its own 1/N of it; each rank seeds its own t, eps and label drops; rank 0 alone
-   logs and writes files. --batch-size is global. The VAE is trained once, on rank 0.
+   That Linear starts at zero: alpha = 0, every block starts as the identity; the final projection
+   starts at zero too (eps_theta = 0 at initialisation); unpatchify gives eps.
+4. Classifier-free guidance (cfg.py's): in training y becomes the null class K with probability 0.1;
+   sampling uses eps_uncond + w (eps_cond - eps_uncond), from one pass of the doubled batch.
+5. Multi-GPU: under torchrun each process holds a replica wrapped in DDP (gradients all-reduced, so
+   the replicas stay identical); every rank draws the same global batch (--batch-size) and keeps its
+   1/N, with its own t, eps and label drops; rank 0 alone trains the VAE, logs and writes files.
 Images live in [-1, 1]; DDPM time t is an integer step 0..T-1.
 
-Run:
-    python dit_cifar.py                                 # VAE (once), DiT-S/2, figures in runs/dit_cifar/
+Run (into runs/dit_cifar/; dit_figures.py takes the same flags: a grid per w, loss.png, --eval N):
+    python dit_cifar.py                                 # VAE (once), then DiT-S/2
     python dit_cifar.py --model DiT-B/2 --compile       # sizes T (tests), S, B, L; patch 1, 2, 4 or 8
     torchrun --nproc_per_node=4 dit_cifar.py            # the same file on 4 GPUs
-    python dit_cifar.py --sample-only                   # figures from OUT/ckpt.pt and the VAE
     python dit_cifar.py --resume --epochs 400           # continue training the DiT
-    python dit_cifar.py --sample-only --eval 10000      # + evaluate.py's FD and accuracy against w
     python dit_cifar.py --dataset PATH                  # your images: PATH/{train,test}/<class>/<img>
+    python dit_figures.py --sample-only --eval 10000    # figures of OUT/ckpt.pt, + FD and accuracy against w
 """
 from __future__ import annotations
 
 import datetime
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -44,10 +41,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
-import latent_diffusion
 from cfg import guided_eps, loss as cfg_loss      # classifier-free guidance: label dropout, eps~, as in cfg.py
 from ddpm_mnist import DDPM
-from latent_diffusion import VAE, decode, encode_latents
+from latent_diffusion import VAE, check_vae_fits, decode, encode_latents, ensure_vae, load_vae
 
 KIND = "dit_cifar.py DiT"
 
@@ -71,13 +67,8 @@ class Config(common.RunConfig):
     ema_decay: float = field(default=0.9999, metadata={"min": 0})
     p_uncond: float = field(default=0.1, metadata={"min": 0, "help": "probability of dropping y to the null class"})
     scale: float = field(default=3.0, metadata={"min": 0, "help": "guidance weight w of the progress grids"})
-    scales: tuple[float, ...] = field(default=(1.0, 3.0, 5.0, 7.5), metadata={"min": 0,
-                                      "help": "guidance weights w of the figures"})
     ddim_steps: int = field(default=50, metadata={"min": 1})
-    n_per_class: int = field(default=8, metadata={"min": 1, "help": "samples per class row in the grids"})
     sample_every: int = field(default=20, metadata={"min": 1, "help": "epochs between progress grids"})
-    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples per w with evaluate.py (0 = off; "
-                      "costs len(scales) x N x ddim-steps DiT calls, and a classifier trained once)"})
     out: str = "runs/dit_cifar"
     ckpt: str = field(default="", metadata={"help": "DiT checkpoint (default OUT/ckpt.pt)"})
 
@@ -107,6 +98,13 @@ def sample(model: DiT, ddpm: DDPM, vae: VAE, scale: float, y, w: float, steps: i
     z_T = torch.randn((len(y), *model.latent_shape), generator=g, device=y.device)   # (N, 4, 8, 8)
     z0 = ddpm.ddim_sample(guided_eps(model, y, w), z_T.shape, steps, x_T=z_T)
     return decode(vae, z0, scale)
+
+
+def class_grid(model: DiT, ddpm: DDPM, vae: VAE, scale: float, cfg: Config, name: str) -> None:
+    """OUT/name: 8 samples of every class, a row each, at w = --scale (--ddim-steps, noise fixed by --seed)."""
+    y = torch.arange(model.null, device=model.pos_embed.device).repeat_interleave(8)
+    x = sample(model, ddpm, vae, scale, y, cfg.scale, cfg.ddim_steps, cfg.seed)
+    common.save_grid(x, os.path.join(cfg.out, name), nrow=8)
 
 
 @torch.no_grad()
@@ -286,52 +284,58 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
     ddpm = DDPM(cfg.T, cfg.schedule).to(device)
     net = torch.compile(model) if cfg.compile else model
     net = DDP(net) if world > 1 else net                     # DDP starts by broadcasting rank 0's weights,
-    run = common.Run(model, cfg.ckpt, KIND, device, cfg.lr, cfg.ema_decay)   # so the EMA comes after
-    test_losses = []
+    ema = common.make_ema(model, cfg.ema_decay)              # so the EMA comes after
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
+    step, start, losses, test_losses = 0, 0, [], []
     if cfg.resume:                                           # every rank reads the same file
         saved = common.load_checkpoint(cfg.ckpt, device, KIND, keys=("net", "scale", "test_losses"))
         check_fits(saved, z.shape[1:], scale, cfg.ckpt, cfg.vae)   # before the weights: a one-line reason
-        run.resume(cfg, same=("T", "schedule", "model"))
-        test_losses = saved["test_losses"]
+        state = common.resume(cfg.ckpt, device, KIND, model, ema, opt, cfg, same=("T", "schedule", "model"))
+        step, start, losses, test_losses = state["step"], state["epoch"], state["losses"], state["test_losses"]
     if rank == 0:
-        print(f"{cfg.model}: {run.millions():.2f}M parameters, {(z.shape[-1] // model.p) ** 2} tokens, "
-              f"{len(z)} latents {tuple(z.shape[1:])}, {world} process(es) on {device}")
-    total = cfg.epochs * (len(z) // min(cfg.batch_size, len(z)))
-    for epoch in range(run.epoch, cfg.epochs):
+        print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{(z.shape[-1] // model.p) ** 2} tokens, {len(z)} latents {tuple(z.shape[1:])} of std "
+              f"{z.std().item():.3f}, {world} process(es) on {device}")
+    batch = min(cfg.batch_size, len(z))
+    for epoch in range(start, cfg.epochs):
         model.train()
         torch.manual_seed(cfg.seed + world * epoch + rank)  # own t, eps, drops per rank; the same after --resume
-        run.new_epoch(f"epoch {epoch + 1:3d}/{cfg.epochs}")
-        batches = common.batches(z, y, cfg.batch_size, cfg.seed + epoch)            # the same on every rank
+        t0, epoch_losses = time.perf_counter(), []
+        batches = common.batches(z, y, batch, cfg.seed + epoch)                     # the same on every rank
         for z0, y0 in (common.progress(batches, f"epoch {epoch + 1}/{cfg.epochs}") if rank == 0 else batches):
             z0, y0 = z0[rank::world], y0[rank::world]        # this rank's share of the global batch
-            common.set_lr(run.opt, cfg.lr, run.step, cfg.warmup_steps, total)
+            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, cfg.epochs * (len(z) // batch))
             with common.autocast(device, cfg.amp):           # || eps - eps_theta(z_t, t, y~) ||^2, y~: y or null
                 loss = cfg_loss(ddpm, net, z0, y0, cfg.p_uncond, model.null)
-            run.opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()                                  # under DDP: gradients averaged over the ranks
-            run.opt.step()
-            run.ema.update_parameters(model)
-            run.add(loss, len(z0) * world)                   # the images of the global batch
-        mean = torch.stack(run.epoch_losses).mean()
+            opt.step()
+            ema.update_parameters(model)                     # theta_ema <- d theta_ema + (1 - d) theta
+            epoch_losses.append(loss.detach())               # on the device: no sync per step
+            step += 1
+        epoch_losses = torch.stack(epoch_losses)
+        mean = epoch_losses.mean()
         if world > 1:   # one verdict on every rank: a NaN on any rank stops them all (none waits in a collective)
             dist.all_reduce(mean)
             mean /= world                                    # the mean over all ranks' losses
-        run.end_epoch(mean, quiet=True, save=False)          # NaN guard (before saving), time
+        common.check_finite(mean, step, cfg.ckpt)            # before saving: the last good epoch stays
+        losses += epoch_losses.tolist()
+        seconds = time.perf_counter() - t0
         if rank != 0:
             continue
-        test_losses.append((run.step, test_loss(run.ema.module.eval(), ddpm, z_test, y_test, cfg.seed)))
-        print(f"{run.name}  loss {mean.item():.4f}  test {test_losses[-1][1]:.4f}  {run.seconds:.1f}s  "
-              f"{run.n / run.seconds:.0f} img/s", flush=True)
-        run.save(net=model.config, config=asdict(cfg), scale=scale, test_losses=test_losses)   # + RNG, for --resume
-        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
-            y_grid = torch.arange(model.null, device=device).repeat_interleave(8)   # one row per class
-            x = sample(run.ema.module, ddpm, vae, scale, y_grid, cfg.scale, cfg.ddim_steps, cfg.seed)
-            common.save_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png"), nrow=8)
+        test_losses.append((step, test_loss(ema.module.eval(), ddpm, z_test, y_test, cfg.seed)))
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean.item():.4f}  test {test_losses[-1][1]:.4f}  "
+              f"{seconds:.1f}s  {len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
+        common.save_checkpoint(cfg.ckpt, kind=KIND, net=model.config, config=asdict(cfg), scale=scale,
+                               test_losses=test_losses, model=model.state_dict(), ema=ema.module.state_dict(),
+                               opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=common.rng_state())
+        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # progress grid
+            class_grid(ema.module, ddpm, vae, scale, cfg, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png")
     if world > 1:
         common.check(replicas_in_sync(model), "the DDP replicas diverged; this is a bug, please report it")
         if rank == 0:
             print(f"DDP: the parameters are identical on all {world} ranks")
-    return run.ema.module.eval(), ddpm, dict(config=asdict(cfg), losses=run.losses, test_losses=test_losses)
+    return ema.module.eval(), ddpm, dict(config=asdict(cfg), losses=losses, test_losses=test_losses)
 
 
 def load_trained(ckpt: str, device) -> tuple[DiT, DDPM, dict]:
@@ -343,43 +347,10 @@ def load_trained(ckpt: str, device) -> tuple[DiT, DDPM, dict]:
     return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device), state
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def make_figures(cfg: Config, model: DiT, ddpm: DDPM, vae: VAE, scale: float, state: dict,
-                 x_test, z_test, y_test, device) -> None:
-    """VAE reconstructions and error, the loss curves and final test loss, one guidance grid per w
-    (one row per class, the same noise for every w) with its sampling time, and with --eval N
-    evaluate.py's FD and class accuracy against w (eval.md, eval.png)."""
-    latent_diffusion.vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
-    print(f"latent scale factor s = 1 / std(z_train) = {scale:.4f}")
-    final = test_loss(model, ddpm, z_test, y_test, cfg.seed)
-    print(f"final test loss (EMA DiT, {min(len(z_test), 2000)} test latents): {final:.4f}")
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train": common.smooth(state["losses"]), "test (EMA)":
-                       state["test_losses"]}, title=f"{state['config']['model']}: final test loss {final:.4f}")
-    y = torch.arange(model.null, device=device).repeat_interleave(cfg.n_per_class)   # one row per class
-    for w in cfg.scales:
-        x, seconds = common.timed(device, lambda: sample(model, ddpm, vae, scale, y, w, cfg.ddim_steps, cfg.seed))
-        common.save_grid(x, os.path.join(cfg.out, f"cfg_w{w:g}.png"), nrow=cfg.n_per_class)
-        print(f"w = {w:g}: {len(y)} images ({cfg.ddim_steps} DDIM steps, then the decoder) in {seconds:.2f}s")
-    if cfg.eval > 0:
-        import evaluate  # imported here: its classifier is trained (and cached) on first use
-        ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device)
-        y = torch.arange(cfg.eval, device=device) % model.null                      # balanced classes
-        rows = []
-        for w in cfg.scales:
-            x = torch.cat([sample(model, ddpm, vae, scale, b, w, cfg.ddim_steps, cfg.seed + i)
-                           for i, b in enumerate(common.progress(y.split(1000), f"w = {w:g}"))])
-            rows.append([w, ev.fd(x), ev.accuracy(x, y)])
-        print(common.write_table(os.path.join(cfg.out, "eval.md"), ["w", ev.name, "class accuracy"], rows))
-        common.plot_curves(os.path.join(cfg.out, "eval.png"), {ev.name: [(r[0], r[1]) for r in rows]},
-                           xlabel="guidance weight w", ylabel=ev.name, logy=False,
-                           title=f"{cfg.eval} samples per w; accuracy {', '.join(f'{r[2]:.2f}' for r in rows)}")
-    print(f"figures in {cfg.out}/")
-
-
-def main(argv=None) -> None:
-    cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+def run(cfg: Config):
+    """The checks; then, in torchrun's process group if any, the VAE (trained once, on rank 0, when missing)
+    and the DiT, trained on every rank or loaded (--sample-only).
+    -> on rank 0 (EMA DiT, DDPM, VAE, s, checkpoint state, (test images, latents, labels)), else None"""
     check_config(cfg)
     if cfg.sample_only:
         common.prepare_out(cfg.out)
@@ -393,29 +364,32 @@ def main(argv=None) -> None:
         else:
             x, y = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, 32, device=device)
             if rank == 0:                                    # the VAE: trained once, on rank 0, when missing
-                latent_diffusion.ensure_vae(cfg.vae, x, device, resume=cfg.resume, overwrite=cfg.overwrite,
-                                            epochs=cfg.vae_epochs, base=cfg.vae_base,
-                                            latent_channels=cfg.latent_channels, kl_weight=cfg.kl_weight,
-                                            batch_size=cfg.batch_size, lr=cfg.vae_lr, seed=cfg.seed, amp=cfg.amp)
+                ensure_vae(cfg.vae, x, device, resume=cfg.resume, overwrite=cfg.overwrite, epochs=cfg.vae_epochs,
+                           base=cfg.vae_base, latent_channels=cfg.latent_channels, kl_weight=cfg.kl_weight,
+                           batch_size=cfg.batch_size, lr=cfg.vae_lr, seed=cfg.seed, amp=cfg.amp)
             if world > 1:
                 dist.barrier()                               # the other ranks wait until it is written
-        vae, scale = latent_diffusion.load_vae(cfg.vae, device)
+        vae, scale = load_vae(cfg.vae, device)
         x_test, y_test = common.load_images(cfg.dataset, cfg.data_dir, False, cfg.download, 32, device=device)
-        common.check(vae.config["channels"] == x_test.shape[1], f"the VAE '{cfg.vae}' takes {vae.config['channels']}"
-                     f"-channel images, the data have {x_test.shape[1]}; pass the --vae trained on these images")
+        check_vae_fits(vae, x_test.shape[1:], cfg.vae)
         z_test = encode_latents(vae, x_test) * scale                                     # z_0 = s mu(x)
         if cfg.sample_only:
             check_fits(state, z_test.shape[1:], scale, cfg.ckpt, cfg.vae)
         else:
-            z = encode_latents(vae, x) * scale                                           # (N, 4, 8, 8)
-            if rank == 0:
-                print(f"{len(z)} training latents {tuple(z.shape[1:])} cached on {device}, std {z.std().item():.3f}")
+            z = encode_latents(vae, x) * scale                        # (N, 4, 8, 8), cached on the device
             model, ddpm, state = train(cfg, z, y, z_test, y_test, vae, scale, rank, world, device)
-        if rank == 0:                                        # figures: one process is enough
-            make_figures(cfg, model, ddpm, vae, scale, state, x_test, z_test, y_test, device)
+        return (model, ddpm, vae, scale, state, (x_test, z_test, y_test)) if rank == 0 else None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    """Train (under torchrun: on every rank), or load with --sample-only and draw OUT/samples_wW.png."""
+    cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    trained = run(cfg)
+    if trained and cfg.sample_only:                          # rank 0; training drew its grids as it went
+        class_grid(*trained[:4], cfg, f"samples_w{cfg.scale:g}.png")
 
 
 if __name__ == "__main__":

@@ -30,14 +30,14 @@ evaluations (NFE): NFE = steps for DDIM and 2M, 2 steps - 1 for Heun.
 
 Run:
     python fast_sampling.py                    # base runs/ddpm_mnist/ckpt.pt (trained first if missing)
-    python fast_sampling.py --base-ckpt runs/gallery/cpu/ddpm/ckpt.pt --nfe 5 10 20 --eval 2000
-Figures in runs/fast_sampling/: nfe{N}.png (one row per solver, the same noise), fd_vs_nfe.png and
-nfe_table.md (FD-LeNet, classes found and seconds per solver and NFE, with --eval N), and the
-DDPM-T reference row (--reference, N x T UNet calls).
+    python fast_sampling.py --base-ckpt runs/gallery/cpu/ddpm/ckpt.pt --nfe 5 10 20
+It writes runs/fast_sampling/nfe{N}.png: for each NFE, one row per solver (in the order of --solvers, then
+DDIM eta=1 with --stochastic), all from the same noise. fast_sampling_figures.py takes the same flags (and
+--eval N, --no-reference), labels the rows, and scores each solver and NFE (FD-LeNet, classes found,
+seconds) into fd_vs_nfe.png and nfe_table.md, beside the DDPM-T reference (N x T UNet calls).
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 
@@ -56,21 +56,13 @@ class Config:
     solvers: tuple[str, ...] = field(default=("DDIM", "DPM-Solver++(2M)", "Heun"), metadata={
         "choices": ["DDIM", "DPM-Solver++(2M)", "Heun", "DDIM eta=1"], "help": "solvers to compare"})
     stochastic: bool = field(default=False, metadata={"help": "add DDIM with eta = 1 (fresh noise every step)"})
-    reference: bool = field(default=True, metadata={"help": "DDPM through all T steps as the reference row "
-                            "(--eval N: N x T UNet calls)"})
     clip: bool = field(default=True, metadata={"help": "clip x0_hat to [-1, 1] at every step (all solvers)"})
     n_samples: int = field(default=16, metadata={"min": 1, "help": "images per solver in the nfe{N}.png grids"})
-    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples per solver and NFE with "
-                      "evaluate.py (FD-LeNet, classes found); 0 = off"})
     data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets"})
     download: bool = field(default=True, metadata={"help": "download MNIST when missing"})
     out: str = field(default="runs/fast_sampling", metadata={"help": "folder of the figures"})
     seed: int = field(default=0, metadata={"help": "the same seed gives the same noise and samples"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-
-
-def check_config(cfg: Config) -> None:
-    common.check(cfg.eval != 1, "--eval must be 0 (off) or >= 2 samples, got 1")
 
 
 # ----------------------------------------------------------------------------- the method
@@ -142,62 +134,46 @@ def heun(ddpm: DDPM, model, x_T, steps: int, generator=None):
 SOLVERS = {"DDIM": ddim, "DPM-Solver++(2M)": dpm_solver_2m, "Heun": heun, "DDIM eta=1": ddim_eta1}
 
 
-# ----------------------------------------------------------------------------- figures
+# ----------------------------------------------------------------------------- the comparison
 
 
-def compare(cfg: Config, model, ddpm: DDPM, device, shape) -> list[dict]:
-    """For every NFE: a grid with one row per solver from the same noise; with --eval N, FD-LeNet and
-    seconds of N samples per solver and NFE, the DDPM-T reference, fd_vs_nfe.png and nfe_table.md."""
-    solvers = list(cfg.solvers) + (["DDIM eta=1"] if cfg.stochastic and "DDIM eta=1" not in cfg.solvers else [])
-    eps = ddpm.eps_from(model, cfg.clip)
-    x_T = torch.randn((cfg.n_samples, *shape), device=device, generator=common.generator(device, cfg.seed))
-    for nfe in cfg.nfe:
-        rows = [SOLVERS[s](ddpm, eps, x_T, steps_for(s, nfe), common.generator(device, cfg.seed, 1)) for s in solvers]
-        common.save_grid(torch.cat(rows).clamp(-1, 1), os.path.join(cfg.out, f"nfe{nfe}.png"), nrow=cfg.n_samples)
-    if not cfg.eval:
-        return []
-    import evaluate
-    ev = evaluate.Evaluator("mnist", cfg.data_dir, cfg.download, device, image_size=shape[-1], channels=shape[0])
-
-    def solve(solver, nfe, z, g):
-        return SOLVERS[solver](ddpm, eps, z, steps_for(solver, nfe), g)
-
-    def ddpm_all(z, g):
-        return ddpm.ddpm_sample(eps, z.shape, x_T=z, generator=g)
-    samplers = {(s, nfe): functools.partial(solve, s, nfe) for s in solvers for nfe in cfg.nfe}
-    if cfg.reference:
-        samplers[("DDPM", ddpm.T)] = ddpm_all
-    rows = evaluate.score_sweep(ev, samplers, cfg.eval, shape, device, seed=cfg.seed)
-    for r in rows:                                       # score_sweep's "steps" holds the NFE here
-        r["nfe"] = r.pop("steps")
-    common.write_table(os.path.join(cfg.out, "nfe_table.md"), ["solver", "NFE", "seconds", ev.name, "classes found"],
-                       [[r["sampler"], r["nfe"], r["seconds"], r["fd"], r["classes"]] for r in rows])
-    curves = {s: [(r["nfe"], r["fd"]) for r in rows if r["sampler"] == s] for s in solvers}
-    if cfg.reference:
-        ref = rows[-1]["fd"]
-        curves[f"DDPM {ddpm.T} steps"] = [(min(cfg.nfe), ref), (max(cfg.nfe), ref)]
-    common.plot_curves(os.path.join(cfg.out, "fd_vs_nfe.png"), curves, xlabel="network calls (NFE)", ylabel=ev.name,
-                       title=f"{ev.name} of {cfg.eval} samples against network calls")
-    return rows
-
-
-def main(argv=None) -> list[dict]:
-    """-> the rows of nfe_table.md (empty without --eval)"""
-    cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    check_config(cfg)
-    device = common.get_device(cfg.device)
-    common.setup_speed(device)
-    common.prepare_out(cfg.out)
+def load_base(cfg: Config, device):
+    """ddpm_mnist.py's EMA UNet and process from --base-ckpt (the default one is trained first when missing).
+    -> (model, ddpm, image shape (C, H, W))"""
     path = ddpm_mnist.ensure_trained(cfg.base_ckpt, device, data_dir=cfg.data_dir, download=cfg.download)
     model, ddpm, _ = ddpm_mnist.load_trained(path, device)
     common.check(max(steps_for(s, n) for s in cfg.solvers for n in cfg.nfe) <= ddpm.T,
                  f"--nfe asks for more steps than the base's T = {ddpm.T}; pass smaller counts")
     c = model.config
-    rows = compare(cfg, model, ddpm, device, (c["channels"], c["image_size"], c["image_size"]))
-    for r in rows:
-        print(f"{r['sampler']:18s} NFE {r['nfe']:5d}  {r['seconds']:7.1f}s  {r['fd']:8.2f}  {r['classes']}")
-    print(f"figures in {cfg.out}/")
-    return rows
+    return model, ddpm, (c["channels"], c["image_size"], c["image_size"])
+
+
+def solvers_of(cfg: Config) -> list[str]:
+    """--solvers, then DDIM eta=1 with --stochastic."""
+    return list(cfg.solvers) + (["DDIM eta=1"] if cfg.stochastic and "DDIM eta=1" not in cfg.solvers else [])
+
+
+def samples_per_nfe(cfg: Config, model, ddpm: DDPM, device, shape) -> dict[int, list[torch.Tensor]]:
+    """For every --nfe, the samples of each solver from the same noise x_T (n_samples images):
+    {nfe: [(n_samples, C, H, W) per solver]}."""
+    eps = ddpm.eps_from(model, cfg.clip)
+    x_T = torch.randn((cfg.n_samples, *shape), device=device, generator=common.generator(device, cfg.seed))
+    return {nfe: [SOLVERS[s](ddpm, eps, x_T, steps_for(s, nfe), common.generator(device, cfg.seed, 1))
+                  for s in solvers_of(cfg)] for nfe in cfg.nfe}
+
+
+def main(argv=None) -> dict[int, list[torch.Tensor]]:
+    """nfe{N}.png for every --nfe. -> samples_per_nfe's samples"""
+    cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    device = common.get_device(cfg.device)
+    common.setup_speed(device)
+    common.prepare_out(cfg.out)
+    model, ddpm, shape = load_base(cfg, device)
+    samples = samples_per_nfe(cfg, model, ddpm, device, shape)
+    for nfe, rows in samples.items():                    # one row per solver
+        common.save_grid(torch.cat(rows).clamp(-1, 1), os.path.join(cfg.out, f"nfe{nfe}.png"), nrow=cfg.n_samples)
+    print(f"figures in {cfg.out}/ (labelled rows and FD against NFE: fast_sampling_figures.py)")
+    return samples
 
 
 if __name__ == "__main__":

@@ -79,10 +79,10 @@ RECIPES = {  # profile -> the flags of each command (a part adds --out, --data-d
         cfg_eval=["--scales", "0", "1", "3", "5", "--n-per-class", "20", "--eval", "500"],
         cg=TINY + ["--epochs", "5", "--scales", "3", "--samplers", "ddim", "--n-per-class", "4"],
         cg_eval=["--scales", "0", "1", "3", "10", "--samplers", "ddim", "--n-per-class", "10", "--eval", "500"],
-        controlnet=["--epochs", "5", "--lr", "1e-3", "--n-eval", "16"],
+        controlnet=["--epochs", "5", "--lr", "1e-3"],
         controlnet_eval=["--n-eval", "500"],
         deepcache=["--sweep-steps", "10", "50", "--sweep-intervals", "1", "2", "3", "5", "10", "--batch-size", "64",
-                   "--warmup", "1", "--repeats", "3", "--n-samples", "16"],
+                   "--warmup", "1", "--repeats", "3"],
         latent=["--vae-epochs", "8", "--vae-base", "16", "--unet-base", "32", "--epochs", "40", "--batch-size", "128",
                 "--lr", "2e-3", "--warmup-steps", "200", "--n-samples", "16", "--no-ddpm"],
         latent_eval=["--eval", "2000", "--no-ddpm"],
@@ -115,10 +115,10 @@ RECIPES = {  # profile -> the flags of each command (a part adds --out, --data-d
             "--samplers", "ddim", "--n-per-class", "2"],
         cg_eval=["--scales", "0", "2", "--samplers", "ddim", "--n-per-class", "2", "--ddim-steps", "2", "--eval", "4"],
         controlnet=["--epochs", "1", "--batch-size", "16", "--ddim-steps", "2", "--n-digits", "2",
-                    "--samples-per-edge", "2", "--n-eval", "4"],
+                    "--samples-per-edge", "2"],
         controlnet_eval=["--ddim-steps", "2", "--n-digits", "2", "--samples-per-edge", "2", "--n-eval", "4"],
-        deepcache=["--steps", "2", "--n-samples", "2", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
-                   "--sweep-steps", "2", "--sweep-intervals", "1", "2"],
+        deepcache=["--batch-size", "2", "--warmup", "0", "--repeats", "1", "--sweep-steps", "2", "--sweep-intervals",
+                   "1", "2"],
         latent=["--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1", "--T", "20",
                 "--epochs", "1", "--batch-size", "32", "--n-samples", "2", "--ddim-steps", "2"],
         latent_eval=["--n-samples", "2", "--ddim-steps", "2", "--eval", "4"],
@@ -199,10 +199,11 @@ def scored(rows: list[dict], *keys: str) -> str:
 def ddpm(g: Gallery) -> dict:
     """ddpm_mnist.py: train, then FD-LeNet of the recipe's samplers with x0 clipping (the default),
     and of the last DDIM step count without it, from the same noise."""
-    _, train_s = g.train("ddpm_mnist", "ddpm")
+    _, train_s = g.train("ddpm_figures", "ddpm")          # ddpm_mnist.py's training, then every figure
     ckpt, steps = g.out("ddpm", "ckpt.pt"), "2" if g.cfg.profile == "smoke" else "50"
-    clip, eval_s = g.run("ddpm_mnist", "--sample-only", "--ckpt", ckpt, "--out", g.out("ddpm"), *g.recipe["ddpm_eval"])
-    plain, _ = g.run("ddpm_mnist", "--sample-only", "--ckpt", ckpt, "--out", g.out("ddpm", "no_clip"),
+    clip, eval_s = g.run("ddpm_figures", "--sample-only", "--ckpt", ckpt, "--out", g.out("ddpm"),
+                         *g.recipe["ddpm_eval"])
+    plain, _ = g.run("ddpm_figures", "--sample-only", "--ckpt", ckpt, "--out", g.out("ddpm", "no_clip"),
                      *g.recipe["ddpm_eval"], "--no-clip", "--no-ddpm-grid", "--sweep-steps", steps)
     ddim = next(r for r in clip["eval"] if r["sampler"] == "DDIM" and str(r["steps"]) == steps)
     result = (f"FD-LeNet {ddim['fd']:.1f} with DDIM-{steps}, x0 clipped ({plain['eval'][0]['fd']:.1f} without); "
@@ -213,9 +214,9 @@ def ddpm(g: Gallery) -> dict:
 
 
 def cfg(g: Gallery) -> dict:
-    """cfg.py: train, then class accuracy, within-class diversity and FD-LeNet against w."""
+    """cfg.py: train, then (cfg_sweep.py) class accuracy, within-class diversity and FD-LeNet against w."""
     _, train_s = g.train("cfg", "cfg")
-    rows, eval_s = g.run("cfg", "--sample-only", "--out", g.out("cfg"), *g.recipe["cfg_eval"])
+    rows, eval_s = g.run("cfg_sweep", "--out", g.out("cfg"), *g.recipe["cfg_eval"])
     at = {r[0]: r for r in rows}
     w = 3.0 if 3.0 in at else rows[-1][0]
     result = (f"class accuracy {at[w][2]:.3f} at w = {w:g} ({rows[0][2]:.3f} at w = {rows[0][0]:g}, {rows[-1][2]:.3f} "
@@ -226,11 +227,11 @@ def cfg(g: Gallery) -> dict:
 
 
 def classifier_guidance(g: Gallery) -> dict:
-    """classifier_guidance.py on the ddpm part's base: the noisy classifier's accuracy per t, then
-    guided samples' LeNet accuracy against the scale."""
+    """classifier_guidance.py on the ddpm part's base, then (classifier_guidance_sweep.py) the noisy
+    classifier's accuracy per t and guided samples' LeNet accuracy against the scale."""
     base = ["--base-ckpt", g.out("ddpm", "ckpt.pt")]
     _, train_s = g.train("classifier_guidance", "cg", *base)
-    res, eval_s = g.run("classifier_guidance", "--sample-only", *base, "--out", g.out("cg"), *g.recipe["cg_eval"])
+    res, eval_s = g.run("classifier_guidance_sweep", *base, "--out", g.out("cg"), *g.recipe["cg_eval"])
     per_t, rows = res["accuracy_per_t"], res["rows"]
     result = (f"noisy classifier: test accuracy {per_t[0][1]:.3f} at t = {per_t[0][0]}, {per_t[len(per_t) // 2][1]:.3f} "
               f"at t = {per_t[len(per_t) // 2][0]}, {per_t[-1][1]:.3f} at t = {per_t[-1][0]}; guided LeNet accuracy "
@@ -242,11 +243,11 @@ def classifier_guidance(g: Gallery) -> dict:
 
 
 def controlnet(g: Gallery) -> dict:
-    """controlnet_canny.py on the ddpm part's base: edge F1 against unconditional samples."""
+    """controlnet_canny.py on the ddpm part's base, then controlnet_fidelity.py: edge F1 against
+    unconditional samples."""
     base = ["--base-ckpt", g.out("ddpm", "ckpt.pt")]
     _, train_s = g.train("controlnet_canny", "controlnet", *base)
-    res, eval_s = g.run("controlnet_canny", "--sample-only", *base, "--out", g.out("controlnet"),
-                        *g.recipe["controlnet_eval"])
+    res, eval_s = g.run("controlnet_fidelity", *base, "--out", g.out("controlnet"), *g.recipe["controlnet_eval"])
     c, u, r = res["ControlNet"], res["unconditional"], res["another real digit"]
     result = f"edge F1 (1 px) {c['f1']:.3f} against {u['f1']:.3f} unconditional (exact: {c['f1_exact']:.3f} / " \
              f"{u['f1_exact']:.3f}); real digits on another digit's edges: {r['f1']:.3f}"
@@ -258,7 +259,8 @@ def controlnet(g: Gallery) -> dict:
 
 def deepcache_part(g: Gallery, base: str, ckpt: str) -> dict:
     part = f"deepcache_{base}"
-    res, eval_s = g.run("deepcache", "--base", base, "--base-ckpt", ckpt, *g.recipe["deepcache"], "--out", g.out(part))
+    res, eval_s = g.run("deepcache_sweep", "--base", base, "--base-ckpt", ckpt, *g.recipe["deepcache"],
+                        "--out", g.out(part))
     rows = res["sweep"]
     top = max(r["steps"] for r in rows)
     result = "; ".join(f"{r['steps']} steps, interval {r['interval']}: {r['speedup']:.2f}x, PSNR {r['psnr']:.1f} dB, "
@@ -267,28 +269,29 @@ def deepcache_part(g: Gallery, base: str, ckpt: str) -> dict:
                     [[r["steps"], r["interval"], r["K"], round(r["speedup"], 2), round(r["theory"], 2),
                       round(r["psnr"], 1), round(r["ssim"], 4)] for r in rows])
     return dict(lesson=f"deepcache.py --base {base}", train_s=0.0, eval_s=eval_s, result=result or "-",
-                details=details, figures=g.figures(part, "quality.png", "tradeoff.png"))
+                details=details, figures=g.figures(part, "quality.png", "tradeoff.png", "grid_steps*.png"))
 
 
 def deepcache_ddim(g: Gallery) -> dict:
-    """deepcache.py over the ddpm part's UNet and DDIM: speedup and PSNR/SSIM against the interval."""
+    """deepcache_sweep.py over the ddpm part's UNet and DDIM: speedup and PSNR/SSIM against the interval."""
     return deepcache_part(g, "ddim", g.out("ddpm", "ckpt.pt"))
 
 
 def latent(g: Gallery) -> dict:
-    """latent_diffusion.py: VAE and latent DDPM, then FD-LeNet of decoded DDIM and DDPM samples."""
-    _, train_s = g.train("latent_diffusion", "latent")
-    res, eval_s = g.run("latent_diffusion", "--sample-only", "--out", g.out("latent"), *g.recipe["latent_eval"])
+    """latent_diffusion.py: VAE and latent DDPM, then (latent_figures.py) FD-LeNet of decoded DDIM and DDPM samples."""
+    _, train_s = g.train("latent_figures", "latent")      # latent_diffusion.py's training, then every figure
+    res, eval_s = g.run("latent_figures", "--sample-only", "--out", g.out("latent"), *g.recipe["latent_eval"])
     result = ", ".join(f"FD-LeNet {r['fd']:.1f} with {r['sampler']}-{r['steps']} ({r['classes']})" for r in res["eval"])
     result += f"; VAE test MSE {res['recon_mse']:.4f}, scale factor {res['scale']:.3f}"
+    grid = "ddim.png" if "--no-ddpm" in g.recipe["latent_eval"] else "ddim_vs_ddpm.png"   # the samplers it ran
     return dict(lesson="latent_diffusion.py", train_s=train_s, eval_s=eval_s, result=result,
-                details=scored(res["eval"]), figures=g.figures("latent", "ddim_vs_ddpm.png", "vae_reconstructions.png"))
+                details=scored(res["eval"]), figures=g.figures("latent", grid, "vae_reconstructions.png"))
 
 
 def rf(g: Gallery, space: str, *extra: str) -> dict:
     part = f"rf_{space}"
-    _, train_s = g.train("rectified_flow", part, "--space", space, *extra)
-    res, eval_s = g.run("rectified_flow", "--sample-only", "--space", space, *extra, "--out", g.out(part),
+    _, train_s = g.train("flow_figures", part, "--space", space, *extra)   # rectified_flow.py's training, figures
+    res, eval_s = g.run("flow_figures", "--sample-only", "--space", space, *extra, "--out", g.out(part),
                         *g.recipe["rf_eval"])
     err = {(r["flow"], r["steps"]): r for r in res["steps"]}
     fd = {(r["sampler"], r["steps"]): r["fd"] for r in res["eval"]}
@@ -305,7 +308,7 @@ def rf(g: Gallery, space: str, *extra: str) -> dict:
 
 
 def rf_pixel(g: Gallery) -> dict:
-    """rectified_flow.py in pixel space: Flow-1, reflow pairs, Flow-2; FD and error against steps."""
+    """rectified_flow.py in pixel space: Flow-1, reflow pairs, Flow-2; (flow_figures.py) FD and error against steps."""
     return rf(g, "pixel")
 
 
@@ -315,7 +318,7 @@ def rf_latent(g: Gallery) -> dict:
 
 
 def deepcache_rf(g: Gallery) -> dict:
-    """deepcache.py over the reflowed pixel flow (Flow-2) and its Euler steps."""
+    """deepcache_sweep.py over the reflowed pixel flow (Flow-2) and its Euler steps."""
     return deepcache_part(g, "rf", g.out("rf_pixel", "flow2.pt"))
 
 
@@ -326,7 +329,8 @@ def exercises(g: Gallery) -> dict:
              "cosine 0.95": ["--schedule", "cosine", "--cosine-clip", "0.95"]}
     folder = {name: g.out("exercises", name.replace(" ", "_")) for name in flags}
     again = "--sample-only" if g.cfg.rescore else "--overwrite"      # --rescore: the same figures and scores only
-    seconds = [g.run("ddpm_mnist", *g.recipe["exercise"], *f, "--out", folder[name], again)[1] for name, f in flags.items()]
+    seconds = [g.run("ddpm_figures", *g.recipe["exercise"], *f, "--out", folder[name], again)[1]
+               for name, f in flags.items()]
     train_s = None if g.cfg.rescore else sum(seconds)
     runs = {}
     for compare, names, labels in (("predict", ("eps", "x0", "v"), ("eps", "x0", "v")),
@@ -344,9 +348,10 @@ def exercises(g: Gallery) -> dict:
 
 
 def fast_sampling(g: Gallery) -> dict:
-    """fast_sampling.py on the ddpm part's model: FD-LeNet against network calls for each solver."""
-    rows, eval_s = g.run("fast_sampling", "--base-ckpt", g.out("ddpm", "ckpt.pt"), "--out", g.out("fast_sampling"),
-                         *g.recipe["fast"])
+    """fast_sampling.py on the ddpm part's model: FD-LeNet against network calls for each solver
+    (fast_sampling_figures.py)."""
+    rows, eval_s = g.run("fast_sampling_figures", "--base-ckpt", g.out("ddpm", "ckpt.pt"), "--out",
+                         g.out("fast_sampling"), *g.recipe["fast"])
     fd = {(r["sampler"], r["nfe"]): r["fd"] for r in rows}
     nfes = sorted({n for s, n in fd if s == "DDIM"})
     result = "; ".join(f"NFE {n}: " + ", ".join(f"{s} {fd[s, n]:.1f}" for s in ("DDIM", "DPM-Solver++(2M)", "Heun")
@@ -359,31 +364,32 @@ def fast_sampling(g: Gallery) -> dict:
 
 def gan(g: Gallery) -> dict:
     """gan_mnist.py against ddpm_mnist.py's recipe on the same data and machine, for 3 seeds: FD-LeNet
-    and classes found against training time (the GAN scores itself every few epochs; seed 1's diffusion
-    run is trained in chunks, --resume, scored after each), the losses side by side, and the seconds
-    to sample 1,000 images. Diffusion's seed 0 is the ddpm part's run."""
+    and classes found against training time (the GAN scores itself every few epochs, gan_figures.py at the
+    end; seed 1's diffusion run is trained in chunks, --resume, scored after each), the losses side by
+    side, and the seconds to sample 1,000 images. Diffusion's seed 0 is the ddpm part's run."""
     import ddpm_mnist
+    import gan_figures
     import gan_mnist
     runs, chunks, eval_s = [], g.recipe["gan_chunks"], 0.0    # eval_s: scoring (and loading), not training
     for seed in ("0", "1", "2"):
         out = g.out("gan", f"gan_{seed}")
         again = g.cfg.resume and os.path.exists(os.path.join(out, "ckpt.pt"))
-        res, seconds = g.run("gan_mnist", *g.recipe["gan"], "--seed", seed, "--out", out,
+        res, seconds = g.run("gan_figures", *g.recipe["gan"], "--seed", seed, "--out", out,
                              "--resume" if again else "--overwrite")
         runs.append(dict(res, model="GAN", seed=seed, minutes=res["train_seconds"] / 60))
         eval_s += max(0.0, seconds - res["train_seconds"])    # its scoring (a resumed run: a part of it)
     for seed in ("0", "1", "2"):
         out, curve, minutes = (g.out("ddpm"), [], None) if seed == "0" else (g.out("gan", f"ddpm_{seed}"), [], 0.0)
         for i, epochs in enumerate(chunks if seed == "1" else chunks[-1:] if seed == "2" else ()):
-            _, seconds = g.run("ddpm_mnist", *g.recipe["ddpm"], "--epochs", str(epochs), "--seed", seed, "--out", out,
+            _, seconds = g.run("ddpm_figures", *g.recipe["ddpm"], "--epochs", str(epochs), "--seed", seed, "--out", out,
                                *(["--resume"] if i else ["--overwrite"]))
             minutes += seconds / 60
             if seed == "1" and epochs != chunks[-1]:     # quality on the way, 500 samples (the GAN's every K epochs: N)
-                res, seconds = g.run("ddpm_mnist", "--sample-only", "--out", out, "--eval", "500", "--no-ddpm-grid",
+                res, seconds = g.run("ddpm_figures", "--sample-only", "--out", out, "--eval", "500", "--no-ddpm-grid",
                                      "--sweep-steps", "50", "--seed", seed)
                 curve.append((minutes, epochs, res["eval"][0]["fd"]))
                 eval_s += seconds
-        res, seconds = g.run("ddpm_mnist", "--sample-only", "--out", out, *g.recipe["ddpm_eval"], "--seed", seed)
+        res, seconds = g.run("ddpm_figures", "--sample-only", "--out", out, *g.recipe["ddpm_eval"], "--seed", seed)
         eval_s += seconds
         row = next(r for r in res["eval"] if r["sampler"] == "DDIM")
         if minutes is None:                                  # the ddpm part's run: its recorded training time
@@ -400,7 +406,7 @@ def gan(g: Gallery) -> dict:
     times = {"GAN, one pass": common.timed(device, lambda: gan_mnist.sample(G, n))[1],
              f"DDIM-{steps}": common.timed(device, lambda: ddpm.ddim_sample(eps, x_T.shape, steps, x_T=x_T))[1],
              f"DDPM-{ddpm.T}": common.timed(device, lambda: ddpm.ddpm_sample(eps, x_T.shape, x_T=x_T))[1]}
-    gan_mnist.comparison_figure(g.out("gan", "gan_vs_diffusion.png"), runs, hist, state["losses"])
+    gan_figures.comparison_figure(g.out("gan", "gan_vs_diffusion.png"), runs, hist, state["losses"])
     fd = {m: [r["fd"] for r in runs if r["model"] == m] for m in ("GAN", "diffusion (DDIM-50)")}
     spread = {m: f"{min(v):.1f}-{max(v):.1f} (mean {sum(v) / len(v):.1f})" for m, v in fd.items()}
     result = (f"FD-LeNet over 3 seeds, 2,000 samples: GAN {spread['GAN']}, diffusion {spread['diffusion (DDIM-50)']}; "

@@ -16,18 +16,14 @@ Against diffusion (ddpm_mnist.py): sampling costs one network pass instead of 50
 Images live in [-1, 1] (G ends in tanh).
 
 Run:
-    python gan_mnist.py                              # 30 epochs into runs/gan_mnist/, then the figures
-    python gan_mnist.py --eval 2000 --eval-every 5   # + FD-LeNet and classes found against training time
-    python gan_mnist.py --sample-only --eval 2000    # score runs/gan_mnist/ckpt.pt, no training
+    python gan_mnist.py                              # 30 epochs into runs/gan_mnist/: samples.png, loss.png
+    python gan_mnist.py --eval 2000 --eval-every 5   # + FD-LeNet and classes found every 5 epochs, as it trains
     python gan_mnist.py --resume --epochs 60         # continue a run (a new --lr is taken)
-Figures in --out: samples.png (64 samples of the EMA generator), samples_epochNNN.png during training,
-loss.png (D's and G's losses), and with --eval N: eval.md (FD-LeNet, classes found, seconds to sample
-1,000 images) and, with --eval-every K, fd_vs_time.png and fd_vs_time.json (the curve, in training
-seconds, for gallery.py's comparison with diffusion).
+    python gan_figures.py --sample-only --eval 2000  # score runs/gan_mnist/ckpt.pt: eval.md, fd_vs_time.png
+gan_figures.py takes this script's flags: it trains (or loads) as this one does, then scores the end.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,9 +50,10 @@ class Config(common.RunConfig):
     n_samples: int = field(default=64, metadata={"min": 1, "help": "images per sample grid"})
     sample_every: int = field(default=5, metadata={"min": 1, "help": "epochs between progress grids"})
     eval: int = field(default=0, metadata={"min": 0, "help": "score N samples with evaluate.py (FD-LeNet, "
-                      "classes found) at the end; 0 = off"})
-    eval_every: int = field(default=0, metadata={"min": 0, "help": "with --eval N: also every K epochs during "
-                            "training (fd_vs_time.png); 0 = at the end only"})
+                      "classes found) every --eval-every K epochs while training (gan_figures.py: also at the end); "
+                      "0 = off"})
+    eval_every: int = field(default=0, metadata={"min": 0, "help": "with --eval N: epochs between scores during "
+                            "training (the FD against training time); 0 = none"})
     out: str = field(default="runs/gan_mnist", metadata={"help": "folder of the checkpoint and figures"})
 
 
@@ -130,30 +127,31 @@ class Discriminator(nn.Module):
 
 
 def train(cfg: Config, x_train, device, evaluator=None):
-    """The two-player loop: per batch one Adam step of D, then one of G; the EMA of G samples; one
-    atomic checkpoint per epoch (both players, both optimizers, the RNG: --resume is exact).
-    -> (EMA generator, {"g": G losses, "d": D losses, "fd": [(training seconds, epoch, FD, classes)]})"""
+    """The two-player loop: per batch one Adam step of D, then one of G, then G's EMA (the weights that
+    sample); one atomic checkpoint per epoch with both players, both optimizers and the RNG (--resume is
+    exact; a new --lr is taken). -> (EMA generator, {"g", "d": losses, "fd": [(seconds, epoch, FD, classes)]})"""
     ckpt = os.path.join(cfg.out, "ckpt.pt")
     G, D = Generator(cfg.z_dim, cfg.width).to(device), Discriminator(cfg.width).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    run = common.Run(G, ckpt, KIND, device, cfg.lr, cfg.ema_decay, opt=opt_g)   # G, its EMA, step and G losses
-    history = dict(d=[], fd=[], seconds=0.0)
-    if cfg.resume:        # G, its EMA and optimizer (with the RNG) through run.resume; then D's own
-        state = run.resume(cfg, same=("z_dim", "width"), keys=("disc", "disc_opt", "history"))
+    ema = common.make_ema(G, cfg.ema_decay)                  # theta_ema, G's weights that sample
+    step, start, losses, history = 0, 0, [], dict(d=[], fd=[], seconds=0.0)
+    if cfg.resume:   # G, its EMA, both optimizers and the RNG come back; a changed network is refused
+        state = common.resume(ckpt, device, KIND, G, ema, opt_g, cfg, same=("z_dim", "width"),
+                              keys=("disc", "disc_opt", "history"))
         D.load_state_dict(state["disc"])
         opt_d.load_state_dict(state["disc_opt"])
-        history = state["history"]
-    print(f"G {run.millions():.2f}M, D {run.millions(D):.2f}M parameters; {len(x_train)} training images on {device}")
-    n_batches = len(x_train) // min(cfg.batch_size, len(x_train))
-    for epoch in range(run.epoch, cfg.epochs):
+        step, start, losses, history = state["step"], state["epoch"], state["losses"], state["history"]
+        for group in opt_g.param_groups + opt_d.param_groups:
+            group["lr"] = cfg.lr                             # a constant rate: no warm-up, no decay
+    millions = [sum(p.numel() for p in net.parameters()) / 1e6 for net in (G, D)]
+    print(f"G {millions[0]:.2f}M, D {millions[1]:.2f}M parameters; {len(x_train)} training images on {device}")
+    batch = min(cfg.batch_size, len(x_train))
+    for epoch in range(start, cfg.epochs):
         G.train(), D.train()
-        run.new_epoch(f"epoch {epoch + 1:3d}/{cfg.epochs} (G loss)")
-        d_epoch = []
-        for x, _ in common.progress(common.batches(x_train, batch_size=cfg.batch_size, seed=cfg.seed + epoch),
-                                    f"epoch {epoch + 1}/{cfg.epochs}", n_batches):
-            for opt in (opt_g, opt_d):
-                common.set_lr(opt, cfg.lr, run.step, 0, 1)       # constant: a GAN is not warmed up
+        t0, g_epoch, d_epoch = time.perf_counter(), [], []
+        for x, _ in common.progress(common.batches(x_train, batch_size=batch, seed=cfg.seed + epoch),
+                                    f"epoch {epoch + 1}/{cfg.epochs}", len(x_train) // batch):
             z = torch.randn((len(x), cfg.z_dim), device=device)
             with common.autocast(device, cfg.amp):
                 loss_d = d_loss(D, x, G(z).detach())             # D: data real, fakes generated
@@ -165,28 +163,33 @@ def train(cfg: Config, x_train, device, evaluator=None):
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
-            run.ema.update_parameters(G)
-            d_epoch.append(loss_d.detach())
-            run.add(loss_g, len(x))
-        common.check_finite(torch.stack(d_epoch).mean(), run.step, ckpt)   # D's loss, then G's, before saving
-        run.end_epoch(save=False)
-        history["d"] += torch.stack(d_epoch).tolist()
-        history["seconds"] += run.seconds
+            ema.update_parameters(G)                             # theta_ema <- d theta_ema + (1 - d) theta
+            d_epoch.append(loss_d.detach()), g_epoch.append(loss_g.detach())   # on the device: no sync per step
+            step += 1
+        d_epoch, g_epoch = torch.stack(d_epoch), torch.stack(g_epoch)
+        for mean in (d_epoch.mean(), g_epoch.mean()):           # before saving: the last good epoch stays on disk
+            common.check_finite(mean, step, ckpt)
+        common.sync(device)
+        seconds = time.perf_counter() - t0
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs} (G loss)  loss {g_epoch.mean():.4f}  {seconds:.1f}s  "
+              f"{len(g_epoch) * batch / seconds:.0f} img/s", flush=True)
+        losses += g_epoch.tolist()
+        history["d"] += d_epoch.tolist()
+        history["seconds"] += seconds
         if evaluator is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
-            x = sample(run.ema.module.eval(), cfg.eval, common.generator(device, cfg.seed))
-            history["fd"].append((history["seconds"], epoch + 1, evaluator.fd(x), evaluate_coverage(evaluator, x)))
-            print(f"  after {history['seconds'] / 60:.1f} min of training: {evaluator.name} {history['fd'][-1][2]:.2f}, "
-                  f"{history['fd'][-1][3]}")
-        run.save(net=G.config, config=asdict(cfg), disc=D.state_dict(), disc_opt=opt_d.state_dict(), history=history)
+            import evaluate
+            x = sample(ema.module.eval(), cfg.eval, common.generator(device, cfg.seed))
+            fd, classes = evaluator.fd(x), evaluate.coverage(evaluator.histogram(x))
+            history["fd"].append((history["seconds"], epoch + 1, fd, classes))
+            print(f"  after {history['seconds'] / 60:.1f} min of training: {evaluator.name} {fd:.2f}, {classes}")
+        common.save_checkpoint(ckpt, kind=KIND, net=G.config, config=asdict(cfg), disc=D.state_dict(),
+                               disc_opt=opt_d.state_dict(), history=history, model=G.state_dict(),
+                               ema=ema.module.state_dict(), opt=opt_g.state_dict(), step=step, epoch=epoch + 1,
+                               losses=losses, rng=common.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
-            common.save_grid(sample(run.ema.module.eval(), cfg.n_samples, common.generator(device, cfg.seed)),
+            common.save_grid(sample(ema.module.eval(), cfg.n_samples, common.generator(device, cfg.seed)),
                              os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
-    return run.ema.module.eval(), dict(history, g=run.losses)
-
-
-def evaluate_coverage(evaluator, x) -> str:
-    import evaluate
-    return evaluate.coverage(evaluator.histogram(x))
+    return ema.module.eval(), dict(history, g=losses)
 
 
 def load_trained(path: str, device):
@@ -198,65 +201,9 @@ def load_trained(path: str, device):
     return G.eval(), dict(state["history"], g=state["losses"])
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def make_figures(cfg: Config, G, history: dict, device, evaluator=None) -> dict:
-    """samples.png, loss.png; with an evaluator the FD, classes found and sampling time of cfg.eval
-    samples (eval.md), and the FD-against-training-time curve. -> the results, for gallery.py"""
-    common.save_grid(sample(G, cfg.n_samples, common.generator(device, cfg.seed)), os.path.join(cfg.out, "samples.png"))
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"D loss": common.smooth(history["d"]),
-                                                           "G loss": common.smooth(history["g"])},
-                       logy=False, title="the two players' losses (no loss says when a GAN is done)")
-    results = dict(train_seconds=history["seconds"], fd_history=history["fd"])
-    if evaluator is None:
-        return results
-    _, seconds = common.timed(device, lambda: sample(G, 1000, common.generator(device, cfg.seed + 1)))
-    import evaluate
-    x = sample(G, cfg.eval, common.generator(device, cfg.seed))
-    hist = evaluator.histogram(x)
-    results |= dict(fd=evaluator.fd(x), classes=evaluate.coverage(hist), histogram=hist, sample_seconds_1000=seconds)
-    common.write_table(os.path.join(cfg.out, "eval.md"), ["samples", evaluator.name, "classes found",
-                                                          "seconds to sample 1,000"],
-                       [[cfg.eval, results["fd"], results["classes"], seconds]])
-    print(f"{evaluator.name} {results['fd']:.2f} ({cfg.eval} samples), {results['classes']}; "
-          f"1,000 samples in {seconds:.3f}s")
-    if history["fd"]:
-        with open(os.path.join(cfg.out, "fd_vs_time.json"), "w") as f:
-            json.dump(history["fd"], f)
-        common.plot_curves(os.path.join(cfg.out, "fd_vs_time.png"),
-                           {"GAN": [(s / 60, fd) for s, _, fd, _ in history["fd"]]},
-                           xlabel="training minutes", ylabel=evaluator.name, title="sample quality against training time")
-    return results
-
-
-def comparison_figure(path: str, runs: list[dict], gan_history: dict, diffusion_losses: list) -> None:
-    """The course's comparison in one figure (gallery.py's gan part makes the runs): FD against
-    training minutes (each GAN seed's curve, diffusion's curve where a run has one, x at the end of
-    every run), diffusion's one falling loss, and the GAN's two losses, a game with no end in sight.
-    runs: [{model, seed, minutes, fd, and fd_history (GAN) or curve [(minutes, epoch, fd)]}]"""
-    fig, (a, b, c) = common.figure(1, 3, figsize=(15, 4))
-    for r in runs:
-        color = "tab:red" if r["model"] == "GAN" else "tab:blue"
-        curve = [(s / 60, fd) for s, _, fd, _ in r.get("fd_history", [])] or [(m, fd) for m, _, fd in r.get("curve", [])]
-        if curve:
-            a.plot(*zip(*curve), color=color, alpha=0.6, marker=".", label=f"{r['model']}, seed {r['seed']}")
-        a.scatter([r["minutes"]], [r["fd"]], color=color, marker="x")
-    a.set(xlabel="training minutes", ylabel="FD-LeNet (x: 2,000 samples at the end)", yscale="log",
-          title="sample quality against training time")
-    b.plot(*zip(*common.smooth(diffusion_losses)), color="tab:blue")
-    b.set(xlabel="step", ylabel="eps-MSE", yscale="log", title="diffusion: one loss, falling")
-    for name, key, color in (("D", "d", "tab:gray"), ("G", "g", "tab:red")):
-        c.plot(*zip(*common.smooth(gan_history[key])), color=color, label=name)
-    c.set(xlabel="step", ylabel="loss", title="GAN: two losses, a game")
-    common.save_figure(fig, path, dpi=110, legend=7)
-
-
-def main(argv=None) -> dict:
-    """Train (or load, --sample-only) and make the figures. -> make_figures' results"""
-    cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    check_config(cfg)
-    device = common.get_device(cfg.device)
+def train_or_load(cfg: Config, device):
+    """--sample-only: the run in cfg.out; otherwise a new run (or --resume) trained there, scored every
+    --eval-every K epochs. -> (EMA generator, history, the evaluator of --eval N or None)"""
     ckpt = os.path.join(cfg.out, "ckpt.pt")
     common.prepare_out(cfg.out)
     if cfg.sample_only:
@@ -274,9 +221,34 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         G, history = train(cfg, x_train, device, evaluator)
         print(f"trained in {(time.perf_counter() - t0) / 60:.1f} min ({history['seconds'] / 60:.1f} min of epochs)")
-    results = make_figures(cfg, G, history, device, evaluator)
-    print(f"figures in {cfg.out}/")
-    return results
+    return G, history, evaluator
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def samples_and_losses(out: str, G, history: dict, n: int, seed: int, device) -> None:
+    """samples.png (n images of the EMA generator) and loss.png (D's loss against G's)."""
+    common.save_grid(sample(G, n, common.generator(device, seed)), os.path.join(out, "samples.png"))
+    common.plot_curves(os.path.join(out, "loss.png"), {"D loss": common.smooth(history["d"]),
+                                                       "G loss": common.smooth(history["g"])},
+                       logy=False, title="GAN: D's loss against G's (no loss says when a GAN is done)")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    """Train (or load, --sample-only), then samples.png and loss.png. -> the training seconds and FD record"""
+    cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    check_config(cfg)
+    common.check(not cfg.eval or (cfg.eval_every and not cfg.sample_only), "--eval N scores while training "
+                 "(with --eval-every K); to score a run at its end: python gan_figures.py --eval N [--sample-only]")
+    device = common.get_device(cfg.device)
+    G, history, _ = train_or_load(cfg, device)
+    samples_and_losses(cfg.out, G, history, cfg.n_samples, cfg.seed, device)
+    print(f"figures in {cfg.out}/ (eval.md and fd_vs_time.png: gan_figures.py)")
+    return dict(train_seconds=history["seconds"], fd_history=history["fd"])
 
 
 if __name__ == "__main__":

@@ -1,34 +1,27 @@
-"""Latent diffusion on MNIST: a VAE compresses 1x28x28 images to 4x7x7 latents, and DDPM runs
-there (Rombach et al., 2022), 16x fewer positions than pixel space.
+"""Latent diffusion on MNIST: a VAE compresses 1x28x28 images to 4x7x7 latents and DDPM runs there
+(Rombach et al., 2022), on 16x fewer positions than pixel space.
 
-1. VAE (Kingma & Welling, 2014). The encoder gives q(z | x) = N(mu(x), diag(exp(logvar(x)))),
-   z = mu + exp(logvar / 2) * eps (the reparameterisation trick, so gradients reach mu, logvar),
-   the decoder gives x_hat(z). Per image, summed over pixels and latent entries:
+1. VAE (Kingma & Welling, 2014): q(z | x) = N(mu(x), diag(exp(logvar(x)))), sampled as
+   z = mu + exp(logvar / 2) * eps (reparameterised: gradients reach mu, logvar); decoder x_hat(z).
        L_VAE = ||x - x_hat||^2 + kl_weight * KL,  KL = 1/2 sum(mu^2 + exp(logvar) - 1 - logvar)
-   A small KL weight keeps reconstructions sharp; the KL only stops the latent from drifting.
-2. Latent scale factor (as in Stable Diffusion): the latents are the posterior means mu of the
-   training set, multiplied by s = 1 / std(mu), so the diffusion model sees unit-variance data,
-   matched to its N(0, I) prior.
-3. DDPM on z0 = s * mu(x) with a small UNet; samples z0 (DDPM or DDIM, imported unchanged from
-   ddpm_mnist.py) are decoded: x = x_hat(z0 / s). 7 is odd, so the latent UNet has a single 7x7
-   resolution (self-attention over all 49 positions); an 8x8 latent (CIFAR) gets two.
-Images live in [-1, 1]; DDPM time t is an integer step 0..T-1. The VAE is saved at --vae
-(default OUT/vae.pt) with its scale factor; rectified_flow.py and dit_cifar.py reuse it through
-`ensure_vae` (which trains it when missing) and `load_vae`.
+   summed over one image's entries; a small KL weight keeps reconstructions sharp.
+2. Scale factor (as in Stable Diffusion): z0 = s * mu(x), s = 1 / std(mu) over the training set:
+   unit-variance data, matched to the diffusion's N(0, I) prior.
+3. DDPM on z0 (ddpm_mnist.py's process and UNet); samples are decoded, x = x_hat(z0 / s). 7 is odd,
+   so the latent UNet has one 7x7 level (attention over all 49 positions); 8x8 latents get two.
+Images live in [-1, 1]; DDPM time t is an integer step 0..T-1. The VAE is saved with s at --vae
+(default OUT/vae.pt); rectified_flow.py and dit_cifar.py reuse it (`ensure_vae`, `load_vae`).
 
-Run:
-    python latent_diffusion.py                  # VAE (once), latent DDPM, figures in runs/latent_diffusion/
-    python latent_diffusion.py --sample-only    # figures from OUT/ckpt.pt and the VAE, no training
+Run (latent_figures.py takes the same flags: DDIM against DDPM, --eval N for FD-LeNet):
+    python latent_diffusion.py                  # VAE (once), latent DDPM: grids, vae_reconstructions.png, loss.png
+    python latent_diffusion.py --sample-only    # OUT/samples.png from OUT/ckpt.pt and the VAE, no training
     python latent_diffusion.py --resume         # continue an interrupted run
-    python latent_diffusion.py --eval 10000     # + FD-LeNet of DDIM and DDPM samples (evaluate.py)
-Figures in OUT: vae_reconstructions.png (test originals on top, reconstructions below),
-ddim_vs_ddpm.png (DDIM samples in the top half, DDPM samples from the same latent noise below),
-samples_epochNNN.png and loss.png; printed: scale factor, test reconstruction error, sampling times.
+    python latent_figures.py --sample-only --eval 10000   # + FD-LeNet of DDIM and DDPM samples (evaluate.py)
 """
 from __future__ import annotations
 
-import functools
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -43,8 +36,7 @@ VAE_KIND, UNET_KIND = "latent_diffusion.py VAE", "latent_diffusion.py latent UNe
 @dataclass
 class Config(common.RunConfig):
     dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder"})
-    vae: str = field(default="", metadata={"help": "VAE checkpoint, trained there when missing, reused "
-                     "when finished (default OUT/vae.pt)"})
+    vae: str = field(default="", metadata={"help": "VAE checkpoint, trained when missing (default OUT/vae.pt)"})
     vae_epochs: int = field(default=20, metadata={"min": 1})
     vae_base: int = field(default=32, metadata={"min": 1, "help": "VAE width"})
     latent_channels: int = field(default=4, metadata={"min": 1})
@@ -59,12 +51,8 @@ class Config(common.RunConfig):
     warmup_steps: int = field(default=500, metadata={"min": 0})
     ema_decay: float = field(default=0.999, metadata={"min": 0})
     ddim_steps: int = field(default=50, metadata={"min": 1})
-    ddpm: bool = field(default=True, metadata={"help": "also sample with DDPM's T steps (ddim_vs_ddpm.png, --eval); "
-                       "--no-ddpm: DDIM only (--eval N then costs N x ddim_steps latent UNet calls, not N x T more)"})
     n_samples: int = field(default=32, metadata={"min": 1, "help": "images per sample grid"})
     sample_every: int = field(default=10, metadata={"min": 1, "help": "epochs between progress grids"})
-    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples of DDIM and of DDPM (--no-ddpm: DDIM only) with "
-                      "evaluate.py into OUT/eval.md; 0 = off; costs N x (T + ddim_steps) latent UNet calls"})
     out: str = "runs/latent_diffusion"
 
 
@@ -73,7 +61,6 @@ def check_config(cfg: Config) -> None:
     common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
     common.check(cfg.ema_decay < 1, f"--ema-decay must be < 1, got {cfg.ema_decay}")
     common.check(cfg.ddim_steps <= cfg.T, f"--ddim-steps must be in 1..--T ({cfg.T}), got {cfg.ddim_steps}")
-    common.check(cfg.eval != 1, "--eval must be 0 (off) or >= 2 samples, got 1")
 
 
 # ----------------------------------------------------------------------------- the method
@@ -180,10 +167,9 @@ def load_vae(path: str, device) -> tuple[VAE, float]:
 def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: bool = False, epochs: int = 20,
                base: int = 32, latent_channels: int = 4, kl_weight: float = 1e-3, batch_size: int = 256,
                lr: float = 5e-4, seed: int = 0, amp: bool = True) -> tuple[VAE, float]:
-    """The finished VAE at `path`, or else train it there and add its latent scale factor s. An
-    unfinished VAE in the file (an interrupted run) follows every trainer's rule: `resume` continues
-    it, `overwrite` trains a new one, neither stops in one line. x_train: (N, C, H, W) in [-1, 1].
-    -> (vae, s)"""
+    """The finished VAE at `path`, or else train it there (no EMA: the VAE is used as trained) and add its
+    scale factor s. An unfinished one continues with `resume`, is replaced with `overwrite`, else stops in
+    one line. x_train: (N, C, H, W) in [-1, 1]. -> (vae, s)"""
     common.check(path and not os.path.isdir(path), f"--vae '{path}' is not a file path; pass one such as vae.pt")
     device = torch.device(device)                         # (a name such as "cpu" will do)
     old = common.load_checkpoint(path, device, VAE_KIND, keys=("net",)) if os.path.isfile(path) else None
@@ -199,78 +185,129 @@ def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: b
     torch.manual_seed(seed)                               # the same VAE whichever script trains it
     vae = (VAE(**old["net"]) if old else VAE(x_train.shape[1], latent_channels, base)).to(device)
     check_vae_fits(vae, x_train.shape[1:], path)
-    run = common.Run(vae, path, VAE_KIND, device, lr, ema_decay=0.0)   # decay 0: the VAE is used as trained
-    if old:
-        run.resume(None)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, fused=device.type == "cuda")
     config = dict(epochs=epochs, kl_weight=kl_weight, batch_size=batch_size, lr=lr, seed=seed)
-    print(f"VAE: {run.millions():.2f}M parameters, training {path}")
-    n_batches = len(x_train) // min(batch_size, len(x_train))
-    for epoch in range(run.epoch, epochs):
+    step, start, losses, state = 0, 0, [], {}
+    if old:                                               # weights, optimizer and RNG come back
+        state = common.resume(path, device, VAE_KIND, vae, None, opt)
+        step, start, losses = state["step"], state["epoch"], state["losses"]
+    print(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, training {path}")
+    batch = min(batch_size, len(x_train))
+    n_batches = len(x_train) // batch
+    for epoch in range(start, epochs):
         vae.train()
-        run.new_epoch(f"VAE epoch {epoch + 1}/{epochs}")
-        for x, _ in common.progress(common.batches(x_train, batch_size=batch_size, seed=seed + epoch),
+        t0, epoch_losses = time.perf_counter(), []
+        for x, _ in common.progress(common.batches(x_train, batch_size=batch, seed=seed + epoch),
                                     f"VAE epoch {epoch + 1}/{epochs}", n_batches):
-            common.set_lr(run.opt, lr, run.step, 0, epochs * n_batches)         # constant lr, no warm-up
+            common.set_lr(opt, lr, step, 0, epochs * n_batches)              # constant lr, no warm-up
             with common.autocast(device, amp):
                 loss = vae_loss(x, *vae(x), kl_weight)[0]                    # ||x - x_hat||^2 + w KL
-            run.opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            run.opt.step()
-            run.ema.update_parameters(vae)
-            run.add(loss, len(x))
-        run.end_epoch(net=vae.config, config=config)      # NaN guard, loss/time/img/s line, checkpoint
+            opt.step()
+            epoch_losses.append(loss.detach())
+            step += 1
+        epoch_losses = torch.stack(epoch_losses)
+        common.check_finite(epoch_losses.mean(), step, path)   # before saving: the last good epoch stays
+        losses += epoch_losses.tolist()
+        seconds = time.perf_counter() - t0
+        print(f"VAE epoch {epoch + 1}/{epochs}  loss {epoch_losses.mean().item():.4f}  {seconds:.1f}s  "
+              f"{n_batches * batch / seconds:.0f} img/s", flush=True)
+        # no EMA: the VAE is used as trained, and the "ema" entry every checkpoint has holds its weights
+        state = dict(kind=VAE_KIND, net=vae.config, config=config, model=vae.state_dict(), ema=vae.state_dict(),
+                     opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=common.rng_state())
+        common.save_checkpoint(path, **state)
     scale = latent_scale(encode_latents(vae.eval(), x_train))   # s = 1 / std(mu) over the training set
     print(f"latent scale factor s = 1 / std(mu) = {scale:.4f} (over {len(x_train)} training latents)")
-    run.save(net=vae.config, config=config, scale=scale)
+    common.save_checkpoint(path, **state | dict(config=config, scale=scale))   # finished: the last checkpoint + s
     return vae.requires_grad_(False), scale
 
 
 def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tuple[UNet, DDPM]:
-    """DDPM (Algorithm 1) on the scaled latents z_train (N, c_z, h, w); one checkpoint per epoch.
+    """DDPM (Algorithm 1) on the scaled latents z_train (N, c_z, h, w), one checkpoint per epoch.
     -> (the EMA UNet in eval mode, the diffusion process)"""
     model = latent_unet(z_train.shape[1:], cfg.unet_base, cfg.unet_res).to(device)
-    run = common.Run(model, ckpt, UNET_KIND, device, cfg.lr, cfg.ema_decay)   # + the EMA, AdamW, step and losses
+    ema = common.make_ema(model, cfg.ema_decay)           # theta_ema, the weights that sample
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     ddpm = DDPM(cfg.T, cfg.schedule).to(device)
-    if cfg.resume:
-        run.resume(cfg, same=("T", "schedule", "unet_base", "unet_res", "dataset"))
+    step, start, losses = 0, 0, []
+    if cfg.resume:  # weights, EMA, optimizer and RNG come back; a changed process or network is refused
+        state = common.resume(ckpt, device, UNET_KIND, model, ema, opt, cfg,
+                              same=("T", "schedule", "unet_base", "unet_res", "dataset"))
+        step, start, losses = state["step"], state["epoch"], state["losses"]
     net = torch.compile(model) if cfg.compile else model
-    print(f"latent UNet: {run.millions():.2f}M parameters, {len(z_train)} latents of shape "
-          f"{tuple(z_train.shape[1:])} on {device}")
-    n_batches = len(z_train) // min(cfg.batch_size, len(z_train))
-    for epoch in range(run.epoch, cfg.epochs):
+    print(f"latent UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(z_train)} "
+          f"latents of shape {tuple(z_train.shape[1:])} on {device}")
+    batch = min(cfg.batch_size, len(z_train))
+    n_batches = len(z_train) // batch
+    for epoch in range(start, cfg.epochs):
         model.train()
-        run.new_epoch(f"epoch {epoch + 1}/{cfg.epochs}", "latents/s")
-        for z0, _ in common.progress(common.batches(z_train, batch_size=cfg.batch_size, seed=cfg.seed + epoch),
+        t0, epoch_losses = time.perf_counter(), []
+        for z0, _ in common.progress(common.batches(z_train, batch_size=batch, seed=cfg.seed + epoch),
                                      f"epoch {epoch + 1}/{cfg.epochs}", n_batches):
-            common.set_lr(run.opt, cfg.lr, run.step, cfg.warmup_steps, cfg.epochs * n_batches)
+            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, cfg.epochs * n_batches)
             with common.autocast(device, cfg.amp):
                 loss = ddpm.loss(net, z0)                 # || eps - eps_theta(z_t, t) ||^2, z_t from z0 = s mu(x)
-            run.opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            run.opt.step()
-            run.ema.update_parameters(model)
-            run.add(loss, len(z0))
-        run.end_epoch(net=model.config, config=asdict(cfg), scale=scale)   # NaN guard, line, checkpoint
+            opt.step()
+            ema.update_parameters(model)                  # theta_ema <- d theta_ema + (1 - d) theta
+            epoch_losses.append(loss.detach())            # on the device: no sync per step
+            step += 1
+        epoch_losses = torch.stack(epoch_losses)
+        common.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays
+        losses += epoch_losses.tolist()
+        seconds = time.perf_counter() - t0
+        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {epoch_losses.mean().item():.4f}  {seconds:.1f}s  "
+              f"{n_batches * batch / seconds:.0f} latents/s", flush=True)
+        common.save_checkpoint(ckpt, kind=UNET_KIND, net=model.config, config=asdict(cfg), scale=scale,
+                               model=model.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(),
+                               step=step, epoch=epoch + 1, losses=losses, rng=common.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # progress grid (own generator)
-            z0 = ddpm.ddim_sample(run.ema.module.eval(), (cfg.n_samples, *z_train.shape[1:]), cfg.ddim_steps,
+            z0 = ddpm.ddim_sample(ema.module.eval(), (cfg.n_samples, *z_train.shape[1:]), cfg.ddim_steps,
                                   generator=common.generator(device, cfg.seed))
             common.save_grid(decode(vae, z0, scale), os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"latent DDPM loss": common.smooth(run.losses)})
-    return run.ema.module.eval(), ddpm
+    return ema.module.eval(), ddpm
 
 
-def load_trained(path: str, device, scale: float, vae_path: str) -> tuple[UNet, DDPM]:
-    """The EMA UNet and diffusion process of `path`, checked against the VAE (scale s) it needs."""
+def load_trained(path: str, device, vae_path: str) -> tuple[UNet, DDPM, VAE, float]:
+    """The EMA UNet and diffusion process of `path`, and the VAE of `vae_path` it was trained on, with its s."""
     state = common.load_checkpoint(path, device, UNET_KIND, keys=("net", "ema", "config", "scale"),
                                    hint="train first (drop --sample-only)")
+    vae, scale = load_vae(vae_path, device)
     common.check(abs(state["scale"] - scale) < 1e-6 * scale, f"'{path}' was trained with another VAE "
                  f"(scale {state['scale']:.4f}; '{vae_path}' has {scale:.4f}); pass the --vae it was trained with")
     model = UNet(**state["net"]).to(device)
     common.load_weights(model, state["ema"], path)
-    return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device)
+    return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device), vae, scale
 
 
-# ----------------------------------------------------------------------------- figures
+def train_or_load(cfg: Config, device) -> tuple[UNet, DDPM, VAE, float, torch.Tensor]:
+    """Train the VAE (when missing) and the latent UNet, or load both (--sample-only).
+    -> (the EMA UNet, the diffusion process, the VAE, its s, the test images)"""
+    ckpt, vae_path = os.path.join(cfg.out, "ckpt.pt"), cfg.vae or os.path.join(cfg.out, "vae.pt")
+    if cfg.sample_only:                                   # both files first: never train a VAE only to stop
+        for path, flag in ((vae_path, "--vae"), (ckpt, "--out")):
+            common.check(os.path.isfile(path), f"--sample-only: '{path}' not found; train first (drop "
+                         f"--sample-only), or pass the {flag} of a trained run")
+        common.prepare_out(cfg.out)
+        model, ddpm, vae, scale = load_trained(ckpt, device, vae_path)
+    else:
+        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)   # before any work: nothing is overwritten
+        if cfg.resume:                                    # the run to continue is ours, and its VAE is there
+            load_trained(ckpt, device, vae_path)
+    x_test, _ = common.load_images(cfg.dataset, cfg.data_dir, False, cfg.download, device=device)  # bad: stop now
+    if not cfg.sample_only:
+        x_train, _ = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, device=device)
+        vae, scale = ensure_vae(vae_path, x_train, device, resume=cfg.resume, overwrite=cfg.overwrite,
+                                epochs=cfg.vae_epochs, base=cfg.vae_base, latent_channels=cfg.latent_channels,
+                                kl_weight=cfg.kl_weight, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, amp=cfg.amp)
+        z_train = encode_latents(vae, x_train) * scale    # z0 = s * mu(x): unit variance
+        print(f"training latents: std {z_train.std().item():.3f} after scaling")
+        common.seed_everything(cfg.seed)                  # the same UNet run whether the VAE was trained now or not
+        model, ddpm = train(cfg, z_train, vae, scale, ckpt, device)
+    check_vae_fits(vae, x_test.shape[1:], vae_path)
+    return model, ddpm, vae, scale, x_test
 
 
 @torch.no_grad()
@@ -283,74 +320,21 @@ def vae_figure(vae: VAE, x_test, path: str) -> float:
     return mse
 
 
-def make_figures(cfg: Config, model, ddpm: DDPM, vae: VAE, scale: float, x_test, device) -> dict:
-    """VAE reconstructions, DDIM (top) against DDPM (bottom) from the same noise, sampling times,
-    and (with --eval N) the FD of each sampler. -> {recon_mse, scale, eval: score_sweep's rows}"""
-    recon_mse = vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
-    c = model.config
-    shape = (cfg.n_samples, c["channels"], c["image_size"], c["image_size"])   # (N, c_z, h, w)
-    z_T = torch.randn(shape, device=device, generator=common.generator(device, cfg.seed))
-    samplers = {  # (name, steps): fn(z_T, generator) -> latents z0
-        ("DDIM", cfg.ddim_steps): lambda z, g: ddpm.ddim_sample(model, z.shape, cfg.ddim_steps, x_T=z),
-        ("DDPM", ddpm.T): lambda z, g: ddpm.ddpm_sample(model, z.shape, x_T=z, generator=g),
-    }
-    if not cfg.ddpm:
-        del samplers["DDPM", ddpm.T]
-    rows = []
-    for (name, steps), sample in samplers.items():
-        g = common.generator(device, cfg.seed, stream=1)           # the DDPM steps' z, independent of z_T
-        z0, seconds = common.timed(device, lambda: sample(z_T, g))
-        x, decode_seconds = common.timed(device, lambda: decode(vae, z0, scale))
-        rows.append(x)
-        print(f"{name} {steps} steps: {seconds:.2f}s for {len(x)} latents, + {decode_seconds:.2f}s to decode them")
-    common.save_grid(torch.cat(rows), os.path.join(cfg.out, "ddim_vs_ddpm.png"), nrow=8)
-    rows = []
-    if cfg.eval:  # opt-in: FD in a cached classifier's features (see evaluate.py)
-        import evaluate
-        ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device)
-
-        def decoding(sampler, z, g):                       # the latents a sampler makes, decoded to images
-            return decode(vae, sampler(z, g), scale)
-        decoded = {k: functools.partial(decoding, f) for k, f in samplers.items()}
-        rows = evaluate.score_sweep(ev, decoded, cfg.eval, shape[1:], device, os.path.join(cfg.out, "eval.md"),
-                                    cfg.seed)
-    return dict(recon_mse=recon_mse, scale=scale, eval=rows)
-
-
 def main(argv=None) -> dict:
+    """Train (or load, --sample-only, and draw OUT/samples.png); the VAE's reconstructions. -> {recon_mse, scale}"""
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
     check_config(cfg)
     device = common.get_device(cfg.device)
     common.setup_speed(device)
-    ckpt, vae_path = os.path.join(cfg.out, "ckpt.pt"), cfg.vae or os.path.join(cfg.out, "vae.pt")
-    if cfg.sample_only:                                   # both files first: never train a VAE only to stop
-        for path, flag in ((vae_path, "--vae"), (ckpt, "--out")):
-            common.check(os.path.isfile(path), f"--sample-only: '{path}' not found; train first (drop "
-                         f"--sample-only), or pass the {flag} of a trained run")
-        common.prepare_out(cfg.out)
-        vae, scale = load_vae(vae_path, device)
-        model, ddpm = load_trained(ckpt, device, scale, vae_path)
-    else:
-        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)   # before any work: nothing is overwritten
-        if cfg.resume:                                    # the run to continue is ours, and its VAE is there
-            common.load_checkpoint(ckpt, device, UNET_KIND)
-            load_trained(ckpt, device, load_vae(vae_path, device)[1], vae_path)
-    # the test images of the figures, read now: a bad file stops the run before any training
-    x_test, _ = common.load_images(cfg.dataset, cfg.data_dir, False, cfg.download, device=device)
-    if not cfg.sample_only:
-        x_train, _ = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, device=device)
-        vae, scale = ensure_vae(vae_path, x_train, device, resume=cfg.resume, overwrite=cfg.overwrite,
-                                epochs=cfg.vae_epochs, base=cfg.vae_base,
-                                latent_channels=cfg.latent_channels, kl_weight=cfg.kl_weight,
-                                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, amp=cfg.amp)
-        z_train = encode_latents(vae, x_train) * scale    # z0 = s * mu(x): unit variance
-        print(f"training latents: std {z_train.std().item():.3f} after scaling")
-        common.seed_everything(cfg.seed)                  # the same UNet run whether the VAE was trained now or not
-        model, ddpm = train(cfg, z_train, vae, scale, ckpt, device)
-    check_vae_fits(vae, x_test.shape[1:], vae_path)
-    results = make_figures(cfg, model, ddpm, vae, scale, x_test, device)
-    print(f"figures in {cfg.out}/")
-    return results
+    model, ddpm, vae, scale, x_test = train_or_load(cfg, device)
+    if cfg.sample_only:                                   # training drew its grids as it went (same noise)
+        c = model.config                                  # latents (c_z, h, w)
+        z0 = ddpm.ddim_sample(model, (cfg.n_samples, c["channels"], c["image_size"], c["image_size"]), cfg.ddim_steps,
+                              generator=common.generator(device, cfg.seed))
+        common.save_grid(decode(vae, z0, scale), os.path.join(cfg.out, "samples.png"))
+    recon_mse = vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
+    print(f"figures in {cfg.out}/ (DDIM against DDPM, FD-LeNet: latent_figures.py)")
+    return dict(recon_mse=recon_mse, scale=scale)
 
 
 if __name__ == "__main__":

@@ -1,37 +1,29 @@
 """Rectified flow (Liu et al., 2022; Lipman et al., 2022) on MNIST, in pixel space or in the latent
 space of latent_diffusion.py's VAE, and reflow: straightening the flow so that few steps suffice.
 
-Convention (used everywhere below): time t in [0, 1]; x0 ~ N(0, I) is NOISE at t = 0 and x1 is
-DATA at t = 1. Between a noise/data pair, the straight line
-    x_t = (1 - t) x0 + t x1,  whose velocity is  dx_t/dt = x1 - x0.
-A network v_theta(x_t, t) learns that velocity by regression, t ~ U[0, 1]:
+Convention: time t in [0, 1]; x0 ~ N(0, I) is NOISE at t = 0 and x1 is DATA at t = 1. Between a
+noise/data pair the straight line x_t = (1 - t) x0 + t x1 has velocity dx_t/dt = x1 - x0, which a
+network v_theta(x_t, t) learns by regression, t ~ U[0, 1]:
     L = E || (x1 - x0) - v_theta(x_t, t) ||^2
 Its minimiser is v(x, t) = E[x1 - x0 | x_t = x]: where lines cross it averages them, so the ODE
-dx/dt = v(x, t), integrated from noise at t = 0 to t = 1 with Euler steps
+dx/dt = v, integrated from noise at t = 0 to t = 1 with Euler steps
     x_{t+dt} = x_t + dt * v_theta(x_t, t),  dt = 1 / steps,
 moves noise to data along curved paths (one Euler step lands on the blurry mean).
-Reflow: draw noise x0, solve the ODE of this Flow-1 for x1 = Flow-1(x0) once, and train Flow-2
-(initialised from Flow-1) on these fixed pairs. Paired paths cross less, so Flow-2's paths are
-straighter and few Euler steps suffice. Straightness of a path x_t with endpoints x0, x1:
-    S = int_0^1 || (x1 - x0) - v(x_t, t) ||^2 dt   (0 for a straight line at constant speed)
-and its mean squared deviation from the chord (1 - t) x0 + t x1.
-The velocity network is ddpm_mnist.py's UNet (latent_diffusion.py's single-level one for 4x7x7
-latents); it reads 1000 t so that its sinusoidal time embedding sees DDPM's range of steps.
+Reflow: draw noise x0, solve Flow-1's ODE once for x1 = Flow-1(x0), and train Flow-2 (initialised
+from Flow-1) on these fixed pairs. Paired paths cross less: Flow-2's are straighter, few steps suffice.
+Straightness of a path with endpoints x0, x1 (0 for a straight line at constant speed):
+    S = int_0^1 || (x1 - x0) - v(x_t, t) ||^2 dt,  and its mean squared distance from the chord.
+The velocity network is ddpm_mnist.py's UNet (latent_diffusion.py's one-level UNet for 4x7x7 latents),
+fed 1000 t so that its sinusoidal time embedding sees DDPM's range of steps.
 
-Run:
-    python rectified_flow.py                      # pixel space: Flow-1, pairs, Flow-2, figures
+Run (into runs/rectified_flow/SPACE; flow_figures.py takes the same flags and makes the figures):
+    python rectified_flow.py                      # pixel space: Flow-1, pairs, Flow-2, samples.png
     python rectified_flow.py --space latent       # in the VAE's latent space (trained when missing)
-    python rectified_flow.py --sample-only        # figures from OUT/flow1.pt and OUT/flow2.pt
-    python rectified_flow.py --resume --eval 10000  # continue an interrupted run, then score the flows
-Figures in OUT (runs/rectified_flow/SPACE): noise_vs_flow-1.png and noise_vs_flow-2.png (noise x0
-on top, in latent space decoded by the VAE, over its generation below), steps_comparison.png (rows:
-Flow-1 at each --steps, then Flow-2, same noise), steps_error.png, loss.png, and
-steps_table.md (time, error against the many-step solution, straightness); with --eval N,
-eval.md (FD-LeNet and classes found for every flow and step count).
+    python rectified_flow.py --sample-only        # samples.png from OUT/flow1.pt and OUT/flow2.pt
+    python flow_figures.py --sample-only --eval 10000   # error and FD against Euler steps, straightness
 """
 from __future__ import annotations
 
-import functools
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,8 +42,8 @@ KIND, PAIRS_KIND = "rectified_flow.py flow", "rectified_flow.py reflow pairs"
 class Config(common.RunConfig):
     space: str = field(default="pixel", metadata={"choices": ["pixel", "latent"]})
     dataset: str = field(default="mnist", metadata={"help": "mnist, cifar10, or an image folder"})
-    vae: str = field(default="runs/latent_diffusion/vae.pt", metadata={"help": "--space latent: the VAE of "
-                     "latent_diffusion.py, trained there (its defaults) when missing"})
+    vae: str = field(default="runs/latent_diffusion/vae.pt", metadata={"help": "--space latent: "
+                     "latent_diffusion.py's VAE, trained there when missing"})
     vae_epochs: int = field(default=20, metadata={"min": 1, "help": "epochs when the VAE must be trained first"})
     preset: str = field(default="mnist", metadata={"help": "pixel UNet", "choices": list(PRESETS)})
     unet_base: int = field(default=128, metadata={"min": 1, "help": "latent UNet width"})
@@ -64,19 +56,16 @@ class Config(common.RunConfig):
     lr: float = 5e-4
     warmup_steps: int = field(default=500, metadata={"min": 0})
     ema_decay: float = field(default=0.999, metadata={"min": 0})
-    steps: tuple[int, ...] = field(default=(1, 2, 4, 8, 50), metadata={"min": 1, "help": "Euler steps to compare"})
     n_samples: int = field(default=64, metadata={"min": 1, "help": "images per grid and per timing"})
     sample_every: int = field(default=5, metadata={"min": 1, "help": "Flow-1 epochs between progress grids"})
-    eval: int = field(default=0, metadata={"min": 0, "help": "score N samples per flow and step count with "
-                      "evaluate.py into OUT/eval.md; 0 = off; costs N x 2 x sum(steps) UNet calls"})
     out: str = field(default="", metadata={"help": "default runs/rectified_flow/SPACE"})
 
 
 def check_config(cfg: Config) -> None:
-    """The checks that the flags' choices and minimums do not make."""
+    """The checks that the flags' choices and minimums do not make; fills in the default --out."""
     common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
     common.check(cfg.ema_decay < 1, f"--ema-decay must be < 1, got {cfg.ema_decay}")
-    common.check(cfg.eval != 1, "--eval must be 0 (off) or >= 2 samples, got 1")
+    cfg.out = cfg.out or os.path.join("runs/rectified_flow", cfg.space)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -177,51 +166,51 @@ def build_net(cfg: Config, shape) -> VelocityUNet:
 
 def train_flow(cfg: Config, stage: int, model: VelocityUNet, x1, x0, space: Space, device, resume: bool,
                flow1_step: int = 0):
-    """Flow-1 (x0 None: fresh noise for every batch) or Flow-2 (x0: the fixed partner noise of
-    every x1, made by Flow-1 after `flow1_step` steps), one checkpoint OUT/flowSTAGE.pt per epoch;
-    resume: continue that file. -> (the EMA network, the per-step losses)"""
+    """Flow-1 (x0 None: fresh noise for every batch) or Flow-2 (x0: the fixed partner noise of every x1,
+    made by Flow-1 after `flow1_step` steps): AdamW with warm-up, EMA weights that sample, one checkpoint
+    OUT/flowSTAGE.pt per epoch; resume: continue that file. -> (the EMA network, the per-step losses)"""
     ckpt, epochs = os.path.join(cfg.out, f"flow{stage}.pt"), (cfg.epochs if stage == 1 else cfg.reflow_epochs)
-    run = common.Run(model, ckpt, KIND, device, cfg.lr, cfg.ema_decay)   # + the EMA, AdamW, step and losses
-    if resume:
+    ema = common.make_ema(model, cfg.ema_decay)           # theta_ema, the weights that sample
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
+    step, start, losses = 0, 0, []
+    if resume:  # weights, EMA, optimizer and RNG come back; a changed network or space is refused
         same = ("space", "preset") if cfg.space == "pixel" else ("space", "unet_base", "unet_res")
-        run.resume(cfg, same + ("dataset",))
+        state = common.resume(ckpt, device, KIND, model, ema, opt, cfg, same + ("dataset",))
+        step, start, losses = state["step"], state["epoch"], state["losses"]
     net = torch.compile(model) if cfg.compile else model
-    print(f"Flow-{stage}: {run.millions():.2f}M parameters, "
+    print(f"Flow-{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(x1)} {'data points' if x0 is None else 'fixed pairs'} of shape {space.shape}")
-    n_batches = len(x1) // min(cfg.batch_size, len(x1))
-    for epoch in range(run.epoch, epochs):
+    batch = min(cfg.batch_size, len(x1))
+    n_batches = len(x1) // batch
+    for epoch in range(start, epochs):
         model.train()
-        run.new_epoch(f"Flow-{stage} epoch {epoch + 1}/{epochs}", "samples/s")
-        for x1_b, x0_b in common.progress(common.batches(x1, x0, cfg.batch_size, cfg.seed + epoch),
+        t0, epoch_losses = time.perf_counter(), []
+        for x1_b, x0_b in common.progress(common.batches(x1, x0, batch, cfg.seed + epoch),
                                           f"Flow-{stage} epoch {epoch + 1}/{epochs}", n_batches):
-            common.set_lr(run.opt, cfg.lr, run.step, cfg.warmup_steps, epochs * n_batches)
+            common.set_lr(opt, cfg.lr, step, cfg.warmup_steps, epochs * n_batches)
             with common.autocast(device, cfg.amp):    # || (x1 - x0) - v_theta(x_t, t) ||^2
                 loss = rf_loss(net, x1_b, x0_b)           # x0_b None: fresh noise (Flow-1)
-            run.opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            run.opt.step()
-            run.ema.update_parameters(model)
-            run.add(loss, len(x1_b))
-        run.end_epoch(net=model.config, config=asdict(cfg), flow1_step=flow1_step, scale=space.scale)
+            opt.step()
+            ema.update_parameters(model)                  # theta_ema <- d theta_ema + (1 - d) theta
+            epoch_losses.append(loss.detach())            # on the device: no sync per step
+            step += 1
+        epoch_losses = torch.stack(epoch_losses)
+        common.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays
+        losses += epoch_losses.tolist()
+        seconds = time.perf_counter() - t0
+        print(f"Flow-{stage} epoch {epoch + 1}/{epochs}  loss {epoch_losses.mean().item():.4f}  {seconds:.1f}s  "
+              f"{n_batches * batch / seconds:.0f} samples/s", flush=True)
+        common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg), flow1_step=flow1_step,
+                               scale=space.scale, model=model.state_dict(), ema=ema.module.state_dict(),
+                               opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=common.rng_state())
         if stage == 1 and (epoch + 1) % cfg.sample_every == 0:             # progress grid (own generator)
             x0_grid = torch.randn((cfg.n_samples, *space.shape), device=device,
                                   generator=common.generator(device, cfg.seed))
-            common.save_grid(space.to_images(euler_sample(run.ema.module.eval(), x0_grid, 50)),
+            common.save_grid(space.to_images(euler_sample(ema.module.eval(), x0_grid, 50)),
                              os.path.join(cfg.out, f"flow1_epoch{epoch + 1:03d}.png"))
-    return run.ema.module.eval(), run.losses
-
-
-def load_flow(path: str, device, space: Space) -> VelocityUNet:
-    """The EMA velocity network of `path`, checked against the space (shape, VAE scale) it runs in."""
-    state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "scale"),
-                                   hint="train first (drop --sample-only)")
-    u = state["net"]
-    common.check((u["channels"], u["image_size"]) == space.shape[:2] and state["scale"] == space.scale,
-                 f"'{path}' was trained in another space than {'x'.join(map(str, space.shape))} "
-                 f"(scale {space.scale:.4f}); pass the --space and --vae it was trained with")
-    model = VelocityUNet(**u).to(device)
-    common.load_weights(model, state["ema"], path)
-    return model.eval()
+    return ema.module.eval(), losses
 
 
 def get_pairs(path: str, flow1, flow1_step: int, n: int, shape, steps: int, seed: int, device, reuse: bool):
@@ -245,55 +234,38 @@ def get_pairs(path: str, flow1, flow1_step: int, n: int, shape, steps: int, seed
     return x0, x1
 
 
-# ----------------------------------------------------------------------------- figures
+def reflow(cfg: Config, x1, space: Space, device) -> tuple[VelocityUNet, VelocityUNet]:
+    """Rectified flow, then reflow (Liu et al.): Flow-1 on (fresh noise, data x1), its ODE solutions as fixed
+    pairs, Flow-2 initialised from Flow-1 and trained on them; --resume continues each. -> their EMA networks"""
+    common.seed_everything(cfg.seed)                      # the same flows whether the VAE was trained now or not
+    flow1, losses1 = train_flow(cfg, 1, build_net(cfg, space.shape).to(device), x1, None, space, device, cfg.resume)
+    x0, x1 = get_pairs(os.path.join(cfg.out, "pairs.pt"), flow1, len(losses1), cfg.n_pairs, space.shape,
+                       cfg.pair_steps, cfg.seed + 12345, device, reuse=cfg.resume)
+    model = build_net(cfg, space.shape).to(device)
+    model.load_state_dict(flow1.state_dict())            # reflow starts from Flow-1
+    ckpt2 = os.path.join(cfg.out, "flow2.pt")
+    resume2 = cfg.resume and os.path.isfile(ckpt2)        # a Flow-2 reflowed from this very Flow-1?
+    if resume2 and common.load_checkpoint(ckpt2, device, KIND).get("flow1_step") != len(losses1):
+        print(f"'{ckpt2}' was reflowed from an earlier Flow-1: Flow-2 starts again from this one")
+        resume2 = False
+    return flow1, train_flow(cfg, 2, model, x1, x0, space, device, resume2, flow1_step=len(losses1))[0]
 
 
-def compare(cfg: Config, flows: dict, space: Space, device) -> dict:
-    """One figure and one table: each flow at each number of Euler steps, from the same noise.
-    -> {steps: [{flow, steps, seconds, mse (to the many-step solution), S, deviation}], eval: score_sweep's rows}"""
-    x0 = torch.randn((cfg.n_samples, *space.shape), device=device,
-                     generator=common.generator(device, cfg.seed))
-    grid, table, curves, rows = [], [], {}, []
-    ref_steps = max(max(cfg.steps), cfg.pair_steps)
-    for name, model in flows.items():
-        x_ref, path = euler_sample(model, x0, ref_steps, return_path=True)
-        S, dev = straightness(path)
-        print(f"{name}: straightness S = {S:.4f}, deviation from the chord {dev:.4f} ({ref_steps} steps)")
-        common.save_grid(torch.cat([space.to_images(x0[:8]), space.to_images(x_ref[:8])]),
-                         os.path.join(cfg.out, f"noise_vs_{name.lower()}.png"), nrow=8)
-        for steps in cfg.steps:
-            x, seconds = common.timed(device, lambda: euler_sample(model, x0, steps))   # decoding not included
-            err = (x - x_ref).pow(2).mean().item()
-            grid.append(space.to_images(x[:8]))
-            curves.setdefault(name, []).append((steps, err))
-            table.append([name, steps, f"{seconds:.3f}", f"{err:.4f}", f"{S:.4f}", f"{dev:.4f}"])
-            rows.append(dict(flow=name, steps=steps, seconds=seconds, mse=err, S=S, deviation=dev))
-    header = ["flow", "Euler steps", f"seconds / {cfg.n_samples}", f"MSE to the {ref_steps}-step solution",
-              "straightness S", "deviation from the chord"]
-    print(common.write_table(os.path.join(cfg.out, "steps_table.md"), header, table))
-    common.save_grid(torch.cat(grid), os.path.join(cfg.out, "steps_comparison.png"), nrow=8)
-    common.plot_curves(os.path.join(cfg.out, "steps_error.png"), curves, xlabel="Euler steps",
-                       ylabel=f"MSE to the {ref_steps}-step solution", title="few-step error: Flow-1 vs Flow-2")
-    scored = []
-    if cfg.eval:  # opt-in: FD in a cached classifier's features (see evaluate.py)
-        import evaluate
-        ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device)
-
-        def euler(model, steps, z, g):
-            return space.to_images(euler_sample(model, z, steps))
-        samplers = {(name, steps): functools.partial(euler, model, steps) for name, model in flows.items()
-                    for steps in cfg.steps}
-        scored = evaluate.score_sweep(ev, samplers, cfg.eval, space.shape, device, os.path.join(cfg.out, "eval.md"),
-                                      cfg.seed)
-    return dict(steps=rows, eval=scored)
+def load_flow(path: str, device, space: Space) -> VelocityUNet:
+    """The EMA velocity network of `path`, checked against the space (shape, VAE scale) it runs in."""
+    state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "scale"),
+                                   hint="train first (drop --sample-only)")
+    u = state["net"]
+    common.check((u["channels"], u["image_size"]) == space.shape[:2] and state["scale"] == space.scale,
+                 f"'{path}' was trained in another space than {'x'.join(map(str, space.shape))} "
+                 f"(scale {space.scale:.4f}); pass the --space and --vae it was trained with")
+    model = VelocityUNet(**u).to(device)
+    common.load_weights(model, state["ema"], path)
+    return model.eval()
 
 
-def main(argv=None) -> dict:
-    cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    check_config(cfg)
-    cfg.out = cfg.out or os.path.join("runs/rectified_flow", cfg.space)
-    device = common.get_device(cfg.device)
-    common.setup_speed(device)
+def train_or_load(cfg: Config, device) -> tuple[VelocityUNet, VelocityUNet, Space]:
+    """Train Flow-1 and Flow-2 (--resume: continue them), or load them (--sample-only). -> (flow1, flow2, space)"""
     ckpt1, ckpt2 = os.path.join(cfg.out, "flow1.pt"), os.path.join(cfg.out, "flow2.pt")
     if cfg.sample_only:                                   # the files first: never train a VAE only to stop
         for path in (ckpt1, ckpt2) + ((cfg.vae,) if cfg.space == "latent" else ()):
@@ -310,27 +282,27 @@ def main(argv=None) -> dict:
             common.new_or_resume(ckpt2, False, cfg.overwrite)
     x1, space = load_space(cfg, device)
     if cfg.sample_only:
-        flow1, flow2 = load_flow(ckpt1, device, space), load_flow(ckpt2, device, space)
-    else:
-        if cfg.resume:
-            load_flow(ckpt1, device, space)               # the run to continue ran in this space
-        common.seed_everything(cfg.seed)                  # the same flows whether the VAE was trained now or not
-        flow1, losses1 = train_flow(cfg, 1, build_net(cfg, space.shape).to(device), x1, None, space, device, cfg.resume)
-        x0, x1 = get_pairs(os.path.join(cfg.out, "pairs.pt"), flow1, len(losses1), cfg.n_pairs, space.shape,
-                           cfg.pair_steps, cfg.seed + 12345, device, reuse=cfg.resume)
-        model = build_net(cfg, space.shape).to(device)
-        model.load_state_dict(flow1.state_dict())        # reflow starts from Flow-1 (Liu et al.)
-        resume2 = cfg.resume and os.path.isfile(ckpt2)    # a Flow-2 reflowed from this very Flow-1?
-        if resume2 and common.load_checkpoint(ckpt2, device, KIND).get("flow1_step") != len(losses1):
-            print(f"'{ckpt2}' was reflowed from an earlier Flow-1: Flow-2 starts again from this one")
-            resume2 = False
-        flow2, losses2 = train_flow(cfg, 2, model, x1, x0, space, device, resume2, flow1_step=len(losses1))
-        common.plot_curves(os.path.join(cfg.out, "loss.png"), {      # Flow-2's steps follow Flow-1's
-            "Flow-1": common.smooth(losses1),
-            "Flow-2 (reflow)": [(len(losses1) + i, v) for i, v in common.smooth(losses2)]})
-    results = compare(cfg, {"Flow-1": flow1, "Flow-2": flow2}, space, device)
-    print(f"figures in {cfg.out}/")
-    return results
+        return load_flow(ckpt1, device, space), load_flow(ckpt2, device, space), space
+    if cfg.resume:
+        load_flow(ckpt1, device, space)                   # the run to continue ran in this space
+    flow1, flow2 = reflow(cfg, x1, space, device)
+    return flow1, flow2, space
+
+
+def main(argv=None) -> tuple[VelocityUNet, VelocityUNet]:
+    """Train Flow-1 and Flow-2 (or load them, --sample-only); OUT/samples.png: Flow-1 and Flow-2 in 1 Euler
+    step (top rows) and in 50 (bottom rows), all from the same noise. -> (Flow-1, Flow-2), the EMA networks"""
+    cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
+    check_config(cfg)
+    device = common.get_device(cfg.device)
+    common.setup_speed(device)
+    flow1, flow2, space = train_or_load(cfg, device)
+    n = min(8, cfg.n_samples)
+    x0 = torch.randn((n, *space.shape), device=device, generator=common.generator(device, cfg.seed))
+    rows = [space.to_images(euler_sample(flow, x0, steps)) for steps in (1, 50) for flow in (flow1, flow2)]
+    common.save_grid(torch.cat(rows), os.path.join(cfg.out, "samples.png"), nrow=n)
+    print(f"samples in {cfg.out}/ (figures against Euler steps, straightness, FD: flow_figures.py)")
+    return flow1, flow2
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ CG = MNIST + ["--base-ckpt", "{ddpm}", "--preset", "tiny", "--epochs", "1", "--b
 LD = MNIST + ["--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1", "--T", "40", "--epochs", "1",
               "--batch-size", "16", "--n-samples", "2", "--ddim-steps", "2"]
 RF = MNIST + ["--preset", "tiny", "--unet-base", "8", "--unet-res", "1", "--epochs", "1", "--reflow-epochs", "1",
-              "--n-pairs", "8", "--pair-steps", "2", "--steps", "1", "2", "--n-samples", "2", "--batch-size", "16"]
+              "--n-pairs", "8", "--pair-steps", "2", "--n-samples", "2", "--batch-size", "16"]
 DC = MNIST + ["--base-ckpt", "{ddpm}", "--out", "{tmp}"]
 CN = MNIST + ["--base-ckpt", "{ddpm}"]
 DIT = ["--dataset", "{folder}", "--model", "DiT-T/2", "--vae-base", "16", "--vae-epochs", "1", "--epochs", "1",
-       "--batch-size", "12", "--T", "50", "--ddim-steps", "2", "--n-per-class", "2", "--no-download", "--device", "cpu"]
+       "--batch-size", "12", "--T", "50", "--ddim-steps", "2", "--no-download", "--device", "cpu"]
 EV = ["--dataset", "mnist", "--data-dir", "{mnist}", "--no-download", "--device", "cpu", "--cache-dir", "{tmp}",
       "--classifier-epochs", "1", "--no-calibrate"]
 
@@ -53,7 +53,8 @@ CASES = [
     ("cfg", CFG + ["--ddim-steps", "31"], "--ddim-steps must be at most --T (30)", None),
     ("cfg", CFG + ["--ckpt", "{ddpm}"], "already holds a checkpoint", "{ddpm}"),
     ("cfg", CFG + ["--ckpt", "{ddpm}", "--resume"], "holds a ddpm_mnist.py UNet checkpoint, not a cfg.py CondUNet one", "{ddpm}"),
-    ("cfg", CFG + ["--sample-only"], "not found", None),
+    ("cfg", CFG + ["--sample-only"], "cfg.py trains; sample a trained run with `python cfg_sweep.py`", None),
+    ("cfg_sweep", CFG, "not found", None),
     ("cfg", CFG + ["--out", "{file}"], "is a file; pass a folder", "{file}"),
     ("cfg", CFG + ["--classes", "0", "10"], "--classes must be in 0..9", None),
     # ----------------------------------------------------------------------------- classifier_guidance.py
@@ -63,7 +64,7 @@ CASES = [
     ("classifier_guidance", CG + ["--ckpt", "{ddpm}", "--overwrite", "--image-size", "16"],
      "--image-size is 16 but the base model", "{ddpm}"),
     ("classifier_guidance", CG + ["--ckpt", "{ddpm}"], "already holds a checkpoint", "{ddpm}"),
-    ("classifier_guidance", CG + ["--ckpt", "{ddpm}", "--sample-only"], "not a classifier_guidance.py classifier one", "{ddpm}"),
+    ("classifier_guidance_sweep", CG + ["--ckpt", "{ddpm}"], "not a classifier_guidance.py classifier one", "{ddpm}"),
     ("classifier_guidance", CG + ["--base-ckpt", "{foreign}"], "holds a latent_diffusion.py VAE checkpoint", None),
     ("classifier_guidance", CG + ["--dataset", "{folder}"], "the data has 3 channel(s), the base model", None),
     # ----------------------------------------------------------------------------- latent_diffusion.py
@@ -80,7 +81,7 @@ CASES = [
     ("latent_diffusion", LD + ["--out", "{tmp}", "--dataset", "{broken}"], "cannot read the images", None),
     # ----------------------------------------------------------------------------- rectified_flow.py
     ("rectified_flow", RF + ["--out", "{tmp}", "--sample-every", "0"], "--sample-every must be >= 1, got 0", None),
-    ("rectified_flow", RF + ["--out", "{tmp}", "--steps", "1", "0"], "--steps must be >= 1, got 0", None),
+    ("flow_figures", RF + ["--out", "{tmp}", "--steps", "1", "0"], "--steps must be >= 1, got 0", None),
     ("rectified_flow", RF + ["--out", "{tmp}", "--sample-only"], "not found; train first (drop --sample-only)", None),
     ("rectified_flow", RF + ["--out", "{tmp}", "--resume"], "no checkpoint", None),
     ("rectified_flow", RF + ["--out", "{tmp}", "--space", "latent", "--vae", "{ddpm}"],
@@ -91,8 +92,9 @@ CASES = [
     ("deepcache", DC + ["--base-ckpt", "{tmp}/nope.pt"], "not found", None),
     ("deepcache", DC + ["--interval", "0"], "--interval must be >= 1", None),
     ("deepcache", DC + ["--branch", "4"], "--branch 4 is not in this UNet", None),
-    ("deepcache", DC + ["--sweep-steps", "10", "51"], "must be <= T = 50", None),
-    ("deepcache", DC + ["--repeats", "0"], "--repeats must be >= 1", None),
+    ("deepcache", DC + ["--steps", "51"], "must be <= T = 50", None),
+    ("deepcache_sweep", DC + ["--sweep-steps", "10", "51"], "must be <= T = 50", None),
+    ("deepcache_sweep", DC + ["--repeats", "0"], "--repeats must be >= 1", None),
     ("deepcache", DC + ["--device", "foo"], "unknown --device", None),
     ("deepcache", DC + ["--base", "rf", "--base-ckpt", "{ddpm}"],
      "holds a ddpm_mnist.py UNet checkpoint, not a rectified_flow.py flow one", None),
@@ -106,6 +108,9 @@ CASES = [
     ("controlnet_canny", CN + ["--out", "{ddpm_out}", "--sample-only"],
      "holds a ddpm_mnist.py UNet checkpoint, not a controlnet_canny.py ControlNet one", "{ddpm}"),
     ("controlnet_canny", CN + ["--out", "{tmp}", "--resume"], "--resume: there is no checkpoint", None),
+    ("controlnet_fidelity", CN + ["--out", "{tmp}"], "there is no ControlNet checkpoint", None),
+    ("controlnet_fidelity", CN + ["--out", "{ddpm_out}"],
+     "holds a ddpm_mnist.py UNet checkpoint, not a controlnet_canny.py ControlNet one", "{ddpm}"),
     # ----------------------------------------------------------------------------- dit_cifar.py
     ("dit_cifar", DIT + ["--out", "{tmp}", "--model", "DiT-XXL/2"], "unknown model 'DiT-XXL/2'", None),
     ("dit_cifar", DIT + ["--out", "{tmp}", "--model", "DiT-T/3"], "patch size 3 does not divide the latent size 8", None),
@@ -140,7 +145,7 @@ CASES = [
     ("ddpm_mnist", DR + ["--schedule", "cosine"], "--schedule is cosine but", "{ddpm}"),
     ("ddpm_mnist", DD + ["--schedule", "cosine", "--cosine-clip", "1.5"], "--cosine-clip must be in (0, 0.999]", None),
     ("ddpm_mnist", DD + ["--cosine-clip", "0.9"], "--cosine-clip applies to --schedule cosine only", None),
-    ("ddpm_mnist", DD + ["--pad-to", "20"], "--pad-to 20 is smaller than the images (28x28)", None),
+    ("ddpm_figures", DD + ["--pad-to", "20"], "--pad-to 20 is smaller than the images (28x28)", None),
     ("ddpm_mnist", DD + ["--base", "8", "--mults", "1", "2", "2", "2"], "use fewer levels, or --pad-to 32", None),
     # ----------------------------------------------------------------------------- compare_runs.py
     ("compare_runs", ["--runs", "{tmp}"], "--runs needs two or more run folders", None),

@@ -14,6 +14,7 @@ import torch
 import cfg
 import classifier_guidance as cg
 import controlnet_canny as cn
+import ddpm_figures
 import ddpm_mnist
 import deepcache
 import dit_cifar
@@ -68,7 +69,7 @@ def assert_sees_t_class_and_null(net, x):
 def test_unet_output_changes_with_t(size, time_embed):
     torch.manual_seed(0)
     c = SIZES[size]
-    net = unzero(ddpm_mnist.UNet(**c, time_embed=time_embed))
+    net = unzero(ddpm_figures.make_unet(time_embed, **c))
     x, (t1, t2) = x_for(c), t_pair()
     assert change(net(x, t1), net(x, t2)) > MIN_CHANGE
 
@@ -77,7 +78,7 @@ def test_unet_output_changes_with_t(size, time_embed):
 def test_concat_time_embedding_does_not_rely_on_the_zero_padding():
     """With circular padding a constant map has no border: t must still get through the norms."""
     torch.manual_seed(0)
-    net = unzero(ddpm_mnist.UNet(**TINY, time_embed="concat"))
+    net = unzero(ddpm_figures.make_unet("concat", **TINY))
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0):
             m.padding_mode = "circular"
@@ -87,9 +88,10 @@ def test_concat_time_embedding_does_not_rely_on_the_zero_padding():
 
 @torch.no_grad()
 @pytest.mark.parametrize("preset", ["tiny", "mnist"])
-def test_graded_interface_model_changes_with_t(preset):
+@pytest.mark.parametrize("time_embed", ["add", "concat"])
+def test_graded_interface_model_changes_with_t(preset, time_embed):
     torch.manual_seed(0)
-    net = unzero(DiffusionModel(28, 1, preset))
+    net = unzero(DiffusionModel(28, 1, preset, time_embed))
     x, (t1, t2) = x_for(TINY), t_pair()
     assert change(net(x, t1), net(x, t2)) > MIN_CHANGE
 

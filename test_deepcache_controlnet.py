@@ -1,12 +1,15 @@
-"""Tests for deepcache.py and controlnet_canny.py on the tiny fixtures of conftest.py (CPU, seconds)."""
+"""Tests for deepcache.py, deepcache_sweep.py, controlnet_canny.py and controlnet_fidelity.py on the
+tiny fixtures of conftest.py (CPU, seconds)."""
 import os
 
 import pytest
 import torch
 
 import controlnet_canny as cn
+import controlnet_fidelity as cf
 import ddpm_mnist
 import deepcache as dc
+import deepcache_sweep as ds
 import rectified_flow as rf
 
 
@@ -83,6 +86,26 @@ def test_rf_full_step_embeds_1000_t(flow):
         assert not torch.equal(ddpm_mnist.UNet.forward(flow, x, t), flow(x, t))   # so the scale matters
 
 
+@pytest.mark.parametrize("net", ["unet", "flow"])
+def test_a_cached_step_at_the_same_input_is_the_full_step(base, flow, net):
+    """Partial inference reruns only the skip branch D_1..D_m and U_m..U_1; at the x and t of the full
+    step it sees the features it cached, so it must give the full UNet's output exactly, for every
+    branch m (with 2 blocks a level, the odd m cut a level in the middle)."""
+    torch.manual_seed(2)
+    cls = ddpm_mnist.UNet if net == "unet" else rf.VelocityUNet
+    model = cls(28, 1, base=16, mults=(1, 2, 2), num_res=2, dropout=0.0).eval()
+    for p in model.out[-1].parameters():
+        p.data.normal_(0, 0.05)
+    x, t = noise(3), (torch.tensor([3, 20, 45]) if net == "unet" else torch.tensor([0.1, 0.5, 0.9]))
+    with torch.no_grad():
+        full = model(x, t)
+        for m in range(1, 7):
+            cache = dc.DeepCache(model, m)
+            cache.reset([0])
+            assert torch.equal(cache(x, t), full) and torch.equal(cache(x, t), full), m
+            assert not torch.equal(cache(x + 0.1, t), model(x + 0.1, t)), m   # elsewhere it is an approximation
+
+
 def test_cache_is_reset_between_runs(base):
     unet, ddpm = base
     cache = dc.DeepCache(unet, 1)
@@ -109,16 +132,22 @@ def test_flops_fraction_shrinks_with_a_shallower_branch(base):
     assert 0 < f1 < f2 < 1
 
 
-DC_FAST = ["--device", "cpu", "--steps", "2", "--n-samples", "2", "--batch-size", "2", "--warmup", "0",
-           "--repeats", "1"]
+DC_FAST = ["--device", "cpu", "--steps", "2", "--n-samples", "2"]
+SWEEP_FAST = ["--device", "cpu", "--batch-size", "2", "--warmup", "0", "--repeats", "1"]
 
 
-def test_deepcache_main(ddpm_ckpt, mnist_dir, tmp_path):
+def test_deepcache_main(ddpm_ckpt, mnist_dir, tmp_path, capsys):
     out = str(tmp_path / "dc")
-    dc.main(["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--out", out, *DC_FAST,
+    res = dc.main(["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--out", out, *DC_FAST])
+    assert os.path.isfile(os.path.join(out, "samples.png")) and os.path.isfile(os.path.join(out, "samples_plain.png"))
+    assert "PSNR" in capsys.readouterr().out and res["ssim"] <= 1
+
+
+def test_deepcache_sweep_main(ddpm_ckpt, mnist_dir, tmp_path):
+    out = str(tmp_path / "dc")
+    ds.main(["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--out", out, *SWEEP_FAST,
              "--sweep-steps", "2", "4", "--sweep-intervals", "1", "3"])
-    for f in ("samples.png", "samples_plain.png", "grid_steps2.png", "grid_steps4.png", "speedup.png",
-              "quality.png", "tradeoff.png", "speed_quality.md"):
+    for f in ("grid_steps2.png", "grid_steps4.png", "speedup.png", "quality.png", "tradeoff.png", "speed_quality.md"):
         assert os.path.isfile(os.path.join(out, f)), f
     table = open(os.path.join(out, "speed_quality.md")).read().splitlines()
     assert len(table) == 2 + 1 + 2 and "| 2 | 1 | 2 |" in table[2] and "inf" in table[2]   # 2 steps: no interval 3
@@ -129,7 +158,7 @@ def test_default_base_is_ddpm_mnists(ddpm_ckpt, tmp_path, monkeypatch):
     """No --base-ckpt: ddpm_mnist.ensure_trained gets its default path (and trains it when missing)."""
     asked = []
     monkeypatch.setattr(ddpm_mnist, "ensure_trained", lambda path, device, **kw: asked.append((path, kw)) or ddpm_ckpt)
-    dc.main(["--out", str(tmp_path), "--no-analysis", "--data-dir", "somewhere", *DC_FAST])
+    dc.main(["--out", str(tmp_path), "--data-dir", "somewhere", *DC_FAST])
     assert asked == [(ddpm_mnist.DEFAULT_CKPT, dict(data_dir="somewhere", download=True))]
 
 
@@ -141,17 +170,18 @@ def foreign_ckpt(tmp_path_factory) -> str:
     return path
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--interval", "0"], "--interval must be >= 1"),
-    (["--sweep-intervals", "1", "0"], "--sweep-intervals must be >= 1"),
-    (["--eval", "1"], "--eval must be 0 (off) or >= 2"),
-    (["--eval", "8", "--no-analysis"], "drop --no-analysis"),
-    (["--branch", "4"], "--branch 4 is not in this UNet"),
-    (["--sweep-steps", "51"], "must be <= T = 50"),
+@pytest.mark.parametrize("main, args, words", [
+    (dc.main, ["--interval", "0"], "--interval must be >= 1"),
+    (dc.main, ["--branch", "4"], "--branch 4 is not in this UNet"),
+    (dc.main, ["--steps", "51"], "--steps must be <= T = 50"),
+    (ds.main, ["--sweep-intervals", "1", "0"], "--sweep-intervals must be >= 1"),
+    (ds.main, ["--eval", "1"], "--eval must be 0 (off) or >= 2"),
+    (ds.main, ["--branch", "4"], "--branch 4 is not in this UNet"),
+    (ds.main, ["--sweep-steps", "51"], "--sweep-steps must be <= T = 50"),
 ])
-def test_deepcache_bad_input(ddpm_ckpt, tmp_path, args, words):
+def test_deepcache_bad_input(ddpm_ckpt, tmp_path, main, args, words):
     with pytest.raises(SystemExit) as e:
-        dc.main(["--base-ckpt", ddpm_ckpt, "--out", str(tmp_path), "--device", "cpu", *args])
+        main(["--base-ckpt", ddpm_ckpt, "--out", str(tmp_path), "--device", "cpu", *args])
     assert words in one_line_error(e)
 
 
@@ -164,9 +194,10 @@ def flow_ckpt(path, net, space="pixel") -> str:
 
 def test_deepcache_rf_main(flow, tmp_path, capsys):
     """The rf base end to end; the sweep leaves out the intervals longer than the run."""
-    out = str(tmp_path / "dc")
-    dc.main(["--base", "rf", "--base-ckpt", flow_ckpt(tmp_path / "flow2.pt", flow), "--out", out, *DC_FAST,
-             "--sweep-steps", "1", "3", "--sweep-intervals", "1", "2", "5"])
+    out, ckpt = str(tmp_path / "dc"), flow_ckpt(tmp_path / "flow2.pt", flow)
+    dc.main(["--base", "rf", "--base-ckpt", ckpt, "--out", out, *DC_FAST])
+    ds.main(["--base", "rf", "--base-ckpt", ckpt, "--out", out, *SWEEP_FAST, "--sweep-steps", "1", "3",
+             "--sweep-intervals", "1", "2", "5"])
     assert "3 steps: intervals 5 left out" in capsys.readouterr().out
     for f in ("samples.png", "samples_plain.png", "grid_steps1.png", "grid_steps3.png", "speedup.png",
               "quality.png", "tradeoff.png", "speed_quality.md"):
@@ -189,14 +220,14 @@ def test_rf_base_must_be_a_pixel_space_flow(flow, ddpm_ckpt, tmp_path, monkeypat
     assert not [f for f in os.listdir(tmp_path / "runs/deepcache/rf") if f.endswith(".png")]
 
 
-@pytest.mark.parametrize("main", [dc.main, cn.main])
+@pytest.mark.parametrize("main", [dc.main, ds.main, cn.main])
 def test_missing_base_checkpoint(main, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--base-ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path), "--device", "cpu"])
     assert "not found" in one_line_error(e)
 
 
-@pytest.mark.parametrize("main", [dc.main, cn.main])
+@pytest.mark.parametrize("main", [dc.main, ds.main, cn.main])
 def test_another_scripts_checkpoint_as_base(main, foreign_ckpt, mnist_dir, tmp_path):
     """Issue 15: a latent_diffusion.py file as the base gave "images" of latents; now one line."""
     with pytest.raises(SystemExit) as e:
@@ -212,7 +243,7 @@ def test_deepcache_eval(ddpm_ckpt, mnist_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "Evaluator",
                         lambda *a, **k: real(*a, **k, cache_dir=str(tmp_path / "c"), classifier_epochs=1))
     out = str(tmp_path / "dc")
-    dc.main(["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--out", out, *DC_FAST,
+    ds.main(["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--out", out, *SWEEP_FAST,
              "--sweep-steps", "2", "--sweep-intervals", "1", "2", "--batch-size", "8", "--eval", "8"])
     assert "FD" in open(os.path.join(out, "speed_quality.md")).read()
 
@@ -228,6 +259,16 @@ def test_controlnet_starts_as_the_frozen_unet(base):
     with torch.no_grad():
         assert torch.equal(model(x, t, c), unet(x, t))        # every zero_conv outputs exactly 0
     assert all(not p.requires_grad for p in model.unet.parameters())
+
+
+def test_the_encoder_copy_is_the_frozen_encoder(base):
+    """The trainable copy holds the frozen UNet's encoder half, under the UNet's own parameter names,
+    and starts at its weights; the copy is a separate tensor (training it leaves the UNet alone)."""
+    unet, _ = base
+    copy = cn.EncoderCopy(unet).state_dict()
+    encoder = {k: v for k, v in unet.state_dict().items() if k.split(".")[0] in ("time_mlp", "inc", "downs", "mid")}
+    assert copy.keys() == encoder.keys() and all(torch.equal(copy[k], v) for k, v in encoder.items())
+    assert all(copy[k].data_ptr() != v.data_ptr() for k, v in encoder.items())
 
 
 def test_only_the_control_branch_trains(base, tmp_path):
@@ -258,7 +299,7 @@ def test_edge_maps_are_computed_once(tmp_path, monkeypatch):
     assert len(calls) == 1 and torch.equal(e1, e2) and set(e1.unique().tolist()) == {0.0, 1.0}
     cn.edge_maps(x[:3], 100, 200, path)                        # other images: recomputed
     assert len(calls) == 2
-    assert cn.edge_f1(x, e1, 100, 200, 0)["f1"] == 1.0
+    assert cf.edge_f1(x, e1, 100, 200, 0)["f1"] == 1.0
 
 
 @pytest.mark.parametrize("damage", [b"not a torch file", b"", "foreign"])
@@ -275,7 +316,7 @@ def test_a_corrupt_edge_cache_is_rebuilt(tmp_path, damage):
 
 
 CN_FAST = ["--device", "cpu", "--epochs", "1", "--batch-size", "32", "--ddim-steps", "2", "--n-digits", "2",
-           "--samples-per-edge", "2", "--n-eval", "4"]
+           "--samples-per-edge", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -287,17 +328,41 @@ def cn_run(ddpm_ckpt, mnist_dir, tmp_path_factory):
     return args, out
 
 
-def test_controlnet_main(cn_run):
+def test_controlnet_main(cn_run, ddpm_ckpt, mnist_dir):
     args, out = cn_run
-    for f in ("control.png", "loss.png", "edge_fidelity.md", "ckpt.pt", "edges_train_100_200.pt", "edges_test_100_200.pt"):
+    for f in ("control.png", "loss.png", "ckpt.pt", "edges_train_100_200.pt", "edges_test_100_200.pt"):
         assert os.path.isfile(os.path.join(out, f)), f
-    table = open(os.path.join(out, "edge_fidelity.md")).read()
-    assert "| ControlNet |" in table and "| unconditional |" in table
-    assert "| another real digit |" in table          # the baseline is measured, not quoted
     before = digest(os.path.join(out, "ckpt.pt"))
     os.remove(os.path.join(out, "control.png"))
     cn.main(args + ["--out", out, "--sample-only"])
     assert os.path.isfile(os.path.join(out, "control.png")) and digest(os.path.join(out, "ckpt.pt")) == before
+    scores = cf.main(["--out", out, "--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--device",
+                      "cpu", "--ddim-steps", "2", "--n-digits", "2", "--samples-per-edge", "2", "--n-eval", "4"])
+    table = open(os.path.join(out, "edge_fidelity.md")).read()
+    assert "| ControlNet |" in table and "| unconditional |" in table and "Canny 100/200" in table
+    assert "| another real digit |" in table          # the baseline is measured, not quoted
+    assert set(scores) == {"ControlNet", "unconditional", "another real digit"}
+    assert digest(os.path.join(out, "ckpt.pt")) == before
+
+
+def test_fidelity_scores_with_the_trained_thresholds(cn_run, ddpm_ckpt, mnist_dir, tmp_path):
+    """controlnet_fidelity.py takes the Canny thresholds from the checkpoint, not from a flag."""
+    _, out = cn_run
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    state["config"].update(low=50, high=150)                    # as if trained with --low 50 --high 150
+    torch.save(state, tmp_path / "ckpt.pt")
+    cf.main(["--out", str(tmp_path), "--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--device",
+             "cpu", "--ddim-steps", "2", "--n-digits", "1", "--samples-per-edge", "1", "--n-eval", "2"])
+    assert "Canny 50/150" in open(tmp_path / "edge_fidelity.md").read()
+    assert os.path.isfile(tmp_path / "edges_test_50_150.pt")
+
+
+def test_fidelity_without_a_checkpoint_stops_at_once(ddpm_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(cn, "canny", lambda *a: pytest.fail("computed edges"))
+    monkeypatch.setattr(ddpm_mnist, "ensure_trained", lambda *a, **k: pytest.fail("looked for a base"))
+    with pytest.raises(SystemExit) as e:
+        cf.main(["--out", str(tmp_path / "none"), "--base-ckpt", ddpm_ckpt, "--device", "cpu"])
+    assert "python controlnet_canny.py --out" in one_line_error(e)
 
 
 def test_controlnet_resume_is_the_uninterrupted_run(base, tmp_path):

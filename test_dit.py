@@ -1,6 +1,6 @@
-"""Tests of dit_cifar.py: a CPU smoke run on a tiny image folder (then --resume, equal to an
-uninterrupted run, and --sample-only with --eval), adaLN-Zero at initialisation, patchify/unpatchify,
-a 2-process torchrun run on the gloo backend, and one-line errors for bad input."""
+"""Tests of dit_cifar.py and dit_figures.py: a CPU smoke run on a tiny image folder (then --resume, equal
+to an uninterrupted run, and --sample-only, with the figures and --eval), adaLN-Zero at initialisation,
+patchify/unpatchify, a 2-process torchrun run on the gloo backend, and one-line errors for bad input."""
 import functools
 import os
 import signal
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import common
 import dit_cifar
+import dit_figures
 import latent_diffusion
 from dit_cifar import DiT, patchify, unpatchify
 from latent_diffusion import VAE, load_vae
@@ -22,7 +23,7 @@ def tiny(out, *extra):
     """Flags of a run that takes seconds on CPU: DiT-T/2, a 16-channel VAE, 50 diffusion steps."""
     return ["--out", str(out), "--model", "DiT-T/2", "--vae-base", "16", "--vae-epochs", "1",
             "--epochs", "1", "--batch-size", "12", "--T", "50", "--ddim-steps", "2",
-            "--n-per-class", "2", "--no-download", "--device", "cpu", *extra]
+            "--no-download", "--device", "cpu", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def torchrun(image_folder, tmp_path_factory):
     -> (output folder, process, log file)."""
     out = tmp_path_factory.mktemp("ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           dit_cifar.__file__, "--dataset", image_folder, *tiny(out, "--scales", "1")]
+           dit_cifar.__file__, "--dataset", image_folder, *tiny(out)]
     with open(out / "log.txt", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 cwd=os.path.dirname(dit_cifar.__file__), env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -44,10 +45,10 @@ def torchrun(image_folder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(torchrun, image_folder, tmp_path_factory):
-    """The output folder of one tiny training run: VAE, then one DiT epoch, then the figures
-    (`torchrun` is requested only to start it first)."""
+    """The output folder of one tiny training run through dit_figures.py: VAE, then one DiT epoch (dit_cifar.py's
+    training), then the figures (`torchrun` is requested only to start it first)."""
     out = tmp_path_factory.mktemp("dit")
-    dit_cifar.main(["--dataset", image_folder, *tiny(out)])
+    dit_figures.main(["--dataset", image_folder, *tiny(out, "--n-per-class", "2")])
     return out
 
 
@@ -73,11 +74,11 @@ def test_smoke_resume_and_sample_only(run, image_folder, tmp_path, monkeypatch):
     assert x[0].shape == (3, 3, 32, 32) and torch.isfinite(x[0]).all() and torch.equal(x[0], x[1])
 
     # 1 epoch, then --resume to 2, gives the weights of 2 epochs straight (same batches, same RNG)
-    dit_cifar.main(["--dataset", image_folder, *tiny(run, "--resume", "--epochs", "2", "--scales", "1")])
+    dit_cifar.main(["--dataset", image_folder, *tiny(run, "--resume", "--epochs", "2")])
     state = torch.load(run / "ckpt.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (2, 6) and len(state["test_losses"]) == 2
     straight = tmp_path / "straight"
-    dit_cifar.main(["--dataset", image_folder, *tiny(straight, "--vae", str(run / "vae.pt"), "--epochs", "2", "--scales", "1")])
+    dit_cifar.main(["--dataset", image_folder, *tiny(straight, "--vae", str(run / "vae.pt"), "--epochs", "2")])
     other = torch.load(straight / "ckpt.pt", weights_only=True)
     for key in "model", "ema":
         assert all(torch.equal(v, other[key][k]) for k, v in state[key].items()), key
@@ -85,8 +86,10 @@ def test_smoke_resume_and_sample_only(run, image_folder, tmp_path, monkeypatch):
     evaluate = pytest.importorskip("evaluate")                        # a small, 1-epoch classifier
     monkeypatch.setitem(evaluate.NETS, "resnet", functools.partial(evaluate.ResNet, width=8))
     monkeypatch.setattr(evaluate, "Evaluator", functools.partial(evaluate.Evaluator, classifier_epochs=1, cache_dir=str(run)))
+    dit_cifar.main(["--dataset", image_folder, *tiny(run, "--sample-only")])
+    assert (run / "samples_w3.png").is_file()
     os.remove(run / "cfg_w3.png")
-    dit_cifar.main(["--dataset", image_folder, *tiny(run, "--sample-only", "--scales", "3", "--eval", "6")])
+    dit_figures.main(["--dataset", image_folder, *tiny(run, "--sample-only", "--scales", "3", "--eval", "6")])
     assert (run / "cfg_w3.png").is_file() and (run / "eval.md").is_file() and (run / "eval.png").is_file()
 
 
@@ -120,7 +123,7 @@ def test_torchrun_two_processes_on_gloo_stay_in_sync(torchrun):
     assert proc.returncode == 0, text[-4000:]
     assert "the parameters are identical on all 2 ranks" in text
     assert text.count("DiT-T/2: ") == 1 and text.count("  test ") == 1   # rank 0 logs alone
-    assert (out / "vae.pt").is_file() and (out / "cfg_w1.png").is_file()
+    assert (out / "vae.pt").is_file() and (out / "samples_epoch001_w3.png").is_file()
     state = torch.load(out / "ckpt.pt", weights_only=True)
     assert state["step"] == 3                                          # 36 images, 2 ranks x 6 per step
 
@@ -171,7 +174,7 @@ def test_a_nan_on_one_rank_stops_every_rank_in_one_line(image_folder, tmp_path):
     script.write_text(NAN_ON_RANK_1.format(repo=os.path.dirname(dit_cifar.__file__)))
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script),
-           "--dataset", image_folder, *tiny(out, "--epochs", "2", "--scales", "1")]
+           "--dataset", image_folder, *tiny(out, "--epochs", "2")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=os.path.dirname(dit_cifar.__file__),
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     text = proc.stdout + proc.stderr

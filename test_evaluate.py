@@ -1,7 +1,7 @@
 """Tests of evaluate.py on tiny data: the Frechet distance behaves like a distance, the classifier
 is trained once and then reused (a damaged cache is rebuilt, another --classifier-epochs trains
 another), the command line works, warns about [0, 1] images and fails in one line on bad samples,
-and `ddpm_mnist.py --eval N` writes its table."""
+and `ddpm_figures.py --eval N` writes its table."""
 import os
 import shutil
 
@@ -166,9 +166,10 @@ def test_ddpm_eval_writes_table(ev, mnist_dir, tmp_path, monkeypatch):
     os.makedirs("checkpoints")
     shutil.copy(ev.path, os.path.join("checkpoints", os.path.basename(ev.path).replace("_e3", "")))  # as the default
     out = str(tmp_path / "run")
-    ddpm_mnist.main(["--data-dir", mnist_dir, "--no-download", "--out", out, "--preset", "tiny",
-                     "--T", "10", "--schedule", "cosine", "--epochs", "1", "--batch-size", "16",
-                     "--n-samples", "2", "--ddim-steps", "10", "--device", "cpu", "--eval", "4"])
+    import ddpm_figures                                           # --eval: a measurement of ddpm_figures.py
+    ddpm_figures.main(["--data-dir", mnist_dir, "--no-download", "--out", out, "--preset", "tiny",
+                       "--T", "10", "--schedule", "cosine", "--epochs", "1", "--batch-size", "16",
+                       "--n-samples", "2", "--ddim-steps", "10", "--device", "cpu", "--eval", "4"])
     table = open(os.path.join(out, "eval.md")).read()                # T = 10: the sweep is DDIM 10 only
     assert "| DDPM | 10 |" in table and "| DDIM | 10 |" in table and "FD-LeNet" in table
     assert "real halves" in table and len(table.splitlines()) == 6    # header, rule, 2 rows, blank, note

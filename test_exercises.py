@@ -1,6 +1,7 @@
-"""The course-exercise flags of ddpm_mnist.py (issue 13) run end to end at tiny sizes: a 4-level UNet
+"""The course-exercise flags (ddpm_figures.py, issue 13) run end to end at tiny sizes: a 4-level UNet
 on padded 32x32 digits, the concatenated time embedding with x0-prediction and a clipped cosine
-schedule, --resume refusing a changed process or network, and compare_runs.py's figure.
+schedule, --resume refusing a changed process or network, ddpm_mnist.py refusing to load such a run, and
+compare_runs.py's figure.
 (The mathematics behind them, e.g. x0/v-prediction reproducing the exact Gaussian, is in test_smoke.py.)"""
 import json
 
@@ -9,6 +10,7 @@ import torch
 
 import compare_runs
 from conftest import digest, one_line
+import ddpm_figures
 import ddpm_mnist
 
 FAST = ["--preset", "tiny", "--T", "20", "--batch-size", "16", "--n-samples", "4", "--ddim-steps", "2",
@@ -19,27 +21,27 @@ EXERCISE = ["--time-embed", "concat", "--predict", "x0", "--schedule", "cosine",
 @pytest.fixture(scope="module")
 def exercise_run(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("exercise")
-    ddpm_mnist.main(FAST + EXERCISE + ["--data-dir", mnist_dir, "--out", str(out)])
+    ddpm_figures.main(FAST + EXERCISE + ["--data-dir", mnist_dir, "--out", str(out)])
     return out
 
 
 def test_four_levels_on_padded_digits(mnist_dir, tmp_path):
     argv = FAST + ["--data-dir", mnist_dir, "--out", str(tmp_path), "--base", "8", "--mults", "1", "2", "2", "2"]
     with pytest.raises(SystemExit) as e:  # 28 is not divisible by 2^3: said before any training
-        ddpm_mnist.main(argv)
+        ddpm_figures.main(argv)
     assert "use fewer levels, or --pad-to 32" in one_line(e)
-    ddpm_mnist.main(argv + ["--pad-to", "32", "--overwrite"])
+    ddpm_figures.main(argv + ["--pad-to", "32", "--overwrite"])
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["net"]["image_size"] == 32 and state["net"]["mults"] == (1, 2, 2, 2) and state["net"]["base"] == 8
-    model, _, _ = ddpm_mnist.load_trained(str(tmp_path / "ckpt.pt"), "cpu", eps_only=False)  # rebuilt from "net"
+    model, _, _ = ddpm_figures.load_trained(str(tmp_path / "ckpt.pt"), "cpu")  # rebuilt from "net"
     assert len(model.downs) == 4 and model(torch.randn(1, 1, 32, 32), torch.tensor([3])).shape == (1, 1, 32, 32)
     with pytest.raises(SystemExit) as e:  # the scripts that build on a base feed it 28x28 digits
         ddpm_mnist.load_trained(str(tmp_path / "ckpt.pt"), "cpu")
     assert "--pad-to 32" in one_line(e)
     (tmp_path / "per_timestep.json").unlink()
-    ddpm_mnist.main(argv + ["--sample-only"])  # --pad-to comes from the checkpoint
+    ddpm_figures.main(argv + ["--sample-only"])  # --pad-to comes from the checkpoint
     assert json.loads((tmp_path / "per_timestep.json").read_text())["net"]["image_size"] == 32
-    x, _ = ddpm_mnist.load_data(ddpm_mnist.Config(data_dir=mnist_dir, download=False, pad_to=32), "cpu")
+    x = ddpm_figures.pad(ddpm_mnist.load_data(ddpm_mnist.Config(data_dir=mnist_dir, download=False), "cpu")[0], 32)
     assert x.shape[-1] == 32 and (x[..., :2, :] == -1).all() and (x[..., -2:, :] == -1).all()  # black border
 
 
@@ -47,8 +49,9 @@ def test_concat_x0_cosine_clip_run(exercise_run):
     state = torch.load(exercise_run / "ckpt.pt", weights_only=True)
     assert state["net"]["time_embed"] == "concat" and state["config"]["predict"] == "x0"
     assert all(map(torch.isfinite, torch.tensor(state["losses"])))
-    _, ddpm, _ = ddpm_mnist.load_trained(str(exercise_run / "ckpt.pt"), "cpu", eps_only=False)
+    model, ddpm, _ = ddpm_figures.load_trained(str(exercise_run / "ckpt.pt"), "cpu")
     assert ddpm.predict == "x0" and ddpm.beta.max().item() == pytest.approx(0.95)
+    assert all(isinstance(b, ddpm_figures.ConcatResBlock) for level in model.downs for b in level.blocks)
     record = json.loads((exercise_run / "per_timestep.json").read_text())
     assert len(record["alpha_bar"]) == 20 and len(record["t"]) == len(record["loss"]) == len(record["logsnr"])
     assert record["logsnr"] == sorted(record["logsnr"], reverse=True)  # t up: noisier
@@ -70,7 +73,7 @@ def test_resume_refuses_a_changed_exercise_flag(change, message, exercise_run, m
     before = digest(out / "ckpt.pt")
     argv = FAST + EXERCISE + ["--data-dir", mnist_dir, "--out", str(out), "--epochs", "2", "--resume"]
     with pytest.raises(SystemExit) as e:
-        ddpm_mnist.main(argv + change)
+        ddpm_figures.main(argv + change)
     assert message in one_line(e) and digest(out / "ckpt.pt") == before
 
 
@@ -82,7 +85,7 @@ def test_resume_refuses_a_changed_exercise_flag(change, message, exercise_run, m
 ])
 def test_exercise_flags_bad_input_is_one_line(extra, message, mnist_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
-        ddpm_mnist.main(FAST + ["--data-dir", mnist_dir, "--out", str(tmp_path)] + extra)
+        ddpm_figures.main(FAST + ["--data-dir", mnist_dir, "--out", str(tmp_path)] + extra)
     assert message in one_line(e)
     assert not (tmp_path / "ckpt.pt").exists()
 

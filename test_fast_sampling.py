@@ -1,5 +1,6 @@
 """fast_sampling.py: with the exact noise predictor of Gaussian data every solver converges to the exact
-solution of the probability-flow ODE, at its order; and the lesson runs end to end at tiny sizes."""
+solution of the probability-flow ODE, at its order; and the lesson and fast_sampling_figures.py run end to
+end at tiny sizes."""
 import os
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 import ddpm_mnist
 import fast_sampling as fs
+import fast_sampling_figures
 
 MU, S = 0.5, 0.3
 
@@ -54,8 +56,12 @@ def test_the_lesson_runs_and_scores(ddpm_ckpt, mnist_dir, tmp_path, monkeypatch)
     real = evaluate.Evaluator
     monkeypatch.setattr(evaluate, "Evaluator", lambda *a, **k: real(*a, **k, cache_dir=str(tmp_path / "c"),
                                                                     classifier_epochs=1))
-    rows = fs.main(["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--device", "cpu",
-                    "--out", str(tmp_path), "--nfe", "2", "4", "--n-samples", "2", "--eval", "4", "--stochastic"])
+    argv = ["--base-ckpt", ddpm_ckpt, "--data-dir", mnist_dir, "--no-download", "--device", "cpu", "--out",
+            str(tmp_path), "--nfe", "2", "4", "--n-samples", "2", "--stochastic"]
+    samples = fs.main(argv)                                # the lesson: one row per solver, the same noise
+    assert list(samples) == [2, 4] and [x.shape for x in samples[2]] == [(2, 1, 28, 28)] * 4
+    assert os.path.getsize(tmp_path / "nfe2.png") > 50 and not (tmp_path / "nfe_table.md").exists()
+    rows = fast_sampling_figures.main(argv + ["--eval", "4"])
     assert [(r["sampler"], r["nfe"]) for r in rows] == [(s, n) for s in ("DDIM", "DPM-Solver++(2M)", "Heun", "DDIM eta=1")
                                                          for n in (2, 4)] + [("DDPM", 50)]
     for name in ("nfe2.png", "nfe4.png", "fd_vs_nfe.png", "nfe_table.md"):

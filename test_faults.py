@@ -3,9 +3,11 @@ import pytest
 import torch
 
 import cfg as cfg_mod
+import cfg_sweep
 import classifier_guidance as cg
-import ddpm_mnist
-import latent_diffusion as ld
+import classifier_guidance_sweep as cg_sweep
+import ddpm_figures
+import latent_figures
 from ddpm_mnist import DDPM
 
 CPU = ["--device", "cpu", "--no-download"]
@@ -48,20 +50,25 @@ def assert_independent(runs):
 
 
 def test_ddpm_mnist_figures_draw_z_apart_from_x_T(first_noise, mnist_dir, ddpm_ckpt, tmp_path):
-    ddpm_mnist.main(["--sample-only", "--ckpt", ddpm_ckpt, "--out", str(tmp_path), "--n-samples", "4",
-                     "--ddim-steps", "3", "--eta", "1", "--sweep-steps", "2", "--data-dir", mnist_dir, *CPU])
+    ddpm_figures.main(["--sample-only", "--ckpt", ddpm_ckpt, "--out", str(tmp_path), "--n-samples", "4",
+                       "--ddim-steps", "3", "--eta", "1", "--sweep-steps", "2", "--data-dir", mnist_dir, *CPU])
     assert_independent(first_noise)
 
 
 def test_guided_and_latent_figures_draw_z_apart_from_x_T(first_noise, mnist_dir, ddpm_ckpt, tmp_path):
     data = ["--data-dir", mnist_dir, *CPU]
-    cfg_mod.main(["--out", str(tmp_path / "cfg"), "--image-size", "8", "--preset", "tiny", "--T", "20", "--epochs", "1",
-                  "--batch-size", "32", "--sampler", "ddpm", "--ddim-steps", "2", "--scales", "2", "--classes", "0", "1",
-                  "--n-per-class", "2", *data])
-    cg.main(["--out", str(tmp_path / "cg"), "--base-ckpt", ddpm_ckpt, "--preset", "tiny", "--epochs", "1",
-             "--batch-size", "32", "--samplers", "ddpm", "--ddim-steps", "2", "--scales", "1", "--classes", "0",
-             "--n-per-class", "2", *data])
-    ld.main(["--out", str(tmp_path / "ld"), "--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res",
-             "1", "--T", "10", "--epochs", "1", "--batch-size", "32", "--n-samples", "2", "--ddim-steps", "2", *data])
+    cfg_args = ["--out", str(tmp_path / "cfg"), "--image-size", "8", "--preset", "tiny", "--T", "20", "--epochs", "1",
+                "--batch-size", "32", "--sampler", "ddpm", "--ddim-steps", "2", "--scales", "2", "--classes", "0", "1",
+                "--n-per-class", "2", *data]
+    cfg_mod.main(cfg_args)
+    cfg_sweep.main(cfg_args)                                  # the figures: the sweeps of the trained runs
+    cg_args = ["--out", str(tmp_path / "cg"), "--base-ckpt", ddpm_ckpt, "--preset", "tiny", "--epochs", "1",
+               "--batch-size", "32", "--samplers", "ddpm", "--ddim-steps", "2", "--scales", "1", "--classes", "0",
+               "--n-per-class", "2", *data]
+    cg.main(cg_args)
+    cg_sweep.main(cg_args)
+    latent_figures.main(["--out", str(tmp_path / "ld"), "--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8",
+                         "--unet-res", "1", "--T", "10", "--epochs", "1", "--batch-size", "32", "--n-samples", "2",
+                         "--ddim-steps", "2", *data])
     assert_independent(first_noise)
     assert len(first_noise) == 3      # the figures of cfg (DDPM), classifier guidance (DDPM) and latent DDPM

@@ -52,11 +52,12 @@ def test_the_smoke_gallery_writes_every_row(mnist_dir, tmp_path, monkeypatch):
 
 def test_every_recipe_parses_with_its_scripts_flags():
     import common
-    scripts = dict(ddpm="ddpm_mnist", cfg="cfg", cg="classifier_guidance", controlnet="controlnet_canny",
-                   deepcache="deepcache", latent="latent_diffusion", rf="rectified_flow", exercise="ddpm_mnist",
-                   fast="fast_sampling", gan="gan_mnist")
+    scripts = dict(ddpm="ddpm_figures", cfg="cfg", cg="classifier_guidance", controlnet="controlnet_canny",
+                   deepcache="deepcache_sweep", latent="latent_figures", rf="flow_figures", exercise="ddpm_figures",
+                   fast="fast_sampling_figures", gan="gan_figures")
+    scripts["controlnet_eval"] = "controlnet_fidelity"          # a key with a script of its own
     for profile, recipe in gallery.RECIPES.items():
         for key, argv in recipe.items():
             if key == "gan_chunks":
                 continue
-            common.parse_config(__import__(scripts[key.split("_")[0]]).Config, argv)
+            common.parse_config(__import__(scripts.get(key, scripts[key.split("_")[0]])).Config, argv)

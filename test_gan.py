@@ -1,5 +1,6 @@
 """gan_mnist.py: the players' shapes and losses, one step of the game, an exact resume, --sample-only,
-the FD-against-time record, and one-line errors; on conftest's tiny MNIST files."""
+the FD-against-time record (drawn and scored at the end by gan_figures.py), and one-line errors; on
+conftest's tiny MNIST files."""
 import json
 import os
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import evaluate
+import gan_figures
 import gan_mnist
 from conftest import one_line
 
@@ -14,8 +16,8 @@ TINY = ["--epochs", "2", "--batch-size", "16", "--width", "8", "--z-dim", "8", "
         "--device", "cpu", "--no-download"]
 
 
-def run(mnist_dir, out, *extra):
-    return gan_mnist.main(["--data-dir", mnist_dir, "--out", str(out), *TINY, *extra])
+def run(mnist_dir, out, *extra, script=gan_mnist):
+    return script.main(["--data-dir", mnist_dir, "--out", str(out), *TINY, *extra])
 
 
 def test_players_shapes_and_spectral_norm():
@@ -61,15 +63,31 @@ def test_fd_against_training_time(mnist_dir, tmp_path, monkeypatch):
     real = evaluate.Evaluator
     monkeypatch.setattr(evaluate, "Evaluator", lambda *a, **k: real(*a, **k, cache_dir=str(tmp_path / "c"),
                                                                     classifier_epochs=1))
-    res = run(mnist_dir, tmp_path, "--eval", "8", "--eval-every", "1")
+    trained = run(mnist_dir, tmp_path, "--eval", "8", "--eval-every", "1")       # the loop scores every epoch
+    assert not (tmp_path / "fd_vs_time.json").exists()                            # its figures: gan_figures.py
+    res = run(mnist_dir, tmp_path, "--sample-only", "--eval", "8", script=gan_figures)
     curve = json.load(open(tmp_path / "fd_vs_time.json"))
     assert [epoch for _, epoch, _, _ in curve] == [1, 2] and curve[0][0] < curve[1][0]
+    assert [list(r) for r in trained["fd_history"]] == curve and res["fd_history"] == trained["fd_history"]
     assert res["fd"] == pytest.approx(curve[-1][2]) and res["sample_seconds_1000"] > 0
-    assert os.path.getsize(tmp_path / "fd_vs_time.png") > 50
+    for name in ("fd_vs_time.png", "eval.md", "samples.png", "loss.png"):
+        assert os.path.getsize(tmp_path / name) > 50, name
+
+
+def test_the_companion_trains_as_the_lesson_does(mnist_dir, tmp_path):
+    """gan_figures.py with gan_mnist.py's flags: the same checkpoint (the gallery's GAN runs go through it)."""
+    run(mnist_dir, tmp_path / "lesson", "--epochs", "1")
+    run(mnist_dir, tmp_path / "companion", "--epochs", "1", script=gan_figures)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("lesson", "companion"))
+    assert a.keys() == b.keys() and a["losses"] == b["losses"]
+    assert {k: v for k, v in a["config"].items() if k != "out"} == {k: v for k, v in b["config"].items() if k != "out"}
+    for key in ("model", "ema", "disc"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--eval-every", "2"], "--eval-every needs --eval N"),
+    (["--eval", "8"], "python gan_figures.py --eval N"),
     (["--sample-only"], "not found"),
     (["--resume"], "no checkpoint"),
     (["--lr", "0"], "--lr must be > 0"),

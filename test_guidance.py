@@ -1,6 +1,8 @@
-"""Tests of cfg.py (classifier-free guidance) and classifier_guidance.py: smoke runs on the tiny
-MNIST fixture, resume = the uninterrupted run, the guidance mathematics, one batched forward pass
-per CFG step, the class tokens as an argument of the blocks, and bad input (nothing overwritten)."""
+"""Tests of cfg.py (classifier-free guidance) and classifier_guidance.py, and of their sweeps
+(cfg_sweep.py, classifier_guidance_sweep.py): smoke runs on the tiny MNIST fixture, resume = the
+uninterrupted run, the guidance mathematics, one batched forward pass per CFG step, the class tokens
+as an argument of the blocks, and bad input (nothing overwritten)."""
+import dataclasses
 import functools
 import math
 import os
@@ -10,7 +12,9 @@ import pytest
 import torch
 
 import cfg as cfg_mod
+import cfg_sweep
 import classifier_guidance as cg
+import classifier_guidance_sweep as cg_sweep
 import ddpm_mnist
 from ddpm_mnist import DDPM
 
@@ -18,15 +22,15 @@ CPU = ["--device", "cpu", "--no-download", "--seed", "0"]
 
 
 def tiny_cfg_args(mnist_dir, out, *extra):
-    """cfg.py on 8x8 digits (--image-size 8), 2 optimizer steps per epoch, 3 DDIM steps."""
+    """cfg.py (and cfg_sweep.py) on 8x8 digits (--image-size 8), 2 optimizer steps per epoch, 3 DDIM steps."""
     return ["--data-dir", mnist_dir, "--out", str(out), "--image-size", "8", "--preset", "tiny", "--T", "30",
             "--epochs", "1", "--batch-size", "32", "--n-per-class", "2", "--ddim-steps", "3",
             "--scales", "0", "1", "3", "--classes", "0", "1", "2", *CPU, *extra]
 
 
 def tiny_cg_args(mnist_dir, out, base, *extra):
-    """classifier_guidance.py on the 28x28 base of conftest's ddpm_ckpt (T = 50), DDIM only: the
-    guided DDPM sampler (50 steps with a classifier gradient each) is tested at 8x8 below."""
+    """classifier_guidance.py (and its sweep) on the 28x28 base of conftest's ddpm_ckpt (T = 50), DDIM
+    only: the guided DDPM sampler (50 steps with a classifier gradient each) is tested at 8x8 below."""
     return ["--data-dir", mnist_dir, "--out", str(out), "--base-ckpt", base, "--preset", "tiny", "--epochs", "1",
             "--batch-size", "32", "--n-per-class", "2", "--ddim-steps", "3", "--scales", "0", "2",
             "--samplers", "ddim", "--classes", "0", "1", "--scale", "2", *CPU, *extra]
@@ -35,16 +39,16 @@ def tiny_cg_args(mnist_dir, out, base, *extra):
 @pytest.fixture(scope="module")
 def cfg_run(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cfg")
-    rows = cfg_mod.main(tiny_cfg_args(mnist_dir, out))
+    cfg_mod.main(tiny_cfg_args(mnist_dir, out))
     shutil.copy(out / "ckpt.pt", out.parent / f"{out.name}_epoch1.pt")  # for the resume test, whatever runs first
-    return out, rows
+    return out, cfg_sweep.main(tiny_cfg_args(mnist_dir, out))
 
 
 @pytest.fixture(scope="module")
 def cg_run(mnist_dir, ddpm_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("cg")
-    rows = cg.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt))["rows"]
-    return out, rows
+    cg.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt))
+    return out, cg_sweep.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt))["rows"]
 
 
 def perturbed(model):
@@ -80,11 +84,13 @@ def test_cfg_smoke_resume_and_sample_only(cfg_run, mnist_dir):
     assert state["kind"] == "cfg.py CondUNet" and state["net"]["num_classes"] == 10
     assert state["step"] == 2 and all(math.isfinite(v) for v in state["losses"])
     assert [r[0] for r in rows] == [0, 1, 3] and all(math.isfinite(r[1]) and r[1] > 0 for r in rows)
-    resumed = cfg_mod.main(tiny_cfg_args(mnist_dir, out, "--epochs", "2", "--resume"))
+    model, ddpm = cfg_mod.main(tiny_cfg_args(mnist_dir, out, "--epochs", "2", "--resume"))
     state = torch.load(out / "ckpt.pt", weights_only=True)
     assert state["step"] == 4
     # the same EMA weights and seed give the same samples, whether trained now or loaded
-    assert resumed == cfg_mod.main(tiny_cfg_args(mnist_dir, out, "--sample-only"))
+    c = cfg_mod.Config(data_dir=mnist_dir, download=False, out=str(out), image_size=8, channels=1, scales=(0.0, 3.0),
+                       classes=(0, 1, 2), n_per_class=2, ddim_steps=3)
+    assert cfg_sweep.sweep(c, model, ddpm, "cpu") == cfg_sweep.main(tiny_cfg_args(mnist_dir, out, "--scales", "0", "3"))
 
 
 def test_cfg_resume_is_the_uninterrupted_run(cfg_run, mnist_dir, tmp_path):
@@ -163,11 +169,14 @@ def test_cfg_bad_input(cfg_run, mnist_dir):
         cfg_mod.sample(model, DDPM(10, "cosine"), torch.tensor([1, 2]), "three", steps=2)
     one_line_exit(e)
     with pytest.raises(SystemExit) as e:
-        cfg_mod.main(tiny_cfg_args(mnist_dir, out, "--sample-only", "--classes", "3", "12"))
+        cfg_sweep.main(tiny_cfg_args(mnist_dir, out, "--classes", "3", "12"))
     assert "0..9" in one_line_exit(e)
     with pytest.raises(SystemExit) as e:
-        cfg_mod.main(tiny_cfg_args(mnist_dir, out, "--sample-only", "--scales", "1", "nan"))
+        cfg_sweep.main(tiny_cfg_args(mnist_dir, out, "--scales", "1", "nan"))
     one_line_exit(e)
+    with pytest.raises(SystemExit) as e:  # cfg.py trains; a trained run is sampled by cfg_sweep.py
+        cfg_mod.main(tiny_cfg_args(mnist_dir, out, "--sample-only"))
+    assert "cfg_sweep.py" in one_line_exit(e)
     with pytest.raises(SystemExit) as e:  # a value that is not a number: one line naming flag and value
         cfg_mod.main(tiny_cfg_args(mnist_dir, out, "--scales", "abc"))
     assert "invalid float value: 'abc'" in one_line_exit(e)
@@ -186,9 +195,12 @@ def test_cg_smoke_and_sample_only(cg_run, mnist_dir, ddpm_ckpt):
     assert state["step"] == 2 and all(math.isfinite(v) for v in state["losses"])
     assert [r[:2] for r in rows] == [["ddim", 0], ["ddim", 2]]  # (guided DDPM: see the maths test below)
     assert all(math.isfinite(r[2]) and r[2] > 0 for r in rows)
-    # --sample-only loads the classifier: the same samples
-    again = cg.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt, "--sample-only", "--scales", "2"))
+    # the sweep loads the classifier: the same samples for the same scale, nothing trained
+    again = cg_sweep.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt, "--scales", "2"))
     assert again["rows"] == rows[1:] and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    with pytest.raises(SystemExit) as e:  # classifier_guidance.py trains; the sweep samples
+        cg.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt, "--sample-only"))
+    assert "classifier_guidance_sweep.py" in one_line_exit(e)
 
 
 def tiny_classifier():
@@ -240,13 +252,13 @@ def test_cg_bad_input(cg_run, mnist_dir, ddpm_ckpt, tmp_path):
         cg.main(tiny_cg_args(mnist_dir, tmp_path, str(tmp_path / "missing.pt")))
     assert "not found" in one_line_exit(e)
     with pytest.raises(SystemExit) as e:
-        cg.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt, "--sample-only", "--classes", "-1"))
+        cg_sweep.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt, "--classes", "-1"))
     one_line_exit(e)
     with pytest.raises(SystemExit) as e:
         cg.sample(lambda x, t: x, tiny_classifier(), DDPM(10, "cosine"), torch.tensor([10]), 1.0)
     assert "0..9" in one_line_exit(e)
     with pytest.raises(SystemExit) as e:
-        cg.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt, "--sample-only", "--scales", "inf"))
+        cg_sweep.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt, "--scales", "inf"))
     one_line_exit(e)
     with pytest.raises(SystemExit) as e:
         cg.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt, "--scales", "x"))
@@ -254,7 +266,7 @@ def test_cg_bad_input(cg_run, mnist_dir, ddpm_ckpt, tmp_path):
 
 
 def test_cg_trains_the_missing_default_base(mnist_dir, tmp_path, monkeypatch):
-    """--sample-only with no classifier stops at once, before training a base model; a training run
+    """The sweep with no classifier stops at once, before training a base model; a training run
     without --base-ckpt trains the missing runs/ddpm_mnist/ckpt.pt first (here: with tiny settings)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(ddpm_mnist, "Config", functools.partial(
@@ -262,7 +274,7 @@ def test_cg_trains_the_missing_default_base(mnist_dir, tmp_path, monkeypatch):
     args = tiny_cg_args(mnist_dir, tmp_path / "cg", "")
     args.remove("--base-ckpt"), args.remove("")
     with pytest.raises(SystemExit) as e:
-        cg.main(args + ["--image-size", "8", "--sample-only"])
+        cg_sweep.main(args + ["--image-size", "8"])
     assert "not found" in one_line_exit(e)
     assert not os.path.exists(tmp_path / ddpm_mnist.DEFAULT_CKPT)  # nothing was trained
     cg.main(args + ["--image-size", "8", "--scales", "1"])
@@ -277,16 +289,16 @@ def test_cg_base_mismatch_stops_before_training(cg_run, mnist_dir, ddpm_ckpt, im
     other = torch.load(ddpm_ckpt, weights_only=True)    # the same UNet, on a schedule of 40 steps
     other["config"]["T"] = 40
     torch.save(other, tmp_path / "t40.pt")
-    cases = [(["--image-size", "16", "--overwrite"], "makes 28x28 images"),
-             (["--image-size", "16", "--resume"], "makes 28x28 images"),
-             (["--dataset", image_folder, "--overwrite"], "the data has 3 channel(s)"),
-             (["--base-ckpt", str(tmp_path / "t40.pt"), "--resume", "--epochs", "2"], "learned the schedule (50"),
-             (["--base-ckpt", str(tmp_path / "t40.pt"), "--sample-only"], "learned the schedule (50"),
-             (["--ckpt", ddpm_ckpt, "--sample-only"], "holds a ddpm_mnist.py UNet checkpoint"),
-             (["--epochs", "2"], "already holds a checkpoint")]
-    for extra, message in cases:
+    cases = [(cg, ["--image-size", "16", "--overwrite"], "makes 28x28 images"),
+             (cg, ["--image-size", "16", "--resume"], "makes 28x28 images"),
+             (cg, ["--dataset", image_folder, "--overwrite"], "the data has 3 channel(s)"),
+             (cg, ["--base-ckpt", str(tmp_path / "t40.pt"), "--resume", "--epochs", "2"], "learned the schedule (50"),
+             (cg_sweep, ["--base-ckpt", str(tmp_path / "t40.pt")], "learned the schedule (50"),
+             (cg_sweep, ["--ckpt", ddpm_ckpt], "holds a ddpm_mnist.py UNet checkpoint"),
+             (cg, ["--epochs", "2"], "already holds a checkpoint")]
+    for script, extra, message in cases:
         with pytest.raises(SystemExit) as e:
-            cg.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt, *extra))
+            script.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt, *extra))
         assert message in one_line_exit(e), extra
         assert (out / "ckpt.pt").read_bytes() == before, extra
 
@@ -355,12 +367,14 @@ def test_accuracy_columns_with_evaluator(cg_run, mnist_dir, ddpm_ckpt, evaluator
                        n_per_class=2, ddim_steps=2, eval=3)
     model = perturbed(cfg_mod.CondUNet(10, "input", planes=2, image_size=28, channels=1, base=8, mults=(1, 2),
                                        num_res=1, dropout=0.0))
-    rows = cfg_mod.make_figures(c, model, DDPM(10, "cosine"), "cpu", evaluator)
+    rows = cfg_sweep.sweep(c, model, DDPM(10, "cosine"), "cpu", evaluator)
     assert all(len(r) == 4 and 0 <= r[2] <= 1 and math.isfinite(r[3]) for r in rows)
-    assert "class accuracy" in (tmp_path / "tradeoff.md").read_text()
+    assert "class accuracy" in (tmp_path / "tradeoff.md").read_text() and (tmp_path / "tradeoff.png").is_file()
     out, _ = cg_run
     c = cg.Config(data_dir=mnist_dir, download=False, out=str(out), scales=(0.0, 2.0), samplers=("ddim",),
                   classes=(1, 2), n_per_class=2, ddim_steps=2, eval=3)
     model, ddpm, base = cg.load_base(cg.Config(base_ckpt=ddpm_ckpt), "cpu")
-    rows = cg.make_figures(c, model, cg.load_classifier(str(out / "ckpt.pt"), base, "cpu"), ddpm, "cpu", evaluator)["rows"]
+    c = dataclasses.replace(c, out=str(tmp_path))
+    rows = cg_sweep.sweep(c, model, cg_sweep.load_classifier(str(out / "ckpt.pt"), base, "cpu"), ddpm, "cpu",
+                          evaluator)["rows"]
     assert all(len(r) == 6 and 0 <= r[3] <= 1 and 0 <= r[4] <= 1 for r in rows)

@@ -32,14 +32,13 @@ if where == "save":                            # the 2nd checkpoint write: half 
             os.kill(os.getpid(), signal.SIGKILL)
         return real(obj, f, *a, **k)
     torch.save = save
-elif where == "figure":                        # the first progress grid
-    common.save_grid = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+elif where == "figure":                        # the first progress grid (or any figure)
+    common.save_grid = common.save_figure = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 {script}.main(sys.argv[2:])
 """
 DDPM = ["--preset", "tiny", "--T", "20", "--batch-size", "16", "--n-samples", "2", "--ddim-steps", "2",
-        "--no-ddpm-grid", "--sweep-steps", "0", "--sample-every", "2", "--epochs", "12"]
-CONTROL = ["--epochs", "6", "--batch-size", "16", "--ddim-steps", "2", "--n-digits", "1", "--samples-per-edge", "1",
-           "--n-eval", "2"]
+        "--sample-every", "2", "--epochs", "12"]
+CONTROL = ["--epochs", "6", "--batch-size", "16", "--ddim-steps", "2", "--n-digits", "1", "--samples-per-edge", "1"]
 
 
 def args(script, mnist_dir, out, base):

@@ -1,5 +1,6 @@
-"""Tests of latent_diffusion.py and rectified_flow.py: smoke runs on the tiny MNIST of conftest.py
-(real idx files, CPU, a few steps), the mathematics, and one-line errors for bad input."""
+"""Tests of latent_diffusion.py and rectified_flow.py (and their companions latent_figures.py and
+flow_figures.py): smoke runs on the tiny MNIST of conftest.py (real idx files, CPU, a few steps), the
+mathematics, and one-line errors for bad input."""
 import functools
 import os
 
@@ -8,15 +9,18 @@ import torch
 
 import common
 from conftest import digest
+import flow_figures
 import latent_diffusion as ld
+import latent_figures
 import rectified_flow as rf
 
 LD_TINY = ["--no-download", "--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1",
            "--T", "40", "--epochs", "1", "--batch-size", "32", "--n-samples", "2", "--ddim-steps", "2",
            "--device", "cpu"]
 RF_TINY = ["--no-download", "--preset", "tiny", "--unet-base", "8", "--unet-res", "1", "--epochs", "1",
-           "--reflow-epochs", "2", "--n-pairs", "8", "--pair-steps", "3", "--steps", "1", "2",
-           "--n-samples", "2", "--batch-size", "32", "--device", "cpu"]
+           "--reflow-epochs", "2", "--n-pairs", "8", "--pair-steps", "3", "--n-samples", "2", "--batch-size", "32",
+           "--device", "cpu"]
+STEPS = ["--steps", "1", "2"]                              # flow_figures.py: the Euler step counts compared
 
 
 def one_line_error(excinfo, *words):
@@ -51,7 +55,7 @@ def ld_out(mnist_dir, tmp_path_factory):
 
 
 def test_latent_diffusion_smoke_resume_sample_only(ld_out, mnist_dir, quick_eval, monkeypatch):
-    for name in ("vae.pt", "ckpt.pt", "vae_reconstructions.png", "ddim_vs_ddpm.png", "loss.png"):
+    for name in ("vae.pt", "ckpt.pt", "vae_reconstructions.png", "samples_epoch001.png"):
         assert os.path.isfile(os.path.join(ld_out, name)), name
     vae_state = torch.load(os.path.join(ld_out, "vae.pt"), weights_only=True)
     assert vae_state["kind"] == ld.VAE_KIND and vae_state["net"]["base"] == 8 and vae_state["scale"] > 0
@@ -62,9 +66,12 @@ def test_latent_diffusion_smoke_resume_sample_only(ld_out, mnist_dir, quick_eval
     skip_plots(monkeypatch)
     ld.main(["--data-dir", mnist_dir, "--out", ld_out] + LD_TINY + ["--resume", "--epochs", "2"])
     assert torch.load(os.path.join(ld_out, "ckpt.pt"), weights_only=True)["epoch"] == 2
-    ld.main(["--data-dir", mnist_dir, "--out", ld_out] + LD_TINY + ["--sample-only", "--eval", "4"])
+    ld.main(["--data-dir", mnist_dir, "--out", ld_out] + LD_TINY + ["--sample-only"])
+    assert os.path.isfile(os.path.join(ld_out, "samples.png"))
+    res = latent_figures.main(["--data-dir", mnist_dir, "--out", ld_out] + LD_TINY + ["--sample-only", "--eval", "4"])
     assert os.path.getmtime(os.path.join(ld_out, "vae.pt")) == vae_mtime   # reused, never retrained
     assert "| DDPM | 40 |" in open(os.path.join(ld_out, "eval.md")).read()
+    assert os.path.isfile(os.path.join(ld_out, "ddim_vs_ddpm.png")) and res["recon_mse"] > 0 and res["scale"] > 0
 
 
 def test_vae_shapes_and_loss():
@@ -86,10 +93,8 @@ def test_scale_factor_gives_unit_variance_test_latents(ld_out, mnist_dir):
     assert (ld.encode_latents(vae, x_test) * scale).std().item() == pytest.approx(1.0, abs=0.15)
 
 
-def test_latent_diffusion_resume_is_the_uninterrupted_run(ld_out, mnist_dir, tmp_path, monkeypatch):
+def test_latent_diffusion_resume_is_the_uninterrupted_run(ld_out, mnist_dir, tmp_path):
     """2 epochs straight == 1 epoch + --resume --epochs 2: same batches (seed + epoch), RNG restored."""
-    monkeypatch.setattr(ld, "make_figures", lambda *a, **k: None)
-    skip_plots(monkeypatch)
     run = lambda out, *argv: ld.main(["--data-dir", mnist_dir, "--out", str(out), "--vae",  # noqa: E731
                                       os.path.join(ld_out, "vae.pt")] + LD_TINY + ["--batch-size", "16"] + list(argv))
     run(tmp_path / "straight", "--epochs", "2")
@@ -182,7 +187,7 @@ def test_rectified_flow_pixel_pairs_made_once(mnist_dir, ld_out, tmp_path, monke
     make_pairs = rf.make_pairs
     monkeypatch.setattr(rf, "make_pairs", lambda *a, **k: calls.append(1) or make_pairs(*a, **k))
     out = str(tmp_path)
-    rf.main(["--data-dir", mnist_dir, "--out", out] + RF_TINY)
+    flow_figures.main(["--data-dir", mnist_dir, "--out", out] + RF_TINY + STEPS)   # trains, then the figures
     assert len(calls) == 1                                  # once, not once per Flow-2 epoch
     for name in ("flow1.pt", "flow2.pt", "pairs.pt", "steps_comparison.png", "steps_table.md",
                  "noise_vs_flow-1.png", "noise_vs_flow-2.png", "steps_error.png", "loss.png"):
@@ -194,7 +199,8 @@ def test_rectified_flow_pixel_pairs_made_once(mnist_dir, ld_out, tmp_path, monke
     rf.main(["--data-dir", mnist_dir, "--out", out] + RF_TINY + ["--resume", "--reflow-epochs", "3"])
     assert len(calls) == 1 and os.path.getmtime(os.path.join(out, "pairs.pt")) == pairs_mtime
     assert torch.load(os.path.join(out, "flow2.pt"), weights_only=True)["epoch"] == 3
-    rf.main(["--data-dir", mnist_dir, "--out", out] + RF_TINY + ["--sample-only", "--eval", "4"])
+    assert os.path.isfile(os.path.join(out, "samples.png"))
+    flow_figures.main(["--data-dir", mnist_dir, "--out", out] + RF_TINY + STEPS + ["--sample-only", "--eval", "4"])
     assert "| Flow-2 | 2 |" in open(os.path.join(out, "eval.md")).read()
     with pytest.raises(SystemExit) as e:                    # a pixel flow is not a latent one
         rf.main(["--data-dir", mnist_dir, "--out", out, "--sample-only", "--space", "latent",
@@ -226,7 +232,7 @@ def test_rectified_flow_latent_reuses_the_vae(mnist_dir, ld_out, tmp_path, monke
     vae = os.path.join(ld_out, "vae.pt")                    # (trained when missing: see the ld_out run)
     mtime = os.path.getmtime(vae)
     rf.main(["--data-dir", mnist_dir, "--out", str(tmp_path), "--space", "latent", "--vae", vae] + RF_TINY)
-    assert os.path.isfile(os.path.join(tmp_path, "steps_comparison.png"))
+    assert os.path.isfile(os.path.join(tmp_path, "samples.png"))
     assert os.path.getmtime(vae) == mtime
 
 
@@ -242,17 +248,18 @@ def test_vae_of_another_shape_is_a_one_line_error(mnist_dir, tmp_path):
     one_line_error(e, "3-channel", "--vae")
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--sample-only"], ["--sample-only", "flow1.pt", "not found"]),
-    (["--resume"], ["no checkpoint", "drop --resume"]),
-    (["--steps", "0"], ["--steps"]),
-    (["--n-pairs", "0"], ["--n-pairs"]),
-    (["--sample-every", "0"], ["--sample-every must be >= 1"]),
-    (["--lr", "-1"], ["--lr must be > 0"]),
+@pytest.mark.parametrize("script, argv, words", [
+    (rf, ["--sample-only"], ["--sample-only", "flow1.pt", "not found"]),
+    (rf, ["--resume"], ["no checkpoint", "drop --resume"]),
+    (flow_figures, ["--steps", "0"], ["--steps"]),
+    (flow_figures, ["--eval", "1"], ["--eval must be 0 (off) or >= 2"]),
+    (rf, ["--n-pairs", "0"], ["--n-pairs"]),
+    (rf, ["--sample-every", "0"], ["--sample-every must be >= 1"]),
+    (rf, ["--lr", "-1"], ["--lr must be > 0"]),
 ])
-def test_rectified_flow_bad_input(mnist_dir, tmp_path, argv, words):
+def test_rectified_flow_bad_input(mnist_dir, tmp_path, script, argv, words):
     with pytest.raises(SystemExit) as e:
-        rf.main(["--data-dir", mnist_dir, "--out", str(tmp_path)] + RF_TINY + argv)
+        script.main(["--data-dir", mnist_dir, "--out", str(tmp_path)] + RF_TINY + argv)
     one_line_error(e, *words)
 
 

@@ -15,7 +15,8 @@ import common
 
 README = Path(__file__).with_name("README.md").read_text()
 SCRIPTS = sorted(p.stem for p in Path(__file__).parent.glob("*.py")
-                 if not p.stem.startswith(("test_", "conftest")) and p.stem not in ("common", "diffusion", "ddpm_figures"))
+                 if not p.stem.startswith(("test_", "conftest")) and p.stem not in ("common", "diffusion")
+                 and not p.stem.endswith("_figures"))                # a lesson's companion: run through its lesson
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:

@@ -1,5 +1,6 @@
 """Smoke runs of the scripts on tiny data; ddpm_mnist.py's checkpoints, resume and bad input; the
-mathematics of DDPM/DDIM; the graded interface (diffusion.py); the plumbing of common.py.
+mathematics of DDPM/DDIM and of ddpm_figures.py's exercise options; the graded interface (diffusion.py);
+the plumbing of common.py.
 
 Scripts run in-process through their `main(argv)` (no subprocess: one torch import for the suite),
 on the tiny datasets of conftest.py, written in the real file formats.
@@ -14,13 +15,14 @@ import torch
 
 import common
 from conftest import digest, one_line
+import ddpm_figures
 import ddpm_mnist
 import diffusion
 import toy_2d
 
 TINY = ["--preset", "tiny", "--T", "20", "--batch-size", "16", "--n-samples", "4", "--ddim-steps", "2",
-        "--sweep-steps", "2", "5", "--device", "cpu", "--no-download"]
-FAST = TINY + ["--no-ddpm-grid", "--sweep-steps", "0"]  # training and the cheap figures only
+        "--device", "cpu", "--no-download"]
+FAST = TINY                       # ddpm_mnist.py: training, its DDIM grids and loss curve
 
 
 # ----------------------------------------------------------------------------- smoke runs of every script
@@ -28,38 +30,46 @@ FAST = TINY + ["--no-ddpm-grid", "--sweep-steps", "0"]  # training and the cheap
 MNIST = ["--data-dir", "{mnist}", "--no-download", "--device", "cpu"]
 SMOKE = {  # script: (argv at tiny sizes, files it must write into --out)
     "toy_2d": (["--steps", "60", "--n-train", "2000", "--n-test", "400", "--n-samples", "300", "--T", "20"],
-               ["forward.png", "closed_form_vs_chain.png", "reverse.png", "samples.png", "loss.png", "reverse.gif"]),
-    "ddpm_mnist": (MNIST + TINY[:-3] + ["--epochs", "1"], ["ckpt.pt", "loss.png", "loss_per_timestep.png", "ddpm_4x4.png", "ddpm_8x8.png",
-                   "ddim2_4x4.png", "ddim2_8x8.png", "interpolation.png", "ddim_sweep.png", "ddim_sweep_time.png",
-                   "samples_epoch001.png", "stochastic_vs_deterministic.png", "ddim_sweep.md", "per_timestep.json"]),
+               ["samples.png", "loss.png"]),
+    "toy_figures": (["--steps", "60", "--n-train", "2000", "--n-test", "400", "--n-samples", "300", "--T", "20"],
+                    ["forward.png", "closed_form_vs_chain.png", "reverse.png", "samples.png", "loss.png", "reverse.gif"]),
+    "ddpm_mnist": (MNIST + TINY[:-3] + ["--epochs", "1"], ["ckpt.pt", "loss.png", "samples_epoch001.png"]),
+    "ddpm_figures": (MNIST + TINY[:-3] + ["--epochs", "1", "--sweep-steps", "2", "5"],
+                     ["ckpt.pt", "loss.png", "loss_per_timestep.png", "ddpm_4x4.png", "ddpm_8x8.png", "ddim2_4x4.png",
+                      "ddim2_8x8.png", "interpolation.png", "ddim_sweep.png", "ddim_sweep_time.png",
+                      "samples_epoch001.png", "stochastic_vs_deterministic.png", "ddim_sweep.md", "per_timestep.json"]),
     "latent_diffusion": (MNIST + ["--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1", "--T", "20",
                                   "--epochs", "1", "--batch-size", "32", "--n-samples", "2", "--ddim-steps", "2"],
-                         ["vae.pt", "ckpt.pt", "vae_reconstructions.png", "ddim_vs_ddpm.png", "samples_epoch001.png",
-                          "loss.png"]),
+                         ["vae.pt", "ckpt.pt", "vae_reconstructions.png", "samples_epoch001.png"]),
+    "latent_figures": (MNIST + ["--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1", "--T", "20",
+                                "--epochs", "1", "--batch-size", "32", "--n-samples", "2", "--ddim-steps", "2"],
+                       ["vae.pt", "ckpt.pt", "vae_reconstructions.png", "ddim_vs_ddpm.png", "samples_epoch001.png",
+                        "loss.png"]),
     "rectified_flow": (MNIST + ["--preset", "tiny", "--epochs", "1", "--reflow-epochs", "1", "--n-pairs", "8",
-                                "--pair-steps", "2", "--steps", "1", "2", "--n-samples", "2", "--batch-size", "32"],
-                       ["flow1.pt", "flow2.pt", "pairs.pt", "loss.png", "noise_vs_flow-1.png", "noise_vs_flow-2.png",
-                        "steps_comparison.png", "steps_error.png", "steps_table.md"]),
+                                "--pair-steps", "2", "--n-samples", "2", "--batch-size", "32"],
+                       ["flow1.pt", "flow2.pt", "pairs.pt", "samples.png"]),
+    "flow_figures": (MNIST + ["--preset", "tiny", "--epochs", "1", "--reflow-epochs", "1", "--n-pairs", "8",
+                              "--pair-steps", "2", "--steps", "1", "2", "--n-samples", "2", "--batch-size", "32"],
+                     ["flow1.pt", "flow2.pt", "pairs.pt", "loss.png", "noise_vs_flow-1.png", "noise_vs_flow-2.png",
+                      "steps_comparison.png", "steps_error.png", "steps_table.md"]),
     "cfg": (MNIST + ["--image-size", "8", "--preset", "tiny", "--T", "30", "--epochs", "1", "--batch-size", "32",
                      "--n-per-class", "2", "--ddim-steps", "3", "--scales", "0", "3", "--classes", "0", "1", "2"],
-            ["ckpt.pt", "loss.png", "samples_epoch001_w3.png", "cfg_w0.png", "cfg_w3.png", "tradeoff.png", "tradeoff.md"]),
+            ["ckpt.pt", "loss.png", "samples_epoch001_w3.png"]),   # its grids per w: cfg_sweep.py (test_guidance)
     "classifier_guidance": (MNIST + ["--base-ckpt", "{ddpm}", "--preset", "tiny", "--epochs", "1", "--batch-size", "32",
                                      "--n-per-class", "2", "--ddim-steps", "3", "--scale", "2", "--scales", "0", "2",
                                      "--samplers", "ddim", "--classes", "0", "1"],
-                            ["ckpt.pt", "loss.png", "samples_epoch001_s2.png", "accuracy_per_t.png", "guided_ddim_s0.png",
-                             "guided_ddim_s2.png", "accuracy_vs_scale.png", "accuracy_vs_scale.md"]),
-    "deepcache": (MNIST + ["--base-ckpt", "{ddpm}", "--steps", "2", "--n-samples", "2", "--batch-size", "2",
-                           "--warmup", "0", "--repeats", "1", "--sweep-steps", "2", "--sweep-intervals", "1", "2"],
-                  ["samples.png", "samples_plain.png", "grid_steps2.png", "speedup.png", "quality.png", "tradeoff.png",
-                   "speed_quality.md"]),
+                            ["ckpt.pt", "loss.png", "samples_epoch001_s2.png"]),   # the sweep: test_guidance
+    "deepcache": (MNIST + ["--base-ckpt", "{ddpm}", "--steps", "2", "--n-samples", "2"],
+                  ["samples.png", "samples_plain.png"]),
+    "deepcache_sweep": (MNIST + ["--base-ckpt", "{ddpm}", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
+                                 "--sweep-steps", "2", "--sweep-intervals", "1", "2"],
+                        ["grid_steps2.png", "speedup.png", "quality.png", "tradeoff.png", "speed_quality.md"]),
     "controlnet_canny": (MNIST + ["--base-ckpt", "{ddpm}", "--epochs", "1", "--batch-size", "32", "--ddim-steps", "2",
-                                  "--n-digits", "2", "--samples-per-edge", "2", "--n-eval", "4"],
-                         ["ckpt.pt", "control.png", "loss.png", "edge_fidelity.md"]),
+                                  "--n-digits", "2", "--samples-per-edge", "2"],
+                         ["ckpt.pt", "control.png", "loss.png"]),   # edge_fidelity.md: controlnet_fidelity.py (its tests)
     "dit_cifar": (["--dataset", "{folder}", "--model", "DiT-T/2", "--vae-base", "16", "--vae-epochs", "1", "--epochs", "1",
-                   "--batch-size", "12", "--T", "50", "--ddim-steps", "2", "--n-per-class", "2", "--scales", "1", "3",
-                   "--no-download", "--device", "cpu"],
-                  ["vae.pt", "ckpt.pt", "vae_reconstructions.png", "loss.png", "samples_epoch001_w3.png", "cfg_w1.png",
-                   "cfg_w3.png"]),
+                   "--batch-size", "12", "--T", "50", "--ddim-steps", "2", "--no-download", "--device", "cpu"],
+                  ["vae.pt", "ckpt.pt", "samples_epoch001_w3.png"]),   # its figures: dit_figures.py (test_dit)
 }
 
 
@@ -76,7 +86,7 @@ def test_every_script_runs_end_to_end(script, mnist_dir, image_folder, ddpm_ckpt
                                           for a in argv] + ["--out", str(out)])
     for name in files:
         assert (out / name).stat().st_size > 50, name
-    if script == "toy_2d":
+    if script in ("toy_2d", "toy_figures"):
         assert result["ed_samples"] < result["ed_noise"]  # even 60 steps move the samples toward the data
 
 
@@ -118,10 +128,9 @@ def copy_run(src, tmp_path):
 
 
 def test_ddpm_mnist_writes_its_figures_and_checkpoint(one_epoch):
-    for name in ("ckpt.pt", "loss.png", "loss_per_timestep.png", "ddpm_4x4.png", "ddpm_8x8.png",
-                 "ddim2_4x4.png", "ddim2_8x8.png", "interpolation.png", "ddim_sweep.png",
-                 "ddim_sweep_time.png", "samples_epoch001.png"):
+    for name in SMOKE["ddpm_mnist"][1]:
         assert (one_epoch / name).stat().st_size > 100, name
+    assert not (one_epoch / "per_timestep.json").exists()     # the measurements are ddpm_figures.py's
     state = torch.load(one_epoch / "ckpt.pt", weights_only=True)
     assert set(state) >= {"kind", "net", "config", "model", "ema", "opt", "step", "epoch", "losses", "rng"}
     assert state["kind"] == "ddpm_mnist.py UNet" and state["net"]["base"] == 16
@@ -143,9 +152,8 @@ def test_resume_reproduces_an_uninterrupted_run(one_epoch, mnist_dir, tmp_path):
 def test_sample_only_leaves_the_checkpoint_alone(one_epoch, mnist_dir, tmp_path):
     out = copy_run(one_epoch, tmp_path)
     before = digest(out / "ckpt.pt")
-    (out / "ddim2_4x4.png").unlink()
     ddpm_mnist.main(FAST + ["--data-dir", mnist_dir, "--out", str(out), "--sample-only"])
-    assert (out / "ddim2_4x4.png").exists() and digest(out / "ckpt.pt") == before
+    assert (out / "samples.png").exists() and digest(out / "ckpt.pt") == before
 
 
 def test_training_never_replaces_a_checkpoint_by_mistake(one_epoch, mnist_dir, tmp_path):
@@ -399,7 +407,7 @@ def as_prediction(ddpm, eps_fn, predict):
 def test_x0_and_v_prediction_reproduce_the_gaussian(predict, sampler):
     """The exact Gaussian predictor expressed as x0 or v; eps_from turns it back for the unchanged samplers."""
     torch.manual_seed(0)
-    ddpm = ddpm_mnist.DDPM(1000, "linear", predict=predict)
+    ddpm = ddpm_figures.PredictDDPM(1000, "linear", predict=predict)
     mu, s, shape = 0.5, 0.3, (8000, 1, 1, 1)
     model = ddpm.eps_from(as_prediction(ddpm, gaussian_eps(ddpm, mu, s), predict))
     x = ddpm.ddpm_sample(model, shape) if sampler == "ddpm" else ddpm.ddim_sample(model, shape, steps=100)
@@ -412,7 +420,7 @@ def test_x0_and_v_losses_reweight_the_eps_loss():
     x0 = torch.randn(64, 1, 4, 4)
     losses = {}
     for predict in ("eps", "x0", "v"):
-        ddpm = ddpm_mnist.DDPM(1, "linear", predict=predict)
+        ddpm = ddpm_figures.PredictDDPM(1, "linear", predict=predict)
         eps_net = lambda x, t: 0.5 * x  # noqa: E731 (any predictor: the identity holds for each)
         net = eps_net if predict == "eps" else as_prediction(ddpm, eps_net, predict)
         torch.manual_seed(0)
@@ -433,9 +441,11 @@ def test_cosine_clip():
 
 def test_concat_time_embedding_reaches_every_block():
     torch.manual_seed(0)
-    net = ddpm_mnist.UNet(8, 1, base=8, mults=(1, 2), num_res=1, time_embed="concat").eval()
-    assert all(b.concat and b.conv1.in_channels == b.norm1.num_channels + 32
-               for b in net.modules() if isinstance(b, ddpm_mnist.ResBlock))
+    net = ddpm_figures.make_unet("concat", image_size=8, channels=1, base=8, mults=(1, 2), num_res=1).eval()
+    blocks = [b for b in net.modules() if isinstance(b, ddpm_mnist.ResBlock)]
+    assert len(blocks) == 6 and net.config["time_embed"] == "concat"
+    assert all(isinstance(b, ddpm_figures.ConcatResBlock) and b.conv1.in_channels == b.norm1.num_channels + 32
+               for b in blocks)
     torch.nn.init.normal_(net.out[-1].weight)  # the zero-initialised output layer would hide t
     x = torch.randn(2, 1, 8, 8)
     assert not torch.allclose(net(x, torch.tensor([0, 0])), net(x, torch.tensor([500, 500])))

@@ -1,8 +1,10 @@
-"""toy_2d.py's options: the time input of the MLP, the closed form against the chain, the forward panels."""
+"""toy_2d.py's options: the time input of the MLP, the closed form against the chain; toy_figures.py's
+forward panels, the variance of the forward process and its figures around toy_2d.py's training."""
 import pytest
 import torch
 
 import toy_2d
+import toy_figures
 
 
 @pytest.mark.parametrize("time_input", ["embed", "raw", "none"])
@@ -50,7 +52,7 @@ def test_closed_form_and_chain_agree_in_distribution():
 
 def test_forward_panels_dissolve_gradually():
     d = toy_2d.Diffusion2D()                                   # the defaults: T = 100, beta 1e-4 .. 0.1
-    ts = toy_2d.forward_steps(d.alpha_bar)
+    ts = toy_figures.forward_steps(d.alpha_bar)
     ab = d.alpha_bar[ts]
     assert ts == sorted(ts) and len(set(ts)) == len(ts) == 6 and ts[-1] == 99
     assert (ab[1:] < ab[:-1]).all()                            # increasing t, decreasing alpha_bar_t
@@ -60,17 +62,29 @@ def test_forward_panels_dissolve_gradually():
     assert ts[0] < 100 // 3                                    # the old first panel (t = 33) was already ᾱ = 0.58
 
 
+def test_variance_preserving_against_the_simplified_process(tmp_path):
+    """The report question's figure: Var(x_t) stays 1 under the variance-preserving chain and grows to
+    Var(x_0) + sum beta under x_t = x_{t-1} + sqrt(beta_t) eps; measured on samples, as the closed forms say."""
+    d = toy_2d.Diffusion2D()
+    x0 = toy_2d.make_points("swiss_roll", 20000, __import__("numpy").random.default_rng(0))   # Var 1 per coordinate
+    vp, ve = toy_figures.variance_figure(str(tmp_path / "v.png"), d, x0, torch.Generator().manual_seed(0))
+    assert all(v == pytest.approx(1, rel=0.03) for v in vp)
+    assert ve == pytest.approx((1 + d.beta.cumsum(0)).tolist(), rel=0.03) and ve[-1] > 5
+    assert (tmp_path / "v.png").stat().st_size > 50
+
+
 def test_main_writes_the_new_figures(tmp_path):
-    result = toy_2d.main(["--steps", "20", "--n-train", "500", "--n-test", "200", "--n-samples", "100", "--T", "10",
-                          "--time-input", "raw", "--no-gif", "--out", str(tmp_path)])
-    for name in ["forward.png", "closed_form_vs_chain.png", "reverse.png", "samples.png", "loss.png"]:
+    result = toy_figures.main(["--steps", "20", "--n-train", "500", "--n-test", "200", "--n-samples", "100",
+                               "--T", "10", "--time-input", "raw", "--no-gif", "--out", str(tmp_path)])
+    for name in ["forward.png", "closed_form_vs_chain.png", "toy_2d_variance.png", "reverse.png", "samples.png",
+                 "loss.png"]:
         assert (tmp_path / name).stat().st_size > 50, name
     assert len(result["ed_chain"]) == len(result["ed_chain_floor"]) >= 2
 
 
 def test_course_panels_are_the_asked_steps(tmp_path):
     """--panels course: t = 0, 33, 66, 99 of T = 100, evenly spaced in t (the assignment's figure)."""
-    assert toy_2d.course_steps(100) == [0, 33, 66, 99] and toy_2d.course_steps(10) == [0, 3, 6, 9]
-    toy_2d.main(["--steps", "5", "--n-train", "300", "--n-test", "100", "--n-samples", "50", "--no-gif",
-                 "--panels", "course", "--out", str(tmp_path)])
+    assert toy_figures.course_steps(100) == [0, 33, 66, 99] and toy_figures.course_steps(10) == [0, 3, 6, 9]
+    toy_figures.main(["--steps", "5", "--n-train", "300", "--n-test", "100", "--n-samples", "50", "--no-gif",
+                      "--panels", "course", "--out", str(tmp_path)])
     assert (tmp_path / "forward.png").stat().st_size > 50

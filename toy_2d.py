@@ -17,14 +17,13 @@ The network sees t in one of three ways (--time-input): "embed", a sinusoidal em
 default); "raw", the scalar t / T concatenated to the point; "none", no t at all, the ablation: the
 network must then guess the noise level from x_t alone, and one x_t is reached from many noise levels.
 
-Run:  python toy_2d.py                 # Swiss roll, figures in runs/toy_2d/ (about 40 s on one CPU core)
+Run:  python toy_2d.py                 # Swiss roll into runs/toy_2d/ (about 40 s on one CPU core)
       python toy_2d.py --data moons
       python toy_2d.py --time-input none --out runs/toy_2d_none
-Figures: forward.png (the dissolve: steps evenly spaced in log-SNR, alpha_bar_t on each panel;
---panels course: the t = 0, 33, 66, 99 that course assignments ask for),
-closed_form_vs_chain.png (q(x_t | x_0) against t + 1 applications of q_step), reverse.png, samples.png,
-loss.png, reverse.gif; printed: the held-out loss and the energy distance of the samples (and of pure
-noise) to held-out data, beside its floor for this many points.
+It writes loss.png and samples.png and prints the held-out loss and the energy distance of the samples
+(and of pure noise) to held-out data, beside its floor. Every step plotted: toy_figures.py takes the same
+flags (and --panels, --no-gif) and adds forward.png, closed_form_vs_chain.png, toy_2d_variance.png,
+reverse.png and reverse.gif.
 """
 from __future__ import annotations
 
@@ -56,10 +55,6 @@ class Config:
         "choices": ["embed", "raw", "none"],
         "help": "how the MLP sees t: sinusoidal embedding, the scalar t / T, or not at all (ablation)"})
     n_samples: int = field(default=2000, metadata={"min": 2})
-    gif: bool = field(default=True, metadata={"help": "write reverse.gif (a few seconds)"})
-    panels: str = field(default="logsnr", metadata={"choices": ["logsnr", "course"], "help": "the steps of "
-                        "forward.png: evenly spaced in log-SNR, or the course's t = 0, 33, 66, 99 of T = 100 "
-                        "(evenly spaced in t: the last two both look like pure noise)"})
     out: str = "runs/toy_2d"
     seed: int = 0
 
@@ -118,24 +113,6 @@ class Diffusion2D:
 def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """2 E|a - b| - E|a - a'| - E|b - b'|: zero iff the two distributions are equal."""
     return (2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()).item()
-
-
-def forward_steps(alpha_bar: torch.Tensor, n: int = 6) -> list[int]:
-    """n steps t evenly spaced in log-SNR_t = log(alpha_bar_t / (1 - alpha_bar_t)), from step 0 (not
-    shown: the data panel stands for it) to T-1. Evenly spaced t would not show the dissolve: with the
-    default schedule alpha_bar_33 = 0.58, and the arms already blur by alpha_bar = 0.9.
-    -> increasing t, decreasing alpha_bar_t."""
-    log_snr = (alpha_bar / (1 - alpha_bar)).log()
-    targets = torch.linspace(log_snr[0].item(), log_snr[-1].item(), n + 1)[1:]
-    return sorted({int((log_snr - v).abs().argmin()) for v in targets})
-
-
-def course_steps(T: int) -> list[int]:
-    """The panels course assignments ask for: t = 0, T/3, 2T/3 and T-1, evenly spaced in t (0, 33, 66,
-    99 for T = 100). They differ from `forward_steps` because noise is not added evenly in t: with
-    the default schedule alpha_bar_33 = 0.56 and alpha_bar_66 = 0.10, so the cloud is already gone
-    by the third panel and the last two look alike."""
-    return [round(k * (T - 1) / 3) for k in range(4)]
 
 
 def closed_form_vs_chain(diffusion: Diffusion2D, x0: torch.Tensor, ts: list[int], generator):
@@ -200,6 +177,7 @@ class MLP(nn.Module):
 
 def train(cfg: Config, diffusion: Diffusion2D, x_train: torch.Tensor) -> tuple[MLP, list[float]]:
     """AdamW with a cosine decay of the learning rate; a fresh random batch every step."""
+    t0 = time.perf_counter()
     model = MLP(cfg.hidden, cfg.time_input, cfg.T)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
@@ -214,52 +192,40 @@ def train(cfg: Config, diffusion: Diffusion2D, x_train: torch.Tensor) -> tuple[M
         losses.append(loss.item())
         if (step + 1) % max(1, cfg.steps // 5) == 0:
             print(f"step {step + 1:5d}/{cfg.steps}  loss {np.mean(losses[-200:]):.4f}")
+    print(f"trained {cfg.steps} steps in {time.perf_counter() - t0:.1f}s")
     return model.eval(), losses
 
 
-# ----------------------------------------------------------------------------- figures
+# ----------------------------------------------------------------------------- results
 
 
-def scatter_grid(path: str, rows: list[list[torch.Tensor]], titles: list[list[str]], suptitle: str,
-                 size: float = 2.4) -> None:
-    """One point cloud per panel, rows of panels on a common [-3.5, 3.5]^2 frame."""
-    n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = common.figure(n_rows, n_cols, figsize=(size * n_cols, size * n_rows + 0.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, (clouds, row_titles) in enumerate(zip(rows, titles)):
-        for ax, x, title in zip(axes[i], clouds, row_titles):
-            ax.axis("on")
-            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
-            ax.set(xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), aspect="equal", xticks=[], yticks=[])
-            ax.set_title(title, fontsize=9)
-    fig.suptitle(suptitle)
-    common.save_figure(fig, path, dpi=90, grid=False, legend=0)
-
-
-def reverse_gif(path: str, xs: list[torch.Tensor], frames: int = 20) -> None:
-    """`frames` states of the reverse chain, evenly spaced, then the samples held for a second."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.animation import FuncAnimation, PillowWriter
-
-    T = len(xs) - 1
-    ks = list(range(0, T, max(1, T // frames))) + [T] * 5
-    fig, ax = plt.subplots(figsize=(3.5, 3.5))
-    dots = ax.scatter(xs[0][:, 0], xs[0][:, 1], s=2, alpha=0.5)
+def judge(cfg: Config, diffusion: Diffusion2D, model: MLP, losses: list[float], x_test) -> tuple[dict, list]:
+    """The held-out loss; n_samples samples and their energy distance to held-out data, beside pure noise's
+    and two held-out halves' (the floor); loss.png and samples.png. -> (those numbers, the reverse chain)"""
+    with torch.no_grad():
+        test_loss = np.mean([diffusion.loss(model, x_test).item() for _ in range(20)])
+    print(f"held-out loss {test_loss:.4f}")
+    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses, 100)},
+                       title="DDPM loss on 2D points, against training step")
+    xs = diffusion.sample(model, cfg.n_samples, generator=torch.Generator().manual_seed(cfg.seed))
+    ed_samples, ed_noise = energy_distance(xs[-1], x_test), energy_distance(xs[0], x_test)
+    ed_floor = energy_distance(x_test[::2], x_test[1::2])
+    print(f"energy distance to held-out data: samples {ed_samples:.4f}, pure noise {ed_noise:.4f} "
+          f"(two held-out halves: {ed_floor:.4f})")
+    fig, ax = common.figure(figsize=(3, 3.4))
+    ax.scatter(xs[-1][:, 0], xs[-1][:, 1], s=1, alpha=0.4)
     ax.set(xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), aspect="equal", xticks=[], yticks=[])
+    ax.set_title(f"held-out loss {test_loss:.3f}\nenergy distance {ed_samples:.4f}", fontsize=9)
+    fig.suptitle(f"samples of --time-input {cfg.time_input}")
+    common.save_figure(fig, os.path.join(cfg.out, "samples.png"), dpi=90, grid=False, legend=0)
+    return dict(test_loss=test_loss, ed_samples=ed_samples, ed_noise=ed_noise, ed_floor=ed_floor), xs
 
-    def draw(k):
-        dots.set_offsets(xs[k].numpy())
-        ax.set_title("samples" if k == T else f"reverse process, t = {T - 1 - k}")
-        return (dots,)
 
-    FuncAnimation(fig, draw, frames=ks, blit=False).save(path, writer=PillowWriter(fps=5), dpi=60)
-    plt.close(fig)
+# ----------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> dict:
+    """Train, then the held-out loss, samples.png and loss.png. -> judge's numbers"""
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
     check_config(cfg)
     common.prepare_out(cfg.out)
@@ -268,55 +234,10 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(cfg.seed)
     x_train, x_test = make_points(cfg.data, cfg.n_train, rng), make_points(cfg.data, cfg.n_test, rng)
     diffusion = Diffusion2D(cfg.T, cfg.beta_1, cfg.beta_T)
-    g = torch.Generator().manual_seed(cfg.seed + 1)  # figure noise, apart from training's random numbers
-
-    # Forward process from the closed form, at steps evenly spaced in log-SNR (--panels course: in t).
-    ab = diffusion.alpha_bar
-    shown = forward_steps(ab) if cfg.panels == "logsnr" else course_steps(cfg.T)
-    noisy = [diffusion.q_sample(x_test, torch.full((len(x_test),), t), torch.randn(x_test.shape, generator=g))
-             for t in shown]
-    titles = ["data x_0"] + [f"t = {t}, $\\bar\\alpha$ = {ab[t]:.3f}" for t in shown]
-    scatter_grid(os.path.join(cfg.out, "forward.png"), [[x_test] + noisy], [titles], "forward process q(x_t | x_0)")
-
-    # The closed form against the chain of single steps: the same distribution at every t.
-    checked = shown[1::2] if len(shown) > 3 else shown
-    pairs = closed_form_vs_chain(diffusion, x_test, checked, g)
-    ed_chain = [energy_distance(closed, chain) for closed, chain, _ in pairs]
-    ed_chain_floor = [energy_distance(closed, again) for closed, _, again in pairs]
-    scatter_grid(os.path.join(cfg.out, "closed_form_vs_chain.png"),
-                 [[c for c, _, _ in pairs], [x for _, x, _ in pairs]],
-                 [[f"closed form, t = {t}" for t in checked],
-                  [f"{t + 1} q_steps: ED {e:.4f} (floor {f:.4f})"
-                   for t, e, f in zip(checked, ed_chain, ed_chain_floor)]],
-                 "x_t from the closed form q(x_t | x_0) (top) and from steps 0..t of q_step (bottom)\n"
-                 "ED: energy distance between the two; floor: between two closed-form draws", size=3.2)
-    print("closed form vs chain, energy distance: " + ", ".join(
-        f"t = {t}: {e:.4f} (floor {f:.4f})" for t, e, f in zip(checked, ed_chain, ed_chain_floor)))
-
-    t0 = time.perf_counter()
     model, losses = train(cfg, diffusion, x_train)
-    print(f"trained {cfg.steps} steps in {time.perf_counter() - t0:.1f}s")
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses, 100)},
-                       title="DDPM loss on 2D points")
-    with torch.no_grad():
-        test_loss = np.mean([diffusion.loss(model, x_test).item() for _ in range(20)])
-    print(f"held-out loss {test_loss:.4f}")
-
-    xs = diffusion.sample(model, cfg.n_samples, generator=torch.Generator().manual_seed(cfg.seed))
-    scatter_grid(os.path.join(cfg.out, "reverse.png"), [[xs[cfg.T - 1 - t] for t in reversed(shown)] + [xs[-1]]],
-                 [[f"t = {t}" for t in reversed(shown)] + ["samples"]], "reverse process p(x_{t-1} | x_t), from noise")
-    if cfg.gif:
-        reverse_gif(os.path.join(cfg.out, "reverse.gif"), xs)
-    ed_samples, ed_noise = energy_distance(xs[-1], x_test), energy_distance(xs[0], x_test)
-    ed_floor = energy_distance(x_test[::2], x_test[1::2])
-    scatter_grid(os.path.join(cfg.out, "samples.png"), [[xs[-1]]],
-                 [[f"held-out loss {test_loss:.3f}\nenergy distance {ed_samples:.4f}"]],
-                 f"--time-input {cfg.time_input}", size=3)
-    print(f"energy distance to held-out data: samples {ed_samples:.4f}, pure noise {ed_noise:.4f} "
-          f"(two held-out halves: {ed_floor:.4f})")
+    results, _ = judge(cfg, diffusion, model, losses, x_test)
     print(f"figures in {cfg.out}/")
-    return {"test_loss": test_loss, "ed_samples": ed_samples, "ed_noise": ed_noise, "ed_floor": ed_floor,
-            "ed_chain": ed_chain, "ed_chain_floor": ed_chain_floor}
+    return results
 
 
 if __name__ == "__main__":
