@@ -83,7 +83,7 @@ def image_folder(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ddpm_ckpt(mnist_dir, tmp_path_factory) -> str:
-    import ddpm_figures                                   # ddpm_mnist.py's training, and the figures of its run
+    from tools import ddpm_figures                                   # ddpm_mnist.py's training, and the figures of its run
 
     out = str(tmp_path_factory.mktemp("ddpm_base"))
     ddpm_figures.main(["--data-dir", mnist_dir, "--no-download", "--out", out, "--preset", "tiny",

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 import common
-from ddpm_figures import concat_time
+from tools.ddpm_figures import concat_time
 from ddpm_mnist import DDPM, PRESETS, UNet
 
 

@@ -177,7 +177,7 @@ def train(cfg: Config, x_train, device, evaluator=None):
         history["d"] += d_epoch.tolist()
         history["seconds"] += seconds
         if evaluator is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
-            import evaluate
+            from tools import evaluate
             x = sample(ema.module.eval(), cfg.eval, common.generator(device, cfg.seed))
             fd, classes = evaluator.fd(x), evaluate.coverage(evaluator.histogram(x))
             history["fd"].append((history["seconds"], epoch + 1, fd, classes))
@@ -214,7 +214,7 @@ def train_or_load(cfg: Config, device):
     common.setup_speed(device)
     evaluator = None
     if cfg.eval:  # before training: a problem with the evaluator shows now, not after the run
-        import evaluate
+        from tools import evaluate
         evaluator = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device, image_size=28, channels=1)
     if not cfg.sample_only:
         x_train, _ = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, 28, 1, device)

@@ -5,6 +5,7 @@ the plumbing of common.py.
 Scripts run in-process through their `main(argv)` (no subprocess: one torch import for the suite),
 on the tiny datasets of conftest.py, written in the real file formats.
 """
+import importlib
 import dataclasses
 import os
 import shutil
@@ -15,7 +16,7 @@ import torch
 
 import common
 from conftest import digest, one_line
-import ddpm_figures
+from tools import ddpm_figures
 import ddpm_mnist
 import diffusion
 import toy_2d
@@ -31,24 +32,24 @@ MNIST = ["--data-dir", "{mnist}", "--no-download", "--device", "cpu"]
 SMOKE = {  # script: (argv at tiny sizes, files it must write into --out)
     "toy_2d": (["--steps", "60", "--n-train", "2000", "--n-test", "400", "--n-samples", "300", "--T", "20"],
                ["samples.png", "loss.png"]),
-    "toy_figures": (["--steps", "60", "--n-train", "2000", "--n-test", "400", "--n-samples", "300", "--T", "20"],
+    "tools.toy_figures": (["--steps", "60", "--n-train", "2000", "--n-test", "400", "--n-samples", "300", "--T", "20"],
                     ["forward.png", "closed_form_vs_chain.png", "reverse.png", "samples.png", "loss.png", "reverse.gif"]),
     "ddpm_mnist": (MNIST + TINY[:-3] + ["--epochs", "1"], ["ckpt.pt", "loss.png", "samples_epoch001.png"]),
-    "ddpm_figures": (MNIST + TINY[:-3] + ["--epochs", "1", "--sweep-steps", "2", "5"],
+    "tools.ddpm_figures": (MNIST + TINY[:-3] + ["--epochs", "1", "--sweep-steps", "2", "5"],
                      ["ckpt.pt", "loss.png", "loss_per_timestep.png", "ddpm_4x4.png", "ddpm_8x8.png", "ddim2_4x4.png",
                       "ddim2_8x8.png", "interpolation.png", "ddim_sweep.png", "ddim_sweep_time.png",
                       "samples_epoch001.png", "stochastic_vs_deterministic.png", "ddim_sweep.md", "per_timestep.json"]),
     "latent_diffusion": (MNIST + ["--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1", "--T", "20",
                                   "--epochs", "1", "--batch-size", "32", "--n-samples", "2", "--ddim-steps", "2"],
                          ["vae.pt", "ckpt.pt", "vae_reconstructions.png", "samples_epoch001.png"]),
-    "latent_figures": (MNIST + ["--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1", "--T", "20",
+    "tools.latent_figures": (MNIST + ["--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1", "--T", "20",
                                 "--epochs", "1", "--batch-size", "32", "--n-samples", "2", "--ddim-steps", "2"],
                        ["vae.pt", "ckpt.pt", "vae_reconstructions.png", "ddim_vs_ddpm.png", "samples_epoch001.png",
                         "loss.png"]),
     "rectified_flow": (MNIST + ["--preset", "tiny", "--epochs", "1", "--reflow-epochs", "1", "--n-pairs", "8",
                                 "--pair-steps", "2", "--n-samples", "2", "--batch-size", "32"],
                        ["flow1.pt", "flow2.pt", "pairs.pt", "samples.png"]),
-    "flow_figures": (MNIST + ["--preset", "tiny", "--epochs", "1", "--reflow-epochs", "1", "--n-pairs", "8",
+    "tools.flow_figures": (MNIST + ["--preset", "tiny", "--epochs", "1", "--reflow-epochs", "1", "--n-pairs", "8",
                               "--pair-steps", "2", "--steps", "1", "2", "--n-samples", "2", "--batch-size", "32"],
                      ["flow1.pt", "flow2.pt", "pairs.pt", "loss.png", "noise_vs_flow-1.png", "noise_vs_flow-2.png",
                       "steps_comparison.png", "steps_error.png", "steps_table.md"]),
@@ -61,7 +62,7 @@ SMOKE = {  # script: (argv at tiny sizes, files it must write into --out)
                             ["ckpt.pt", "loss.png", "samples_epoch001_s2.png"]),   # the sweep: test_guidance
     "deepcache": (MNIST + ["--base-ckpt", "{ddpm}", "--steps", "2", "--n-samples", "2"],
                   ["samples.png", "samples_plain.png"]),
-    "deepcache_sweep": (MNIST + ["--base-ckpt", "{ddpm}", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
+    "tools.deepcache_sweep": (MNIST + ["--base-ckpt", "{ddpm}", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
                                  "--sweep-steps", "2", "--sweep-intervals", "1", "2"],
                         ["grid_steps2.png", "speedup.png", "quality.png", "tradeoff.png", "speed_quality.md"]),
     "controlnet_canny": (MNIST + ["--base-ckpt", "{ddpm}", "--epochs", "1", "--batch-size", "32", "--ddim-steps", "2",
@@ -82,11 +83,11 @@ def test_every_script_runs_end_to_end(script, mnist_dir, image_folder, ddpm_ckpt
         out = request.getfixturevalue("one_epoch")
     else:
         out = tmp_path
-        result = __import__(script).main([a.format(mnist=mnist_dir, folder=image_folder, ddpm=ddpm_ckpt)
+        result = importlib.import_module(script).main([a.format(mnist=mnist_dir, folder=image_folder, ddpm=ddpm_ckpt)
                                           for a in argv] + ["--out", str(out)])
     for name in files:
         assert (out / name).stat().st_size > 50, name
-    if script in ("toy_2d", "toy_figures"):
+    if script in ("toy_2d", "tools.toy_figures"):
         assert result["ed_samples"] < result["ed_noise"]  # even 60 steps move the samples toward the data
 
 

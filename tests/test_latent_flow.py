@@ -9,9 +9,9 @@ import torch
 
 import common
 from conftest import digest
-import flow_figures
+from tools import flow_figures
 import latent_diffusion as ld
-import latent_figures
+from tools import latent_figures
 import rectified_flow as rf
 
 LD_TINY = ["--no-download", "--vae-epochs", "1", "--vae-base", "8", "--unet-base", "8", "--unet-res", "1",
@@ -38,7 +38,7 @@ def skip_plots(monkeypatch):
 @pytest.fixture
 def quick_eval(monkeypatch, tmp_path):
     """evaluate.Evaluator with a one-epoch classifier cached under tmp_path (for --eval)."""
-    import evaluate
+    from tools import evaluate
     monkeypatch.setattr(evaluate, "Evaluator", functools.partial(
         evaluate.Evaluator, classifier_epochs=1, cache_dir=str(tmp_path / "eval_cache")))
 

@@ -73,7 +73,7 @@ def fd_vs_nfe(path: str, rows: list[dict], solvers: list[str], metric: str, n: i
 def score(cfg: Config, model, ddpm, device, shape) -> list[dict]:
     """FD-LeNet, classes found and seconds of cfg.eval samples per solver and NFE (and of DDPM-T with
     --reference), into nfe_table.md and fd_vs_nfe.png. -> the rows"""
-    import evaluate
+    from tools import evaluate
     ev = evaluate.Evaluator("mnist", cfg.data_dir, cfg.download, device, image_size=shape[-1], channels=shape[0])
     eps, solvers = ddpm.eps_from(model, cfg.clip), fast_sampling.solvers_of(cfg)
 

@@ -258,7 +258,7 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
                            ylabel="seconds per batch", title=f"sampling steps vs wall time ({m} images)")
     rows = []
     if cfg.eval:  # opt-in: the same sweep, measured (FD in a cached classifier's features, see evaluate.py)
-        import evaluate
+        from tools import evaluate
         ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device,
                                 image_size=cfg.image_size or None, channels=cfg.channels)
         size = x_raw.shape[-1]  # scored without the --pad-to border

@@ -81,7 +81,7 @@ def sweep(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=None) ->
     diversity relative to real test images and p_phi's own accuracy; with an evaluator, also
     evaluate.py's accuracy and FD of cfg.eval samples balanced over the classes.
     -> {accuracy_per_t: [(t, accuracy)], rows: the rows of accuracy_vs_scale.md}"""
-    import evaluate  # for the diversity metric (evaluate.py imports torchmetrics: slow, so only here)
+    from tools import evaluate  # for the diversity metric (evaluate.py imports torchmetrics: slow, so only here)
 
     c, n = model.config, cfg.n_per_class
     x_test, y_test = common.load_images(cfg.dataset, cfg.data_dir, False, cfg.download, c["image_size"],
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
     common.check(max(cfg.classes) < K, f"--classes must be in 0..{K - 1}, got {cfg.classes}")
     evaluator = None
     if cfg.eval:
-        import evaluate
+        from tools import evaluate
         evaluator = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device,
                                        image_size=base["image_size"], channels=base["channels"])
     results = sweep(cfg, model, classifier, ddpm, device, evaluator)

@@ -14,7 +14,7 @@ import torch
 import cfg
 import classifier_guidance as cg
 import controlnet_canny as cn
-import ddpm_figures
+from tools import ddpm_figures
 import ddpm_mnist
 import deepcache
 import dit_cifar

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-import compare_runs
+from tools import compare_runs
 from conftest import digest, one_line
-import ddpm_figures
+from tools import ddpm_figures
 import ddpm_mnist
 
 FAST = ["--preset", "tiny", "--T", "20", "--batch-size", "16", "--n-samples", "4", "--ddim-steps", "2",

@@ -28,6 +28,7 @@ already under --runs again without training them (after a change to evaluate.py 
 """
 from __future__ import annotations
 
+import importlib
 import datetime
 import glob
 import json
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 import common
-import compare_runs
+from tools import compare_runs
 
 PARTS = ("ddpm", "cfg", "classifier_guidance", "controlnet", "deepcache_ddim", "latent", "rf_pixel", "rf_latent",
          "deepcache_rf")
@@ -156,8 +157,9 @@ class Gallery:
     def run(self, script: str, *argv: str):
         """-> (script.main(argv + data and device flags), wall seconds)"""
         argv = [*argv, *self.flags]
-        print(f"\n$ python {script}.py {' '.join(argv)}", flush=True)
-        main = __import__(script).main
+        command = f"-m {script}" if script.startswith("tools.") else f"{script}.py"   # a companion, or a lesson
+        print(f"\n$ python {command} {' '.join(argv)}", flush=True)
+        main = importlib.import_module(script).main
         return common.timed(self.device, lambda: main(argv))
 
     def train(self, script: str, part: str, *argv: str):
@@ -199,11 +201,11 @@ def scored(rows: list[dict], *keys: str) -> str:
 def ddpm(g: Gallery) -> dict:
     """ddpm_mnist.py: train, then FD-LeNet of the recipe's samplers with x0 clipping (the default),
     and of the last DDIM step count without it, from the same noise."""
-    _, train_s = g.train("ddpm_figures", "ddpm")          # ddpm_mnist.py's training, then every figure
+    _, train_s = g.train("tools.ddpm_figures", "ddpm")          # ddpm_mnist.py's training, then every figure
     ckpt, steps = g.out("ddpm", "ckpt.pt"), "2" if g.cfg.profile == "smoke" else "50"
-    clip, eval_s = g.run("ddpm_figures", "--sample-only", "--ckpt", ckpt, "--out", g.out("ddpm"),
+    clip, eval_s = g.run("tools.ddpm_figures", "--sample-only", "--ckpt", ckpt, "--out", g.out("ddpm"),
                          *g.recipe["ddpm_eval"])
-    plain, _ = g.run("ddpm_figures", "--sample-only", "--ckpt", ckpt, "--out", g.out("ddpm", "no_clip"),
+    plain, _ = g.run("tools.ddpm_figures", "--sample-only", "--ckpt", ckpt, "--out", g.out("ddpm", "no_clip"),
                      *g.recipe["ddpm_eval"], "--no-clip", "--no-ddpm-grid", "--sweep-steps", steps)
     ddim = next(r for r in clip["eval"] if r["sampler"] == "DDIM" and str(r["steps"]) == steps)
     result = (f"FD-LeNet {ddim['fd']:.1f} with DDIM-{steps}, x0 clipped ({plain['eval'][0]['fd']:.1f} without); "
@@ -216,7 +218,7 @@ def ddpm(g: Gallery) -> dict:
 def cfg(g: Gallery) -> dict:
     """cfg.py: train, then (cfg_sweep.py) class accuracy, within-class diversity and FD-LeNet against w."""
     _, train_s = g.train("cfg", "cfg")
-    rows, eval_s = g.run("cfg_sweep", "--out", g.out("cfg"), *g.recipe["cfg_eval"])
+    rows, eval_s = g.run("tools.cfg_sweep", "--out", g.out("cfg"), *g.recipe["cfg_eval"])
     at = {r[0]: r for r in rows}
     w = 3.0 if 3.0 in at else rows[-1][0]
     result = (f"class accuracy {at[w][2]:.3f} at w = {w:g} ({rows[0][2]:.3f} at w = {rows[0][0]:g}, {rows[-1][2]:.3f} "
@@ -231,7 +233,7 @@ def classifier_guidance(g: Gallery) -> dict:
     classifier's accuracy per t and guided samples' LeNet accuracy against the scale."""
     base = ["--base-ckpt", g.out("ddpm", "ckpt.pt")]
     _, train_s = g.train("classifier_guidance", "cg", *base)
-    res, eval_s = g.run("classifier_guidance_sweep", *base, "--out", g.out("cg"), *g.recipe["cg_eval"])
+    res, eval_s = g.run("tools.classifier_guidance_sweep", *base, "--out", g.out("cg"), *g.recipe["cg_eval"])
     per_t, rows = res["accuracy_per_t"], res["rows"]
     result = (f"noisy classifier: test accuracy {per_t[0][1]:.3f} at t = {per_t[0][0]}, {per_t[len(per_t) // 2][1]:.3f} "
               f"at t = {per_t[len(per_t) // 2][0]}, {per_t[-1][1]:.3f} at t = {per_t[-1][0]}; guided LeNet accuracy "
@@ -247,7 +249,7 @@ def controlnet(g: Gallery) -> dict:
     unconditional samples."""
     base = ["--base-ckpt", g.out("ddpm", "ckpt.pt")]
     _, train_s = g.train("controlnet_canny", "controlnet", *base)
-    res, eval_s = g.run("controlnet_fidelity", *base, "--out", g.out("controlnet"), *g.recipe["controlnet_eval"])
+    res, eval_s = g.run("tools.controlnet_fidelity", *base, "--out", g.out("controlnet"), *g.recipe["controlnet_eval"])
     c, u, r = res["ControlNet"], res["unconditional"], res["another real digit"]
     result = f"edge F1 (1 px) {c['f1']:.3f} against {u['f1']:.3f} unconditional (exact: {c['f1_exact']:.3f} / " \
              f"{u['f1_exact']:.3f}); real digits on another digit's edges: {r['f1']:.3f}"
@@ -259,7 +261,7 @@ def controlnet(g: Gallery) -> dict:
 
 def deepcache_part(g: Gallery, base: str, ckpt: str) -> dict:
     part = f"deepcache_{base}"
-    res, eval_s = g.run("deepcache_sweep", "--base", base, "--base-ckpt", ckpt, *g.recipe["deepcache"],
+    res, eval_s = g.run("tools.deepcache_sweep", "--base", base, "--base-ckpt", ckpt, *g.recipe["deepcache"],
                         "--out", g.out(part))
     rows = res["sweep"]
     top = max(r["steps"] for r in rows)
@@ -279,8 +281,8 @@ def deepcache_ddim(g: Gallery) -> dict:
 
 def latent(g: Gallery) -> dict:
     """latent_diffusion.py: VAE and latent DDPM, then (latent_figures.py) FD-LeNet of decoded DDIM and DDPM samples."""
-    _, train_s = g.train("latent_figures", "latent")      # latent_diffusion.py's training, then every figure
-    res, eval_s = g.run("latent_figures", "--sample-only", "--out", g.out("latent"), *g.recipe["latent_eval"])
+    _, train_s = g.train("tools.latent_figures", "latent")      # latent_diffusion.py's training, then every figure
+    res, eval_s = g.run("tools.latent_figures", "--sample-only", "--out", g.out("latent"), *g.recipe["latent_eval"])
     result = ", ".join(f"FD-LeNet {r['fd']:.1f} with {r['sampler']}-{r['steps']} ({r['classes']})" for r in res["eval"])
     result += f"; VAE test MSE {res['recon_mse']:.4f}, scale factor {res['scale']:.3f}"
     grid = "ddim.png" if "--no-ddpm" in g.recipe["latent_eval"] else "ddim_vs_ddpm.png"   # the samplers it ran
@@ -290,8 +292,8 @@ def latent(g: Gallery) -> dict:
 
 def rf(g: Gallery, space: str, *extra: str) -> dict:
     part = f"rf_{space}"
-    _, train_s = g.train("flow_figures", part, "--space", space, *extra)   # rectified_flow.py's training, figures
-    res, eval_s = g.run("flow_figures", "--sample-only", "--space", space, *extra, "--out", g.out(part),
+    _, train_s = g.train("tools.flow_figures", part, "--space", space, *extra)   # rectified_flow.py's training, figures
+    res, eval_s = g.run("tools.flow_figures", "--sample-only", "--space", space, *extra, "--out", g.out(part),
                         *g.recipe["rf_eval"])
     err = {(r["flow"], r["steps"]): r for r in res["steps"]}
     fd = {(r["sampler"], r["steps"]): r["fd"] for r in res["eval"]}
@@ -329,7 +331,7 @@ def exercises(g: Gallery) -> dict:
              "cosine 0.95": ["--schedule", "cosine", "--cosine-clip", "0.95"]}
     folder = {name: g.out("exercises", name.replace(" ", "_")) for name in flags}
     again = "--sample-only" if g.cfg.rescore else "--overwrite"      # --rescore: the same figures and scores only
-    seconds = [g.run("ddpm_figures", *g.recipe["exercise"], *f, "--out", folder[name], again)[1]
+    seconds = [g.run("tools.ddpm_figures", *g.recipe["exercise"], *f, "--out", folder[name], again)[1]
                for name, f in flags.items()]
     train_s = None if g.cfg.rescore else sum(seconds)
     runs = {}
@@ -350,7 +352,7 @@ def exercises(g: Gallery) -> dict:
 def fast_sampling(g: Gallery) -> dict:
     """fast_sampling.py on the ddpm part's model: FD-LeNet against network calls for each solver
     (fast_sampling_figures.py)."""
-    rows, eval_s = g.run("fast_sampling_figures", "--base-ckpt", g.out("ddpm", "ckpt.pt"), "--out",
+    rows, eval_s = g.run("tools.fast_sampling_figures", "--base-ckpt", g.out("ddpm", "ckpt.pt"), "--out",
                          g.out("fast_sampling"), *g.recipe["fast"])
     fd = {(r["sampler"], r["nfe"]): r["fd"] for r in rows}
     nfes = sorted({n for s, n in fd if s == "DDIM"})
@@ -368,28 +370,28 @@ def gan(g: Gallery) -> dict:
     end; seed 1's diffusion run is trained in chunks, --resume, scored after each), the losses side by
     side, and the seconds to sample 1,000 images. Diffusion's seed 0 is the ddpm part's run."""
     import ddpm_mnist
-    import gan_figures
+    from tools import gan_figures
     import gan_mnist
     runs, chunks, eval_s = [], g.recipe["gan_chunks"], 0.0    # eval_s: scoring (and loading), not training
     for seed in ("0", "1", "2"):
         out = g.out("gan", f"gan_{seed}")
         again = g.cfg.resume and os.path.exists(os.path.join(out, "ckpt.pt"))
-        res, seconds = g.run("gan_figures", *g.recipe["gan"], "--seed", seed, "--out", out,
+        res, seconds = g.run("tools.gan_figures", *g.recipe["gan"], "--seed", seed, "--out", out,
                              "--resume" if again else "--overwrite")
         runs.append(dict(res, model="GAN", seed=seed, minutes=res["train_seconds"] / 60))
         eval_s += max(0.0, seconds - res["train_seconds"])    # its scoring (a resumed run: a part of it)
     for seed in ("0", "1", "2"):
         out, curve, minutes = (g.out("ddpm"), [], None) if seed == "0" else (g.out("gan", f"ddpm_{seed}"), [], 0.0)
         for i, epochs in enumerate(chunks if seed == "1" else chunks[-1:] if seed == "2" else ()):
-            _, seconds = g.run("ddpm_figures", *g.recipe["ddpm"], "--epochs", str(epochs), "--seed", seed, "--out", out,
+            _, seconds = g.run("tools.ddpm_figures", *g.recipe["ddpm"], "--epochs", str(epochs), "--seed", seed, "--out", out,
                                *(["--resume"] if i else ["--overwrite"]))
             minutes += seconds / 60
             if seed == "1" and epochs != chunks[-1]:     # quality on the way, 500 samples (the GAN's every K epochs: N)
-                res, seconds = g.run("ddpm_figures", "--sample-only", "--out", out, "--eval", "500", "--no-ddpm-grid",
+                res, seconds = g.run("tools.ddpm_figures", "--sample-only", "--out", out, "--eval", "500", "--no-ddpm-grid",
                                      "--sweep-steps", "50", "--seed", seed)
                 curve.append((minutes, epochs, res["eval"][0]["fd"]))
                 eval_s += seconds
-        res, seconds = g.run("ddpm_figures", "--sample-only", "--out", out, *g.recipe["ddpm_eval"], "--seed", seed)
+        res, seconds = g.run("tools.ddpm_figures", "--sample-only", "--out", out, *g.recipe["ddpm_eval"], "--seed", seed)
         eval_s += seconds
         row = next(r for r in res["eval"] if r["sampler"] == "DDIM")
         if minutes is None:                                  # the ddpm part's run: its recorded training time

@@ -22,7 +22,7 @@ import torch
 import common
 import dit_cifar
 from latent_diffusion import vae_figure
-from latent_figures import plot_points
+from tools.latent_figures import plot_points
 
 
 @dataclass
@@ -50,7 +50,7 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_tes
         common.save_grid(x, os.path.join(cfg.out, f"cfg_w{w:g}.png"), nrow=cfg.n_per_class)
         print(f"w = {w:g}: {len(y)} images ({cfg.ddim_steps} DDIM steps, then the decoder) in {seconds:.2f}s")
     if cfg.eval > 0:
-        import evaluate  # imported here: its classifier is trained (and cached) on first use
+        from tools import evaluate  # imported here: its classifier is trained (and cached) on first use
         ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device)
         y = torch.arange(cfg.eval, device=device) % model.null                      # balanced classes
         rows = []

@@ -54,7 +54,7 @@ CASES = [
     ("cfg", CFG + ["--ckpt", "{ddpm}"], "already holds a checkpoint", "{ddpm}"),
     ("cfg", CFG + ["--ckpt", "{ddpm}", "--resume"], "holds a ddpm_mnist.py UNet checkpoint, not a cfg.py CondUNet one", "{ddpm}"),
     ("cfg", CFG + ["--sample-only"], "cfg.py trains; sample a trained run with `python cfg_sweep.py`", None),
-    ("cfg_sweep", CFG, "not found", None),
+    ("tools.cfg_sweep", CFG, "not found", None),
     ("cfg", CFG + ["--out", "{file}"], "is a file; pass a folder", "{file}"),
     ("cfg", CFG + ["--classes", "0", "10"], "--classes must be in 0..9", None),
     # ----------------------------------------------------------------------------- classifier_guidance.py
@@ -64,7 +64,7 @@ CASES = [
     ("classifier_guidance", CG + ["--ckpt", "{ddpm}", "--overwrite", "--image-size", "16"],
      "--image-size is 16 but the base model", "{ddpm}"),
     ("classifier_guidance", CG + ["--ckpt", "{ddpm}"], "already holds a checkpoint", "{ddpm}"),
-    ("classifier_guidance_sweep", CG + ["--ckpt", "{ddpm}"], "not a classifier_guidance.py classifier one", "{ddpm}"),
+    ("tools.classifier_guidance_sweep", CG + ["--ckpt", "{ddpm}"], "not a classifier_guidance.py classifier one", "{ddpm}"),
     ("classifier_guidance", CG + ["--base-ckpt", "{foreign}"], "holds a latent_diffusion.py VAE checkpoint", None),
     ("classifier_guidance", CG + ["--dataset", "{folder}"], "the data has 3 channel(s), the base model", None),
     # ----------------------------------------------------------------------------- latent_diffusion.py
@@ -81,7 +81,7 @@ CASES = [
     ("latent_diffusion", LD + ["--out", "{tmp}", "--dataset", "{broken}"], "cannot read the images", None),
     # ----------------------------------------------------------------------------- rectified_flow.py
     ("rectified_flow", RF + ["--out", "{tmp}", "--sample-every", "0"], "--sample-every must be >= 1, got 0", None),
-    ("flow_figures", RF + ["--out", "{tmp}", "--steps", "1", "0"], "--steps must be >= 1, got 0", None),
+    ("tools.flow_figures", RF + ["--out", "{tmp}", "--steps", "1", "0"], "--steps must be >= 1, got 0", None),
     ("rectified_flow", RF + ["--out", "{tmp}", "--sample-only"], "not found; train first (drop --sample-only)", None),
     ("rectified_flow", RF + ["--out", "{tmp}", "--resume"], "no checkpoint", None),
     ("rectified_flow", RF + ["--out", "{tmp}", "--space", "latent", "--vae", "{ddpm}"],
@@ -93,8 +93,8 @@ CASES = [
     ("deepcache", DC + ["--interval", "0"], "--interval must be >= 1", None),
     ("deepcache", DC + ["--branch", "4"], "--branch 4 is not in this UNet", None),
     ("deepcache", DC + ["--steps", "51"], "must be <= T = 50", None),
-    ("deepcache_sweep", DC + ["--sweep-steps", "10", "51"], "must be <= T = 50", None),
-    ("deepcache_sweep", DC + ["--repeats", "0"], "--repeats must be >= 1", None),
+    ("tools.deepcache_sweep", DC + ["--sweep-steps", "10", "51"], "must be <= T = 50", None),
+    ("tools.deepcache_sweep", DC + ["--repeats", "0"], "--repeats must be >= 1", None),
     ("deepcache", DC + ["--device", "foo"], "unknown --device", None),
     ("deepcache", DC + ["--base", "rf", "--base-ckpt", "{ddpm}"],
      "holds a ddpm_mnist.py UNet checkpoint, not a rectified_flow.py flow one", None),
@@ -108,8 +108,8 @@ CASES = [
     ("controlnet_canny", CN + ["--out", "{ddpm_out}", "--sample-only"],
      "holds a ddpm_mnist.py UNet checkpoint, not a controlnet_canny.py ControlNet one", "{ddpm}"),
     ("controlnet_canny", CN + ["--out", "{tmp}", "--resume"], "--resume: there is no checkpoint", None),
-    ("controlnet_fidelity", CN + ["--out", "{tmp}"], "there is no ControlNet checkpoint", None),
-    ("controlnet_fidelity", CN + ["--out", "{ddpm_out}"],
+    ("tools.controlnet_fidelity", CN + ["--out", "{tmp}"], "there is no ControlNet checkpoint", None),
+    ("tools.controlnet_fidelity", CN + ["--out", "{ddpm_out}"],
      "holds a ddpm_mnist.py UNet checkpoint, not a controlnet_canny.py ControlNet one", "{ddpm}"),
     # ----------------------------------------------------------------------------- dit_cifar.py
     ("dit_cifar", DIT + ["--out", "{tmp}", "--model", "DiT-XXL/2"], "unknown model 'DiT-XXL/2'", None),
@@ -121,12 +121,12 @@ CASES = [
      "holds a latent_diffusion.py VAE checkpoint, not a dit_cifar.py DiT one", "{foreign}"),
     ("dit_cifar", DIT + ["--out", "{ddpm_out}", "--resume", "--vae", "{ddpm}"], "not a latent_diffusion.py VAE one", "{ddpm}"),
     # ----------------------------------------------------------------------------- evaluate.py
-    ("evaluate", ["{empty}"] + EV, "holds an empty tensor", None),
-    ("evaluate", ["{nan}"] + EV, "the samples contain NaN (4 of 4 images): the sampler diverged", None),
-    ("evaluate", ["{float_labels}"] + EV, "must be integer class ids", None),
-    ("evaluate", ["{label12}"] + EV, "labels must be class ids 0..9 of mnist, got values in 0..12", None),
-    ("evaluate", ["{keyless}"] + EV, "holds no image tensor", None),
-    ("evaluate", ["{nan}"] + EV + ["--batch-size", "0"], "--batch-size must be >= 1, got 0", None),
+    ("tools.evaluate", ["{empty}"] + EV, "holds an empty tensor", None),
+    ("tools.evaluate", ["{nan}"] + EV, "the samples contain NaN (4 of 4 images): the sampler diverged", None),
+    ("tools.evaluate", ["{float_labels}"] + EV, "must be integer class ids", None),
+    ("tools.evaluate", ["{label12}"] + EV, "labels must be class ids 0..9 of mnist, got values in 0..12", None),
+    ("tools.evaluate", ["{keyless}"] + EV, "holds no image tensor", None),
+    ("tools.evaluate", ["{nan}"] + EV + ["--batch-size", "0"], "--batch-size must be >= 1, got 0", None),
     # ----------------------------------------------------------------------------- ddpm_mnist.py
     ("ddpm_mnist", DD + ["--batch-size", "0"], "--batch-size must be >= 1, got 0", None),
     ("ddpm_mnist", DD + ["--sample-every", "0"], "--sample-every must be >= 1, got 0", None),
@@ -145,21 +145,21 @@ CASES = [
     ("ddpm_mnist", DR + ["--schedule", "cosine"], "--schedule is cosine but", "{ddpm}"),
     ("ddpm_mnist", DD + ["--schedule", "cosine", "--cosine-clip", "1.5"], "--cosine-clip must be in (0, 0.999]", None),
     ("ddpm_mnist", DD + ["--cosine-clip", "0.9"], "--cosine-clip applies to --schedule cosine only", None),
-    ("ddpm_figures", DD + ["--pad-to", "20"], "--pad-to 20 is smaller than the images (28x28)", None),
+    ("tools.ddpm_figures", DD + ["--pad-to", "20"], "--pad-to 20 is smaller than the images (28x28)", None),
     ("ddpm_mnist", DD + ["--base", "8", "--mults", "1", "2", "2", "2"], "use fewer levels, or --pad-to 32", None),
     # ----------------------------------------------------------------------------- compare_runs.py
-    ("compare_runs", ["--runs", "{tmp}"], "--runs needs two or more run folders", None),
-    ("compare_runs", ["--runs", "{tmp}/a", "{tmp}/missing"], "per_timestep.json' not found", None),
+    ("tools.compare_runs", ["--runs", "{tmp}"], "--runs needs two or more run folders", None),
+    ("tools.compare_runs", ["--runs", "{tmp}/a", "{tmp}/missing"], "per_timestep.json' not found", None),
     # ----------------------------------------------------------------------------- toy_2d.py
     ("toy_2d", ["--out", "{tmp}", "--steps", "0"], "--steps must be >= 1, got 0", None),
     ("toy_2d", ["--out", "{tmp}", "--lr", "0"], "--lr must be > 0, got 0.0", None),
     ("toy_2d", ["--out", "{tmp}", "--beta-T", "1.5"], "need 0 < --beta-1 <= --beta-T < 1", None),
     ("toy_2d", ["--out", "{file}"], "is a file; pass a folder", None),
     # ----------------------------------------------------------------------------- benchmark.py
-    ("benchmark", ["--device", "cpu", "--repeats", "0"], "--repeats must be >= 1, got 0", None),
-    ("benchmark", ["--device", "cpu", "--train-steps", "0"], "--train-steps must be >= 1, got 0", None),
-    ("benchmark", ["--device", "foo"], "unknown --device 'foo'", None),
-    ("benchmark", ["--device", "cpu", "--preset", "mnist", "--image-size", "27"], "image size 27 is not divisible by 2^2", None),
+    ("tools.benchmark", ["--device", "cpu", "--repeats", "0"], "--repeats must be >= 1, got 0", None),
+    ("tools.benchmark", ["--device", "cpu", "--train-steps", "0"], "--train-steps must be >= 1, got 0", None),
+    ("tools.benchmark", ["--device", "foo"], "unknown --device 'foo'", None),
+    ("tools.benchmark", ["--device", "cpu", "--preset", "mnist", "--image-size", "27"], "image size 27 is not divisible by 2^2", None),
 ]
 
 

@@ -83,7 +83,7 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, x_test, device) ->
                               xlabel="from the same latent noise z_T, image for image" if cfg.ddpm else "")
     scored = []
     if cfg.eval:  # opt-in: FD in a cached classifier's features (see evaluate.py)
-        import evaluate
+        from tools import evaluate
         ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device)
 
         def decoding(sampler, z, g):                       # the latents a sampler makes, decoded to images

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 import cfg as cfg_mod
-import cfg_sweep
+from tools import cfg_sweep
 import classifier_guidance as cg
-import classifier_guidance_sweep as cg_sweep
-import ddpm_figures
-import latent_figures
+from tools import classifier_guidance_sweep as cg_sweep
+from tools import ddpm_figures
+from tools import latent_figures
 from ddpm_mnist import DDPM
 
 CPU = ["--device", "cpu", "--no-download"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-import evaluate
+from tools import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_ddpm_eval_writes_table(ev, mnist_dir, tmp_path, monkeypatch):
     os.makedirs("checkpoints")
     shutil.copy(ev.path, os.path.join("checkpoints", os.path.basename(ev.path).replace("_e3", "")))  # as the default
     out = str(tmp_path / "run")
-    import ddpm_figures                                           # --eval: a measurement of ddpm_figures.py
+    from tools import ddpm_figures                                           # --eval: a measurement of ddpm_figures.py
     ddpm_figures.main(["--data-dir", mnist_dir, "--no-download", "--out", out, "--preset", "tiny",
                        "--T", "10", "--schedule", "cosine", "--epochs", "1", "--batch-size", "16",
                        "--n-samples", "2", "--ddim-steps", "10", "--device", "cpu", "--eval", "4"])

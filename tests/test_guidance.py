@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import cfg as cfg_mod
-import cfg_sweep
+from tools import cfg_sweep
 import classifier_guidance as cg
-import classifier_guidance_sweep as cg_sweep
+from tools import classifier_guidance_sweep as cg_sweep
 import ddpm_mnist
 from ddpm_mnist import DDPM
 
@@ -357,7 +357,7 @@ def test_cross_attention_is_softmax_qk_v():
 
 @pytest.fixture(scope="module")
 def evaluator(mnist_dir, tmp_path_factory):
-    evaluate = pytest.importorskip("evaluate")
+    evaluate = pytest.importorskip("tools.evaluate")
     return evaluate.Evaluator("mnist", mnist_dir, download=False, device="cpu",
                               cache_dir=str(tmp_path_factory.mktemp("eval")), classifier_epochs=1)
 

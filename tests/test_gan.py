@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-import evaluate
-import gan_figures
+from tools import evaluate
+from tools import gan_figures
 import gan_mnist
 from conftest import one_line
 

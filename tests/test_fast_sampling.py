@@ -8,7 +8,7 @@ import torch
 
 import ddpm_mnist
 import fast_sampling as fs
-import fast_sampling_figures
+from tools import fast_sampling_figures
 
 MU, S = 0.5, 0.3
 
@@ -52,7 +52,7 @@ def test_second_order_solvers_beat_ddim_at_the_same_calls():
 
 
 def test_the_lesson_runs_and_scores(ddpm_ckpt, mnist_dir, tmp_path, monkeypatch):
-    import evaluate
+    from tools import evaluate
     real = evaluate.Evaluator
     monkeypatch.setattr(evaluate, "Evaluator", lambda *a, **k: real(*a, **k, cache_dir=str(tmp_path / "c"),
                                                                     classifier_epochs=1))

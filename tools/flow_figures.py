@@ -23,7 +23,7 @@ import torch
 
 import common
 import rectified_flow as rf
-from latent_figures import axis_scale, plot_points
+from tools.latent_figures import axis_scale, plot_points
 
 
 @dataclass
@@ -72,7 +72,7 @@ def make_figures(cfg: Config, flows: dict, space, device) -> dict:
                        title=f"{cfg.space} space: training loss, Flow-1 then Flow-2")
     scored = []
     if cfg.eval:  # opt-in: FD in a cached classifier's features (see evaluate.py)
-        import evaluate
+        from tools import evaluate
         ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device)
 
         def euler(model, steps, z, g):

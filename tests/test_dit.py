@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import common
 import dit_cifar
-import dit_figures
+from tools import dit_figures
 import latent_diffusion
 from dit_cifar import DiT, patchify, unpatchify
 from latent_diffusion import VAE, load_vae
@@ -83,7 +83,7 @@ def test_smoke_resume_and_sample_only(run, image_folder, tmp_path, monkeypatch):
     for key in "model", "ema":
         assert all(torch.equal(v, other[key][k]) for k, v in state[key].items()), key
 
-    evaluate = pytest.importorskip("evaluate")                        # a small, 1-epoch classifier
+    evaluate = pytest.importorskip("tools.evaluate")                        # a small, 1-epoch classifier
     monkeypatch.setitem(evaluate.NETS, "resnet", functools.partial(evaluate.ResNet, width=8))
     monkeypatch.setattr(evaluate, "Evaluator", functools.partial(evaluate.Evaluator, classifier_epochs=1, cache_dir=str(run)))
     dit_cifar.main(["--dataset", image_folder, *tiny(run, "--sample-only")])

@@ -6,7 +6,7 @@ are on the device of the tensors it was given, whatever device the process compu
 import pytest
 import torch
 
-import ddpm_figures
+from tools import ddpm_figures
 import diffusion
 
 

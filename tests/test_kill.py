@@ -3,6 +3,7 @@ the checkpoint on disk stays loadable, the resumed run leaves no temporary file,
 ends with the weights of an uninterrupted run of the same seed (torch.equal on every tensor).
 Killed mid-epoch, mid-checkpoint-write and mid-figure, for ddpm_mnist.py and for a script that
 builds on its model (controlnet_canny.py)."""
+import importlib
 import os
 import random
 import signal
@@ -74,7 +75,7 @@ def uninterrupted(mnist_dir, ddpm_ckpt, tmp_path_factory):
     runs = {}
     for script in ("ddpm_mnist", "controlnet_canny"):
         out = tmp_path_factory.mktemp(script)
-        __import__(script).main(args(script, mnist_dir, out, ddpm_ckpt))
+        importlib.import_module(script).main(args(script, mnist_dir, out, ddpm_ckpt))
         runs[script] = weights(out / "ckpt.pt")
     return runs
 
@@ -89,8 +90,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(script, where, uninte
     if where == "save":
         assert (out / "ckpt.pt.tmp").read_bytes() == b"half a checkpoint"   # killed mid-write
     state = torch.load(out / "ckpt.pt", weights_only=True)        # the last whole checkpoint
-    assert state["epoch"] >= 1 and state["kind"] == __import__(script).KIND
-    __import__(script).main(argv + ["--resume"])
+    assert state["epoch"] >= 1 and state["kind"] == importlib.import_module(script).KIND
+    importlib.import_module(script).main(argv + ["--resume"])
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     for mine, theirs in zip(weights(out / "ckpt.pt"), uninterrupted[script]):
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import toy_2d
-import toy_figures
+from tools import toy_figures
 
 
 @pytest.mark.parametrize("time_input", ["embed", "raw", "none"])

@@ -27,7 +27,7 @@ def make_figures(cfg: Config, G, history: dict, device, evaluator=None) -> dict:
     results = dict(train_seconds=history["seconds"], fd_history=history["fd"])
     if evaluator is None:
         return results
-    import evaluate
+    from tools import evaluate
     _, seconds = common.timed(device, lambda: sample(G, 1000, common.generator(device, cfg.seed + 1)))
     x = sample(G, cfg.eval, common.generator(device, cfg.seed))
     hist = evaluator.histogram(x)

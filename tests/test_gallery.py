@@ -1,11 +1,12 @@
 """The gallery (gallery.py) end to end at tiny sizes: every part runs its scripts, and
 docs/results.md gets one row per lesson, with its figures copied under docs/gallery/."""
+import importlib
 import json
 import os
 
 import pytest
 
-import gallery
+from tools import gallery
 
 
 def test_the_smoke_gallery_writes_every_row(mnist_dir, tmp_path, monkeypatch):
@@ -52,12 +53,12 @@ def test_the_smoke_gallery_writes_every_row(mnist_dir, tmp_path, monkeypatch):
 
 def test_every_recipe_parses_with_its_scripts_flags():
     import common
-    scripts = dict(ddpm="ddpm_figures", cfg="cfg", cg="classifier_guidance", controlnet="controlnet_canny",
-                   deepcache="deepcache_sweep", latent="latent_figures", rf="flow_figures", exercise="ddpm_figures",
-                   fast="fast_sampling_figures", gan="gan_figures")
-    scripts["controlnet_eval"] = "controlnet_fidelity"          # a key with a script of its own
+    scripts = dict(ddpm="tools.ddpm_figures", cfg="cfg", cg="classifier_guidance", controlnet="controlnet_canny",
+                   deepcache="tools.deepcache_sweep", latent="tools.latent_figures", rf="tools.flow_figures", exercise="tools.ddpm_figures",
+                   fast="tools.fast_sampling_figures", gan="tools.gan_figures")
+    scripts["controlnet_eval"] = "tools.controlnet_fidelity"          # a key with a script of its own
     for profile, recipe in gallery.RECIPES.items():
         for key, argv in recipe.items():
             if key == "gan_chunks":
                 continue
-            common.parse_config(__import__(scripts.get(key, scripts[key.split("_")[0]])).Config, argv)
+            common.parse_config(importlib.import_module(scripts.get(key, scripts[key.split("_")[0]])).Config, argv)

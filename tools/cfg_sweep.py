@@ -58,7 +58,7 @@ def sweep(cfg: Config, model: CondUNet, ddpm: DDPM, device, evaluator=None) -> l
     of the first 10 per class and their within-class diversity relative to real test images; with an
     evaluator, also the class accuracy and FD of cfg.eval samples balanced over the classes.
     -> the rows of tradeoff.md: [w, diversity] (+ [accuracy, FD])"""
-    import evaluate  # for the diversity metric (evaluate.py imports torchmetrics: slow, so only here)
+    from tools import evaluate  # for the diversity metric (evaluate.py imports torchmetrics: slow, so only here)
 
     c, n = model.config, cfg.n_per_class
     y = torch.tensor(cfg.classes, device=device).repeat_interleave(n)       # (N,) one row per class
@@ -110,7 +110,7 @@ def main(argv=None) -> list[list]:
     common.check(max(cfg.classes) < model.null, f"--classes must be in 0..{model.null - 1}, got {cfg.classes}")
     evaluator = None
     if cfg.eval:
-        import evaluate
+        from tools import evaluate
         evaluator = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device,
                                        image_size=cfg.image_size or None, channels=cfg.channels)
     rows = sweep(cfg, model, ddpm, device, evaluator)

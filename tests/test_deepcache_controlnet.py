@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import controlnet_canny as cn
-import controlnet_fidelity as cf
+from tools import controlnet_fidelity as cf
 import ddpm_mnist
 import deepcache as dc
-import deepcache_sweep as ds
+from tools import deepcache_sweep as ds
 import rectified_flow as rf
 
 
@@ -238,7 +238,7 @@ def test_another_scripts_checkpoint_as_base(main, foreign_ckpt, mnist_dir, tmp_p
 
 
 def test_deepcache_eval(ddpm_ckpt, mnist_dir, tmp_path, monkeypatch):
-    evaluate = pytest.importorskip("evaluate")
+    evaluate = pytest.importorskip("tools.evaluate")
     real = evaluate.Evaluator
     monkeypatch.setattr(evaluate, "Evaluator",
                         lambda *a, **k: real(*a, **k, cache_dir=str(tmp_path / "c"), classifier_epochs=1))

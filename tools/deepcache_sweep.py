@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
     shape = (c["channels"], c["image_size"], c["image_size"])
     evaluator = None
     if cfg.eval:
-        import evaluate                                        # the FD's classifier: trained once, then cached
+        from tools import evaluate                                        # the FD's classifier: trained once, then cached
         evaluator = evaluate.Evaluator(state["config"].get("dataset", "mnist"), data_dir=cfg.data_dir,
                                        download=cfg.download, device=device, image_size=shape[-1], channels=shape[0])
     rows = sweep(cfg, unet, sample, device, shape, dc.BASE_NAME[cfg.base], evaluator)

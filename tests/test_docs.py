@@ -1,0 +1,309 @@
+"""The docs stay true: quoted results match docs/results.md, links resolve, the README stays short.
+
+README.md and docs/*.md quote numbers from docs/results.md, which gallery.py writes. To find them,
+this test reads results.md and the pages with one vocabulary, the one results.md itself uses:
+- a metric word (FD-LeNet, accuracy, F1, SSIM, ...) announces the numbers that follow it in the same
+  clause ("FD-LeNet 32.0 (34.5 without clipping)", "at 1 step 340 -> 59.9");
+- a unit makes a number a measurement of its kind: "14.3 min", "0.63 s", "1.52x", "32.0 dB", "13.1%";
+- in a table, a column (or a row) named by a metric word types its cells.
+Numbers that set something up are skipped: "w = 3", "50 steps", "2,000 samples", "DDIM-50", "x0".
+Each number found on a page must equal, to the digits it shows, a number of the same kind in the
+results.md sections of the lessons that page is about (PAGES; a README table row is about the page
+it links to). A number of such a kind that comes from another command is listed in OTHER_SOURCES with
+that command. `test_a_wrong_number_is_caught` shows the check failing on the errors it is for.
+"""
+import re
+from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).parent.parent
+DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+RESULTS = ROOT / "docs" / "results.md"
+PAGES_CHECKED = [p for p in DOCS if p != RESULTS]
+
+# The lessons (results.md's first column and section titles) each page quotes; None: every lesson.
+PAGES = {
+    "README.md": None,
+    "docs/course.md": None,
+    "docs/evaluate.md": None,
+    "docs/toy_2d.md": [],
+    "docs/ddpm_mnist.md": ["ddpm_mnist.py", "ddpm_mnist.py course exercises"],
+    "docs/fast_sampling.md": ["fast_sampling.py", "ddpm_mnist.py"],
+    "docs/cfg.md": ["cfg.py"],
+    "docs/classifier_guidance.md": ["classifier_guidance.py"],
+    "docs/controlnet_canny.md": ["controlnet_canny.py"],
+    "docs/deepcache.md": ["deepcache.py --base ddim", "deepcache.py --base rf", "rectified_flow.py --space pixel"],
+    "docs/latent_diffusion.md": ["latent_diffusion.py", "ddpm_mnist.py"],
+    "docs/rectified_flow.md": ["rectified_flow.py --space pixel", "rectified_flow.py --space latent",
+                               "latent_diffusion.py"],
+    "docs/dit_cifar.md": [],
+    "docs/gan_mnist.md": ["gan_mnist.py against ddpm_mnist.py", "ddpm_mnist.py"],
+}
+
+# Numbers of a results kind that come from a command, not from results.md: (page, kind, number) -> command.
+OTHER_SOURCES = {
+    ("README.md", "s", "35"): "python toy_2d.py",
+    ("docs/toy_2d.md", "s", "35"): "python toy_2d.py",
+    ("docs/toy_2d.md", "s", "30"): "python toy_2d.py (its training time)",
+    **{("docs/evaluate.md", "fd", v): "python evaluate.py --references --dataset mnist --data-dir ../shared/data"
+       for v in ("6.6", "7.5", "78.2", "70.8", "103.6", "1270.5")},
+    ("docs/evaluate.md", "share", "99.30"): "evaluate.py's first run: the LeNet's test accuracy",
+    ("docs/evaluate.md", "s", "20"): "evaluate.py's first run: the LeNet's training time",
+    ("docs/evaluate.md", "s", "5.9"): "python evaluate.py SAMPLES.pt (10,000 images): the distance",
+    ("docs/evaluate.md", "share", "90"): "evaluate.py's docstring: the ResNet-9's target accuracy",
+    ("docs/ddpm_mnist.md", "min", "3"): "python ddpm_mnist.py --help (--ddpm-grid)",
+    ("docs/ddpm_mnist.md", "min", "35"): "python ddpm_mnist.py --help (--ddpm-grid)",
+    **{("docs/ddpm_mnist.md", "fd", v): "python evaluate.py --references --dataset mnist --data-dir ../shared/data"
+       for v in ("6.6", "78.2")},
+    ("docs/fast_sampling.md", "fd", "57.4"): "results.md's summary row (its table rounds 57.45 twice, to 57.5)",
+}
+
+# --------------------------------------------------------------------------- reading numbers and their kinds
+
+KINDS = {  # kind: the words that announce it, in a sentence, a column header or a row label
+    "fd": r"\bFD(?:-LeNet)?\b",
+    "accuracy": r"\baccuracy\b",
+    "f1": r"\bF1\b",
+    "precision": r"\bprecision\b",
+    "recall": r"\brecall\b",
+    "psnr": r"\bPSNR\b",
+    "ssim": r"\bSSIM\b",
+    "straightness": r"\bstraightness\b",
+    "mse": r"\beps-MSE\b|\bMSE\b|\berror\b",
+    "diversity": r"\bdiversity\b",
+    "speedup": r"\bspeedup\b|\btheory\b",
+    "min": r"\bminutes\b",
+    "s": r"\bseconds\b",
+}
+ANY_KIND = re.compile("|".join(f"(?P<{k}>{w})" for k, w in KINDS.items()))
+UNITS = {"min": r"\s?min(?:utes?)?\b", "s": r"\s?(?:s|seconds?)\b", "speedup": r"\s?×(?!\s?\d)",
+         "psnr": r"\s?dB\b", "share": r"\s?%"}
+SETUP = re.compile(r"(?:(?:\s*(?:,|and|or|/|to)\s*|-)[\d.,]+%?)*\s*(?:[\w()+-]+\s+)?"      # "1, 2, 4 Euler steps"
+                   r"(?:steps?|samples?|images?|digits?|epochs?|class(?:es)?|calls|px|pixels?|runs?|seeds?|pairs|"
+                   r"channels|levels|tokens|parameters|positions|points|latents?|features|per|times|rows?|"
+                   r"columns?|cores?|threads?|bits?|GFLOP)\b")
+NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?")
+CLAUSE_END = re.compile(r"[;|\n]|\.(?:\s|$)|:\s|\s—\s")
+
+
+def numbers(text: str, kind: str | None):
+    """(kind, number) for every measurement in `text`: unit-bearing numbers by their unit, others by `kind`."""
+    for m in NUMBER.finditer(text):
+        before, after = text[:m.start()], text[m.end():]
+        setting = re.search(r"(?:=|\b(?:intervals?|NFE|seeds?|epochs?))\s*((?:\d+\s*(?:,|/|and|or)\s*)*)$", before)
+        if setting and (not setting.group(1) or "." not in m.group()):
+            continue                                   # a setting (w = 3, seeds 0 / 1 / 2), not a measurement
+        if (re.search(r"(?:[A-Za-z_+./^×]|[A-Za-z]-)$", before)
+                or re.match(r"[A-Za-z_/^]|[.,]\d|×\d|-[A-Za-z]|\s?[-+*/]\s?[A-Za-z(]", after)):
+            continue                                   # part of a name or a formula: DDIM-50, x0, 2M, 4×8, 1 - alpha
+        unit = next((u for u, pattern in UNITS.items()
+                     if re.match(r"(?:-\d[\d.,]*)?" + pattern, after)), None)
+        if unit:
+            yield unit, m.group()
+        elif kind and not SETUP.match(after):
+            yield kind, m.group()
+
+
+def prose_claims(text: str):
+    """(kind, number) in running text: numbers with a unit, and the numbers a metric word announces."""
+    yield from numbers(text, None)
+    for m in ANY_KIND.finditer(text):
+        rest = text[m.end():]
+        stop = min([e.start() for e in (CLAUSE_END.search(rest), ANY_KIND.search(rest)) if e] + [len(rest)])
+        yield from ((k, n) for k, n in numbers(rest[:stop], m.lastgroup) if k == m.lastgroup)
+
+
+def kind_of(label: str) -> str | None:
+    """The kind a column header or a row label names ("FD-LeNet, seeds 0 / 1 / 2"; not a long question)."""
+    label = label.split(",")[0]
+    m = ANY_KIND.search(label) if len(label.split()) <= 6 else None
+    return m.lastgroup if m else None
+
+
+def table_claims(rows: list[list[str]]):
+    """(kind, number) in a markdown table: cells typed by their column's or row's metric word."""
+    header, body = rows[0], rows[2:]
+    columns = [kind_of(h) for h in header]
+    yield from (c for h in header for c in numbers(h, None))
+    for row in body:
+        row_kind = kind_of(row[0])
+        for i, cell in enumerate(row):
+            kind = columns[i] if i < len(columns) and columns[i] else (row_kind if i else None)
+            yield from numbers(cell, kind) if kind else prose_claims(cell)
+
+
+def blocks(text: str):
+    """(first line number, scope text, claims) per paragraph, table row or code comment of a page."""
+    text = re.sub(r"```.*?```", lambda m: re.sub(r"^[^#\n]*", "", m.group(), flags=re.M), text, flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "CODE", text)                         # commands and flags are settings
+    text = re.sub(r"\]\([^)]*\)", "]", text)                          # link targets
+    text = re.sub(r"\[-?[\d.]+, -?[\d.]+\]", "RANGE", text)               # intervals: [-1, 1], U[0, 1]
+    lines, i = text.split("\n"), 0
+    while i < len(lines):
+        if lines[i].lstrip().startswith("|"):
+            j = i
+            while j < len(lines) and lines[j].lstrip().startswith("|"):
+                j += 1
+            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[i:j]]
+            for k, row in enumerate(rows):                         # one block per row: a README row has its scope
+                if k != 1:
+                    yield i + k + 1, " ".join(row), list(table_claims([rows[0], rows[1], row]) if k else
+                                                         (c for h in row for c in numbers(h, None)))
+            i = j
+        else:
+            j = i + 1
+            while j < len(lines) and lines[j].strip() and not lines[j].lstrip().startswith(("|", "#", "![", "- ")):
+                j += 1
+            yield i + 1, "\n".join(lines[i:j]), list(prose_claims(" ".join(lines[i:j])))
+            i = j
+
+
+def results_values() -> dict[str, dict[str, set[str]]]:
+    """lesson -> kind -> the numbers results.md gives for it (summary row and its section)."""
+    values: dict[str, dict[str, set[str]]] = {}
+    text = re.sub(r"`[^`\n]*`", "CODE", RESULTS.read_text())
+    summary = re.search(r"^\|\s*lesson\s*\|.*?\n(?=\n)", text, flags=re.M | re.S).group()
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in summary.strip().split("\n")]
+    for row in rows[2:]:
+        for kind, n in table_claims([rows[0], rows[1], row]):
+            values.setdefault(row[0], {}).setdefault(kind, set()).add(n)
+    for m in re.finditer(r"^## (.+?) \(.*?\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S):
+        for _, _, claims in blocks(m.group(2)):
+            for kind, n in claims:
+                values.setdefault(m.group(1), {}).setdefault(kind, set()).add(n)
+    return values
+
+
+def same(quoted: str, value: str) -> bool:
+    """`quoted` shows `value`: equal, or `value` rounded to the two or more digits `quoted` shows (either tie rule)."""
+    q, v = Decimal(quoted.replace(",", "")), Decimal(value.replace(",", ""))
+    if q == v:
+        return True
+    e = q.as_tuple().exponent
+    shown = re.sub(r"^[0.,]+", "", quoted).replace(".", "").replace(",", "")     # its significant digits
+    return len(shown) >= 2 and e > v.as_tuple().exponent and q in (
+        v.quantize(Decimal(1).scaleb(e), rounding) for rounding in (ROUND_HALF_UP, ROUND_HALF_EVEN))
+
+
+def page_scope(page: str, line: str, values) -> list[str]:
+    """The lessons a block may quote: its page's, or on a README table row the lessons of the page it links."""
+    link = re.search(r"\(docs/(\w+)\.md\)", line) if page == "README.md" and line.lstrip().startswith("|") else None
+    lessons = PAGES[f"docs/{link.group(1)}.md"] if link and f"docs/{link.group(1)}.md" in PAGES else PAGES[page]
+    return list(values) if lessons is None else lessons
+
+
+def mismatches(page: str, text: str, values) -> list[str]:
+    """Every number of a results kind on the page that no results.md value of its lessons shows."""
+    bad = []
+    original = text.split("\n")                       # blocks() strips link targets: a README row's scope is its link
+    for line, _, claims in blocks(text):
+        scope = page_scope(page, original[line - 1], values)
+        for kind, n in claims:
+            if (page, kind, n) in OTHER_SOURCES:
+                continue
+            if not any(same(n, v) for lesson in scope for v in values.get(lesson, {}).get(kind, ())):
+                bad.append(f"{page}:{line}: {kind} {n} is in no results.md value of {scope or 'no lesson'} "
+                           f"(or name its command in OTHER_SOURCES)")
+    return bad
+
+
+VALUES = results_values()
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+def test_results_md_is_read():
+    """The reader finds every lesson of results.md and its key numbers (else every check below is empty)."""
+    assert len(VALUES) >= 12, sorted(VALUES)
+    assert "32.0" in VALUES["ddpm_mnist.py"]["fd"] and "340" in VALUES["rectified_flow.py --space latent"]["fd"]
+    assert "0.63" in VALUES["gan_mnist.py against ddpm_mnist.py"]["s"]
+    assert "10.7" in VALUES["rectified_flow.py --space pixel"]["min"]
+    assert "1.52" in VALUES["deepcache.py --base ddim"]["speedup"]
+
+
+@pytest.mark.parametrize("page", PAGES_CHECKED, ids=rel)
+def test_quoted_results_match_results_md(page):
+    assert rel(page) in PAGES, f"{rel(page)}: add it to PAGES with the lessons it quotes"
+    bad = mismatches(rel(page), page.read_text(), VALUES)
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("page, wrong", [
+    ("docs/rectified_flow.md", "One Euler step of the latent flow: FD-LeNet 315 → 56 after reflow."),
+    ("docs/rectified_flow.md", "The pixel recipe trains in 12 min on 2 cores."),
+    ("docs/gan_mnist.md", "1,000 samples in 1.6 s."),
+    ("docs/cfg.md", "class accuracy 0.965 at w = 3."),
+    ("README.md", "| lesson | result |\n|---|---|\n| [DDPM](docs/ddpm_mnist.md) | FD-LeNet 23.0 |"),
+])
+def test_a_wrong_number_is_caught(page, wrong):
+    """The check fails on the disagreements it was written for (issue #27)."""
+    assert mismatches(page, wrong, VALUES)
+
+
+def test_every_other_source_is_quoted():
+    """An OTHER_SOURCES entry whose number left its page would let a wrong number of that value pass."""
+    quoted = {(rel(p), kind, n) for p in PAGES_CHECKED for _, _, claims in blocks(p.read_text())
+              for kind, n in claims}
+    assert not [k for k in OTHER_SOURCES if k not in quoted]
+
+
+def test_a_right_number_passes():
+    assert not mismatches("docs/rectified_flow.md", "FD-LeNet at 1 step 340 → 59.9 (latent; 2,000 samples).", VALUES)
+    assert not mismatches("docs/gan_mnist.md", "1,000 samples in 0.63 s; FD-LeNet 37.7-43.3.", VALUES)
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for the headings of a markdown page."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", DOCS, ids=rel)
+def test_links_and_images_exist(page):
+    missing = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"```.*?```", "", page.read_text(), flags=re.S)):
+        path, _, anchor = target.partition("#")
+        if re.match(r"\w+:", target):
+            continue
+        file = page.parent / path if path else page
+        if not file.exists() or (anchor and file.suffix == ".md" and anchor not in anchors(file)):
+            missing.append(target)
+    assert not missing, f"{rel(page)} links to missing files or headings: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES_CHECKED, ids=rel)
+def test_every_figure_has_a_caption(page):
+    """An image line is followed by an italic caption that names the hardware it was measured on."""
+    for paragraph in re.split(r"\n\s*\n", page.read_text()):
+        lines = paragraph.strip().split("\n")
+        for i, line in enumerate(lines):
+            if line.startswith("!["):
+                caption = " ".join(lines[i + 1:])
+                assert caption.startswith("*") and re.search(r"CPU|GPU", caption), \
+                    f"{rel(page)}: no caption naming its hardware under {line}"
+
+
+def test_readme_fits_on_a_few_screens():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300
+
+
+def test_readme_gives_the_ci_commands():
+    """.ci/run runs exactly the README's set-up and test commands."""
+    readme = (ROOT / "README.md").read_text()
+    code = {line.split("#")[0].strip() for block in re.findall(r"```(?:bash)?\n(.*?)```", readme, flags=re.S)
+            for line in block.splitlines()}
+    ci = [line.split("#")[0].strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if "# README" in line]
+    assert ci and all(c in code for c in ci), (ci, "must be lines of the README's code blocks")
+
+
+def test_no_placeholders():
+    for page in PAGES_CHECKED:
+        assert not re.search(r"\b(pending|owed)\b", page.read_text(), flags=re.I), rel(page)
