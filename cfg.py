@@ -22,7 +22,7 @@ Run:
                                            # grid at w = --scale every --sample-every epochs)
     python cfg.py --cond input             # the label as input maps instead
     python cfg.py --resume                 # continue an interrupted run (--overwrite: start again)
-    python cfg_sweep.py --scales 0 1 2 4 --classes 3 8   # from runs/cfg/ckpt.pt: a grid per w, what w trades
+    python -m tools.cfg_sweep --scales 0 1 2 4 --classes 3 8   # from runs/cfg/ckpt.pt: a grid per w, what w trades
 """
 import math
 import os
@@ -279,7 +279,7 @@ def train(cfg: Config, x_train: torch.Tensor, y_train: torch.Tensor, ckpt: str, 
 def main(argv=None) -> tuple[CondUNet, DDPM]:
     """Train (or continue, --resume) into --out. -> (EMA CondUNet, DDPM)"""
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    common.check(not cfg.sample_only, "cfg.py trains; sample a trained run with `python cfg_sweep.py` (same flags)")
+    common.check(not cfg.sample_only, "cfg.py trains; sample a trained run with `python -m tools.cfg_sweep` (same flags)")
     check_config(cfg)
     common.seed_everything(cfg.seed)
     device = common.get_device(cfg.device)
@@ -292,7 +292,7 @@ def main(argv=None) -> tuple[CondUNet, DDPM]:
     K = int(y_train.max()) + 1
     common.check(max(cfg.classes) < K, f"--classes must be in 0..{K - 1}, got {cfg.classes}")
     model, ddpm = train(cfg, x_train, y_train, ckpt, device)
-    print(f"trained: {ckpt}; a grid per w and what w trades: python cfg_sweep.py --out {cfg.out}")
+    print(f"trained: {ckpt}; a grid per w and what w trades: python -m tools.cfg_sweep --out {cfg.out}")
     return model, ddpm
 
 

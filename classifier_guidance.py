@@ -17,7 +17,7 @@ Run:
     python classifier_guidance.py          # (the base model,) the classifier, a guided grid every few epochs
     python classifier_guidance.py --base-ckpt runs/ddpm_cosine/ckpt.pt --out runs/cg_cosine
     python classifier_guidance.py --resume # continue the classifier's training
-    python classifier_guidance_sweep.py --scales 0 2 5 --samplers ddim   # guided grids, accuracy per t and s
+    python -m tools.classifier_guidance_sweep --scales 0 2 5 --samplers ddim   # guided grids, accuracy per t and s
 """
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ def main(argv=None) -> NoisyClassifier:
     """Train the classifier (or continue it, --resume) into --out. -> the EMA classifier"""
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
     common.check(not cfg.sample_only, "classifier_guidance.py trains; sample with a trained classifier with "
-                 "`python classifier_guidance_sweep.py` (same flags)")
+                 "`python -m tools.classifier_guidance_sweep` (same flags)")
     check_config(cfg)
     common.seed_everything(cfg.seed)
     device = common.get_device(cfg.device)
@@ -281,7 +281,7 @@ def main(argv=None) -> NoisyClassifier:
     K = int(y_train.max()) + 1
     common.check(max(cfg.classes) < K, f"--classes must be in 0..{K - 1}, got {cfg.classes}")
     classifier = train(cfg, model, ddpm, base, x_train, y_train, ckpt, device)
-    print(f"trained: {ckpt}; guided grids and accuracies: python classifier_guidance_sweep.py --out {cfg.out}")
+    print(f"trained: {ckpt}; guided grids and accuracies: python -m tools.classifier_guidance_sweep --out {cfg.out}")
     return classifier
 
 

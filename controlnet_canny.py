@@ -18,7 +18,7 @@ Run:
     python controlnet_canny.py --low 50 --high 150 --epochs 20 --out runs/controlnet_50_150
     python controlnet_canny.py --resume --epochs 20   # continue OUT/ckpt.pt up to epoch 20
     python controlnet_canny.py --sample-only     # control.png again, from OUT/ckpt.pt
-    python controlnet_fidelity.py                # do the edges steer? edge F1 against unconditional samples
+    python -m tools.controlnet_fidelity                # do the edges steer? edge F1 against unconditional samples
 Writes OUT/ckpt.pt, loss.png and control.png (a row per test digit: edge map, samples, the digit).
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ Run:
     python deepcache.py                    # ddim base: runs/ddpm_mnist/ckpt.pt (trained first if missing)
     python deepcache.py --base rf          # rf base: runs/rectified_flow/pixel/flow2.pt (python rectified_flow.py)
     python deepcache.py --interval 3 --branch 2 --cache-schedule nonuniform
-    python deepcache_sweep.py              # speed and quality over step counts x intervals: figures, table
+    python -m tools.deepcache_sweep              # speed and quality over step counts x intervals: figures, table
 Writes runs/deepcache/BASE/samples.png (cached) beside samples_plain.png (the same noise, uncached).
 """
 from __future__ import annotations

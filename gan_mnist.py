@@ -19,7 +19,7 @@ Run:
     python gan_mnist.py                              # 30 epochs into runs/gan_mnist/: samples.png, loss.png
     python gan_mnist.py --eval 2000 --eval-every 5   # + FD-LeNet and classes found every 5 epochs, as it trains
     python gan_mnist.py --resume --epochs 60         # continue a run (a new --lr is taken)
-    python gan_figures.py --sample-only --eval 2000  # score runs/gan_mnist/ckpt.pt: eval.md, fd_vs_time.png
+    python -m tools.gan_figures --sample-only --eval 2000  # score runs/gan_mnist/ckpt.pt: eval.md, fd_vs_time.png
 gan_figures.py takes this script's flags: it trains (or loads) as this one does, then scores the end.
 """
 from __future__ import annotations
@@ -243,7 +243,7 @@ def main(argv=None) -> dict:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
     check_config(cfg)
     common.check(not cfg.eval or (cfg.eval_every and not cfg.sample_only), "--eval N scores while training "
-                 "(with --eval-every K); to score a run at its end: python gan_figures.py --eval N [--sample-only]")
+                 "(with --eval-every K); to score a run at its end: python -m tools.gan_figures --eval N [--sample-only]")
     device = common.get_device(cfg.device)
     G, history, _ = train_or_load(cfg, device)
     samples_and_losses(cfg.out, G, history, cfg.n_samples, cfg.seed, device)

@@ -16,7 +16,7 @@ Run (latent_figures.py takes the same flags: DDIM against DDPM, --eval N for FD-
     python latent_diffusion.py                  # VAE (once), latent DDPM: grids, vae_reconstructions.png, loss.png
     python latent_diffusion.py --sample-only    # OUT/samples.png from OUT/ckpt.pt and the VAE, no training
     python latent_diffusion.py --resume         # continue an interrupted run
-    python latent_figures.py --sample-only --eval 10000   # + FD-LeNet of DDIM and DDPM samples (evaluate.py)
+    python -m tools.latent_figures --sample-only --eval 10000   # + FD-LeNet of DDIM and DDPM samples (evaluate.py)
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ Run (into runs/rectified_flow/SPACE; flow_figures.py takes the same flags and ma
     python rectified_flow.py                      # pixel space: Flow-1, pairs, Flow-2, samples.png
     python rectified_flow.py --space latent       # in the VAE's latent space (trained when missing)
     python rectified_flow.py --sample-only        # samples.png from OUT/flow1.pt and OUT/flow2.pt
-    python flow_figures.py --sample-only --eval 10000   # error and FD against Euler steps, straightness
+    python -m tools.flow_figures --sample-only --eval 10000   # error and FD against Euler steps, straightness
 """
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ CASES = [
     ("cfg", CFG + ["--ddim-steps", "31"], "--ddim-steps must be at most --T (30)", None),
     ("cfg", CFG + ["--ckpt", "{ddpm}"], "already holds a checkpoint", "{ddpm}"),
     ("cfg", CFG + ["--ckpt", "{ddpm}", "--resume"], "holds a ddpm_mnist.py UNet checkpoint, not a cfg.py CondUNet one", "{ddpm}"),
-    ("cfg", CFG + ["--sample-only"], "cfg.py trains; sample a trained run with `python cfg_sweep.py`", None),
+    ("cfg", CFG + ["--sample-only"], "cfg.py trains; sample a trained run with `python -m tools.cfg_sweep`", None),
     ("tools.cfg_sweep", CFG, "not found", None),
     ("cfg", CFG + ["--out", "{file}"], "is a file; pass a folder", "{file}"),
     ("cfg", CFG + ["--classes", "0", "10"], "--classes must be in 0..9", None),

@@ -48,15 +48,15 @@ OTHER_SOURCES = {
     ("README.md", "s", "35"): "python toy_2d.py",
     ("docs/toy_2d.md", "s", "35"): "python toy_2d.py",
     ("docs/toy_2d.md", "s", "30"): "python toy_2d.py (its training time)",
-    **{("docs/evaluate.md", "fd", v): "python evaluate.py --references --dataset mnist --data-dir ../shared/data"
+    **{("docs/evaluate.md", "fd", v): "python -m tools.evaluate --references --dataset mnist --data-dir ../shared/data"
        for v in ("6.6", "7.5", "78.2", "70.8", "103.6", "1270.5")},
     ("docs/evaluate.md", "share", "99.30"): "evaluate.py's first run: the LeNet's test accuracy",
     ("docs/evaluate.md", "s", "20"): "evaluate.py's first run: the LeNet's training time",
-    ("docs/evaluate.md", "s", "5.9"): "python evaluate.py SAMPLES.pt (10,000 images): the distance",
+    ("docs/evaluate.md", "s", "5.9"): "python -m tools.evaluate SAMPLES.pt (10,000 images): the distance",
     ("docs/evaluate.md", "share", "90"): "evaluate.py's docstring: the ResNet-9's target accuracy",
     ("docs/ddpm_mnist.md", "min", "3"): "python ddpm_mnist.py --help (--ddpm-grid)",
     ("docs/ddpm_mnist.md", "min", "35"): "python ddpm_mnist.py --help (--ddpm-grid)",
-    **{("docs/ddpm_mnist.md", "fd", v): "python evaluate.py --references --dataset mnist --data-dir ../shared/data"
+    **{("docs/ddpm_mnist.md", "fd", v): "python -m tools.evaluate --references --dataset mnist --data-dir ../shared/data"
        for v in ("6.6", "78.2")},
     ("docs/fast_sampling.md", "fd", "57.4"): "results.md's summary row (its table rounds 57.45 twice, to 57.5)",
 }

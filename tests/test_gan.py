@@ -87,7 +87,7 @@ def test_the_companion_trains_as_the_lesson_does(mnist_dir, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--eval-every", "2"], "--eval-every needs --eval N"),
-    (["--eval", "8"], "python gan_figures.py --eval N"),
+    (["--eval", "8"], "python -m tools.gan_figures --eval N"),
     (["--sample-only"], "not found"),
     (["--resume"], "no checkpoint"),
     (["--lr", "0"], "--lr must be > 0"),

@@ -5,9 +5,9 @@ autotuning, torch.compile) and reports the median of repeated runs. Inputs are r
 the training shape, so no dataset is needed; the numbers are the model's, not the data loader's
 (ddpm_mnist.py keeps the dataset on the GPU, so there is no loader to wait for).
 
-Run:  python benchmark.py                       # MNIST preset, bf16 autocast + channels_last on CUDA
-      python benchmark.py --compile             # with torch.compile
-      python benchmark.py --preset cifar --image-size 32 --channels 3
+Run:  python -m tools.benchmark                       # MNIST preset, bf16 autocast + channels_last on CUDA
+      python -m tools.benchmark --compile             # with torch.compile
+      python -m tools.benchmark --preset cifar --image-size 32 --channels 3
 Goal on one H100 (issue 2): an MNIST epoch (60,000 images) of the default UNet in at most 3 s.
 """
 from __future__ import annotations

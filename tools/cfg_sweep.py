@@ -8,9 +8,9 @@ samples per w, balanced over --classes: N x 2 x steps UNet passes per w, and eva
 classifier trained once (~1 min on a GPU, cached in checkpoints/). The numbers go to tradeoff.md
 and tradeoff.png. The flags are cfg.py's (its Config); the checkpoint is OUT/ckpt.pt or --ckpt.
 
-    python cfg_sweep.py                                   # runs/cfg/ckpt.pt, w = 0 1 3 5 7.5
-    python cfg_sweep.py --scales 0 1 2 4 --classes 3 8    # grids of 3s and 8s only
-    python cfg_sweep.py --out runs/cfg_cpu --eval 500     # + class accuracy and FD of 500 samples per w
+    python -m tools.cfg_sweep                                   # runs/cfg/ckpt.pt, w = 0 1 3 5 7.5
+    python -m tools.cfg_sweep --scales 0 1 2 4 --classes 3 8    # grids of 3s and 8s only
+    python -m tools.cfg_sweep --out runs/cfg_cpu --eval 500     # + class accuracy and FD of 500 samples per w
 """
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ per sampler and s: N x steps x (UNet + classifier forward and backward) each, an
 classifier trained once (~1 min on a GPU, cached in checkpoints/). The flags are
 classifier_guidance.py's (its Config); the classifier is OUT/ckpt.pt or --ckpt, the base --base-ckpt.
 
-    python classifier_guidance_sweep.py                          # runs/classifier_guidance/ckpt.pt
-    python classifier_guidance_sweep.py --scales 0 2 5 --samplers ddim
-    python classifier_guidance_sweep.py --eval 1000              # + LeNet accuracy and FD of 1000 samples per s
+    python -m tools.classifier_guidance_sweep                          # runs/classifier_guidance/ckpt.pt
+    python -m tools.classifier_guidance_sweep --scales 0 2 5 --samplers ddim
+    python -m tools.classifier_guidance_sweep --eval 1000              # + LeNet accuracy and FD of 1000 samples per s
 """
 from __future__ import annotations
 

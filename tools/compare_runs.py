@@ -14,8 +14,8 @@ different numbers for the same estimator. Against log-SNR, runs see the same x_t
 same abscissa, whatever their schedule; the eps-MSE makes eps, x0 and v runs comparable too.
 
 Run:
-    python compare_runs.py --runs runs/linear runs/cosine runs/cos95 --out runs/compare
-    python compare_runs.py --runs runs/eps runs/x0 runs/v --labels eps x0 v --out runs/predict
+    python -m tools.compare_runs --runs runs/linear runs/cosine runs/cos95 --out runs/compare
+    python -m tools.compare_runs --runs runs/eps runs/x0 runs/v --labels eps x0 v --out runs/predict
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def check_config(cfg: Config) -> None:
 def load_run(folder: str) -> dict:
     """The record ddpm_mnist.py wrote into `folder` (one line if it is missing or unreadable)."""
     path = os.path.join(folder, "per_timestep.json")
-    common.check(os.path.isfile(path), f"'{path}' not found; run `python ddpm_figures.py --out {folder}` "
+    common.check(os.path.isfile(path), f"'{path}' not found; run `python -m tools.ddpm_figures --out {folder}` "
                  f"(or `--sample-only --out {folder}` on a trained run) first")
     try:
         with open(path) as f:

@@ -9,8 +9,8 @@ right-looking digit that ignores the map gets (F1 0.70 at 1 px and 0.25 exactly 
 where the digit's own edges shifted by one pixel score 1.00 and 0.46).
 
 Run:
-    python controlnet_fidelity.py                # the run in runs/controlnet_canny (its ckpt.pt)
-    python controlnet_fidelity.py --out runs/controlnet_50_150 --n-eval 2000
+    python -m tools.controlnet_fidelity                # the run in runs/controlnet_canny (its ckpt.pt)
+    python -m tools.controlnet_fidelity --out runs/controlnet_50_150 --n-eval 2000
 Writes into that run's folder: edge_fidelity.md, and control.png again (the noise it draws comes
 first from the same generator, so the F1 samples are those of every earlier run).
 """

@@ -1,6 +1,6 @@
 """The course exercises of ddpm_mnist.py and the measurements of a run, each one figure or table.
 
-`python ddpm_figures.py` trains as `python ddpm_mnist.py` does (or loads OUT/ckpt.pt with --sample-only),
+`python -m tools.ddpm_figures` trains as `python ddpm_mnist.py` does (or loads OUT/ckpt.pt with --sample-only),
 with the exercises' options, then writes:
 - DDIM and T-step DDPM samples from the same noise (ddim{S}_8x8.png, ddpm_8x8.png, and _4x4.png),
 - the test eps-MSE per timestep (loss_per_timestep.png; OUT/per_timestep.json holds it with the
@@ -14,12 +14,12 @@ each block (--time-embed add|concat, `ConcatResBlock`), a black border for 4 lev
 (--pad-to 32). Conventions of ddpm_mnist.py: integer steps t = 0..T-1, images in [-1, 1], EMA weights sample.
 
 Course exercises (each run writes OUT/per_timestep.json; compare_runs.py overlays several runs):
-    python ddpm_figures.py --sample-only --eval 10000         # measure ddpm_mnist.py's run in runs/ddpm_mnist
-    python ddpm_figures.py --base 32 --mults 1 2 4 --out runs/unet3          # 3 levels [32, 64, 128]
-    python ddpm_figures.py --base 64 --mults 1 2 4 8 --pad-to 32 --out runs/unet4  # 4 levels need 32x32
-    python ddpm_figures.py --schedule cosine --cosine-clip 0.95 --out runs/cos95
-    python ddpm_figures.py --predict x0 --out runs/x0  # or v; --time-embed concat for the other embedding
-    python compare_runs.py --runs runs/ddpm_mnist runs/cos95 runs/x0 --out runs/compare
+    python -m tools.ddpm_figures --sample-only --eval 10000         # measure ddpm_mnist.py's run in runs/ddpm_mnist
+    python -m tools.ddpm_figures --base 32 --mults 1 2 4 --out runs/unet3          # 3 levels [32, 64, 128]
+    python -m tools.ddpm_figures --base 64 --mults 1 2 4 8 --pad-to 32 --out runs/unet4  # 4 levels need 32x32
+    python -m tools.ddpm_figures --schedule cosine --cosine-clip 0.95 --out runs/cos95
+    python -m tools.ddpm_figures --predict x0 --out runs/x0  # or v; --time-embed concat for the other embedding
+    python -m tools.compare_runs --runs runs/ddpm_mnist runs/cos95 runs/x0 --out runs/compare
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def load_trained(path: str, device) -> tuple[ddpm_mnist.UNet, PredictDDPM, dict]
     """Any checkpoint of ddpm_mnist.py's `train`, the exercises' included: -> (EMA network in eval mode,
     its process, the whole state)."""
     state = common.load_checkpoint(path, device, ddpm_mnist.KIND, keys=("net", "ema", "config"),
-                                   hint="train one with `python ddpm_figures.py` first")
+                                   hint="train one with `python -m tools.ddpm_figures` first")
     c = state["config"]
     model = make_unet(**state["net"]).to(device)
     common.load_weights(model, state["ema"], path)

@@ -8,10 +8,10 @@ measured speedup can differ from the FLOPs' either way: launch overheads on a GP
 steps cost more than their FLOPs, while on a CPU the skipped deep layers (attention) cost more.
 
 Run:
-    python deepcache_sweep.py                    # ddim base; step counts 10 50 100
-    python deepcache_sweep.py --base rf          # the reflowed flow; step counts 1 10 100
-    python deepcache_sweep.py --sweep-steps 100 --sweep-intervals 1 2 5 10 20
-    python deepcache_sweep.py --eval 2000        # + FD of evaluate.py per setting (2000 samples each)
+    python -m tools.deepcache_sweep                    # ddim base; step counts 10 50 100
+    python -m tools.deepcache_sweep --base rf          # the reflowed flow; step counts 1 10 100
+    python -m tools.deepcache_sweep --sweep-steps 100 --sweep-intervals 1 2 5 10 20
+    python -m tools.deepcache_sweep --eval 2000        # + FD of evaluate.py per setting (2000 samples each)
 Writes to runs/deepcache/BASE: speedup.png, quality.png (MSE, PSNR, SSIM), tradeoff.png (speedup vs
 SSIM, or FD with --eval), grid_steps{S}.png (a row of samples per interval, for each S) and the table
 speed_quality.md.

@@ -1,4 +1,4 @@
-"""The figures and measurements of dit_cifar.py. `python dit_figures.py` takes its flags, trains as
+"""The figures and measurements of dit_cifar.py. `python -m tools.dit_figures` takes its flags, trains as
 `python dit_cifar.py` does (under torchrun too; or loads OUT/ckpt.pt with --sample-only), and writes,
 on rank 0:
 
@@ -9,7 +9,7 @@ on rank 0:
 - with --eval N: evaluate.py's FD and class accuracy against w (eval.md, eval.png).
 
 Run:
-    python dit_figures.py --sample-only --eval 10000   # the run in runs/dit_cifar, + FD and accuracy against w
+    python -m tools.dit_figures --sample-only --eval 10000   # the run in runs/dit_cifar, + FD and accuracy against w
     torchrun --nproc_per_node=4 dit_figures.py         # train on 4 GPUs as dit_cifar.py does, then the figures
 """
 from __future__ import annotations

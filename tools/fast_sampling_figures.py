@@ -1,11 +1,11 @@
-"""The figures and measurements of fast_sampling.py. `python fast_sampling_figures.py` takes its flags,
+"""The figures and measurements of fast_sampling.py. `python -m tools.fast_sampling_figures` takes its flags,
 samples the same solvers from the same noise, and writes:
 - nfe{N}.png: one row of samples per solver, labelled with its steps and network calls (NFE),
 - with --eval N: N samples per solver and NFE scored with evaluate.py (FD-LeNet, classes found, seconds)
   into nfe_table.md and fd_vs_nfe.png, beside DDPM through all T steps (--reference: N x T UNet calls).
 
 Run:
-    python fast_sampling_figures.py --base-ckpt runs/cpu/ckpt.pt --nfe 5 10 20 50 --eval 2000 --no-reference
+    python -m tools.fast_sampling_figures --base-ckpt runs/cpu/ckpt.pt --nfe 5 10 20 50 --eval 2000 --no-reference
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The figures and measurements of rectified_flow.py. `python flow_figures.py` takes its flags, trains as
+"""The figures and measurements of rectified_flow.py. `python -m tools.flow_figures` takes its flags, trains as
 `python rectified_flow.py` does (or loads OUT/flow1.pt and OUT/flow2.pt with --sample-only), and samples
 each flow from the same noise x0 (in latent space the VAE decodes what is shown) into:
 
@@ -10,8 +10,8 @@ each flow from the same noise x0 (in latent space the VAE decodes what is shown)
 - with --eval N: eval.md, the FD-LeNet and classes found for every flow and step count (evaluate.py).
 
 Run:
-    python flow_figures.py --sample-only --eval 10000          # the run in runs/rectified_flow/pixel
-    python flow_figures.py --space latent --steps 1 2 4 8 50  # train in latent space, then the figures
+    python -m tools.flow_figures --sample-only --eval 10000          # the run in runs/rectified_flow/pixel
+    python -m tools.flow_figures --space latent --steps 1 2 4 8 50  # train in latent space, then the figures
 """
 from __future__ import annotations
 

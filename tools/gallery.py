@@ -3,9 +3,9 @@ copied under docs/gallery/, and one table, docs/results.md, gives for every less
 the data, the training time and the measured result (evaluate.py's FD and class accuracy, or the
 lesson's own measurement: edge F1, error against many steps, PSNR/SSIM against the uncached run).
 
-    python gallery.py --profile cpu --data-dir ../shared/data    # every lesson's CPU recipe: 62 min on 2 cores
-    python gallery.py --profile gpu --data-dir ../shared/data --only ddpm   # the defaults on one GPU, a part
-    python gallery.py --profile cpu --data-dir ../shared/data --only cfg latent   # some parts again
+    python -m tools.gallery --profile cpu --data-dir ../shared/data    # every lesson's CPU recipe: 62 min on 2 cores
+    python -m tools.gallery --profile gpu --data-dir ../shared/data --only ddpm   # the defaults on one GPU, a part
+    python -m tools.gallery --profile cpu --data-dir ../shared/data --only cfg latent   # some parts again
 
 Profiles:
 - `cpu`: each lesson's CPU recipe (below), settings chosen so that the network learns in minutes on
@@ -24,7 +24,7 @@ docs/gallery/results_PROFILE.json, so `--only` updates its parts and keeps the o
 docs/results.md is written again from all profiles after every part. `--rescore` scores the runs
 already under --runs again without training them (after a change to evaluate.py or its classifier):
 
-    python gallery.py --profile cpu --data-dir ../shared/data --rescore --only ddpm cfg exercises
+    python -m tools.gallery --profile cpu --data-dir ../shared/data --rescore --only ddpm cfg exercises
 """
 from __future__ import annotations
 
@@ -434,9 +434,9 @@ def hardware(device: torch.device) -> str:
 
 def write_results(docs: str) -> str:
     """docs/results.md from every profile's docs/gallery/results_PROFILE.json."""
-    lines = ["# Results", "", "Written by `python gallery.py` (see its docstring); every number comes from a network "
+    lines = ["# Results", "", "Written by `python -m tools.gallery` (see its docstring); every number comes from a network "
              "trained by the command beside it and scored with evaluate.py or the lesson's own measurement. FD values "
-             "compare only when one metric classifier scored them (the README's evaluation section says which).", ""]
+             "compare only when one metric classifier scored them (docs/evaluate.md says which).", ""]
     rows, sections = [], []
     for path in sorted(glob.glob(os.path.join(docs, "gallery", "results_*.json"))):
         runs = json.load(open(path))

@@ -1,6 +1,6 @@
 """The measurements of a gan_mnist.py run, and gallery.py's comparison of the GAN with diffusion.
 
-`python gan_figures.py` takes gan_mnist.py's flags and trains as it does (or loads OUT/ckpt.pt with
+`python -m tools.gan_figures` takes gan_mnist.py's flags and trains as it does (or loads OUT/ckpt.pt with
 --sample-only), writes its samples.png and loss.png, then with --eval N:
 - eval.md: FD-LeNet and classes found of N samples at the end, and the seconds to sample 1,000 images,
 - with --eval-every K (scored by gan_mnist.py's loop while it trains, kept in the checkpoint):
@@ -9,8 +9,8 @@
 losses side by side (gallery.py's gan part).
 
 Run:
-    python gan_figures.py --eval 2000 --eval-every 5   # train as gan_mnist.py does, then score the end
-    python gan_figures.py --sample-only --eval 2000    # score runs/gan_mnist/ckpt.pt (its FD record included)
+    python -m tools.gan_figures --eval 2000 --eval-every 5   # train as gan_mnist.py does, then score the end
+    python -m tools.gan_figures --sample-only --eval 2000    # score runs/gan_mnist/ckpt.pt (its FD record included)
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The figures and measurements of latent_diffusion.py. `python latent_figures.py` takes its flags, trains
+"""The figures and measurements of latent_diffusion.py. `python -m tools.latent_figures` takes its flags, trains
 as `python latent_diffusion.py` does (or loads OUT/ckpt.pt and the VAE with --sample-only), and writes:
 
 - vae_reconstructions.png: test images (top row) over their VAE reconstructions; the test MSE,
@@ -10,8 +10,8 @@ as `python latent_diffusion.py` does (or loads OUT/ckpt.pt and the VAE with --sa
 serves the figures of flow_figures.py and dit_figures.py too.
 
 Run:
-    python latent_figures.py --sample-only --eval 10000   # the run in runs/latent_diffusion, + FD-LeNet
-    python latent_figures.py --no-ddpm                    # train as latent_diffusion.py does; DDIM only
+    python -m tools.latent_figures --sample-only --eval 10000   # the run in runs/latent_diffusion, + FD-LeNet
+    python -m tools.latent_figures --no-ddpm                    # train as latent_diffusion.py does; DDIM only
 """
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
-"""Every step of toy_2d.py plotted. `python toy_figures.py` takes toy_2d.py's flags and trains as it does;
+"""Every step of toy_2d.py plotted. `python -m tools.toy_figures` takes toy_2d.py's flags and trains as it does;
 before training it draws forward.png (the dissolve, at steps evenly spaced in log-SNR, or --panels course),
 closed_form_vs_chain.png (q(x_t | x_0) against t + 1 applications of q_step) and toy_2d_variance.png
 (Var(x_t) under the variance-preserving forward process against the simplified one); after, toy_2d.py's
 loss.png and samples.png, then reverse.png and reverse.gif (--no-gif: none). All point clouds share the
 frame [-3.5, 3.5]^2.
 
-Run:  python toy_figures.py                                            # into runs/toy_2d/, as toy_2d.py
-      python toy_figures.py --panels course --no-gif --out runs/toy_2d_course   # forward.png at t = 0, 33, 66, 99
+Run:  python -m tools.toy_figures                                            # into runs/toy_2d/, as toy_2d.py
+      python -m tools.toy_figures --panels course --no-gif --out runs/toy_2d_course   # forward.png at t = 0, 33, 66, 99
 """
 from __future__ import annotations
 
