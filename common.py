@@ -355,7 +355,7 @@ def save_figure(fig, path: str, dpi: int = 120, grid: bool = True, legend: float
         if legend and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=legend)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")           # long row labels stay inside
     plt.close(fig)
 
 def plot_curves(path: str, curves: dict, xlabel: str = "step", ylabel: str = "loss",

@@ -24,7 +24,7 @@ Run (into runs/dit_cifar/; dit_figures.py takes the same flags: a grid per w, lo
     torchrun --nproc_per_node=4 dit_cifar.py            # the same file on 4 GPUs
     python dit_cifar.py --resume --epochs 400           # continue training the DiT
     python dit_cifar.py --dataset PATH                  # your images: PATH/{train,test}/<class>/<img>
-    python dit_figures.py --sample-only --eval 10000    # figures of OUT/ckpt.pt, + FD and accuracy against w
+    python -m tools.dit_figures --sample-only --eval 10000    # figures of OUT/ckpt.pt, + FD and accuracy against w
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class Config(common.RunConfig):
     vae_epochs: int = field(default=20, metadata={"min": 1})
     vae_lr: float = 5e-4
     kl_weight: float = field(default=1e-3, metadata={"min": 0, "help": "weight of the KL term of the VAE loss"})
-    model: str = field(default="DiT-S/2", metadata={"help": "DiT-<size>/<patch>, size in T, S, B, L"})
+    model: str = field(default="DiT-S/2", metadata={"help": "DiT-<size>/<patch>, size in S, B, L (the paper's), XS (CPU), T (tests)"})
     T: int = field(default=1000, metadata={"min": 1, "help": "diffusion steps"})
     schedule: str = field(default="linear", metadata={"choices": ["linear", "cosine", "sigmoid"]})
     epochs: int = field(default=200, metadata={"min": 1})
@@ -131,7 +131,8 @@ def check_fits(state: dict, shape, scale: float, ckpt: str, vae_path: str) -> No
 
 
 PRESETS = {"S": dict(depth=12, hidden=384, heads=6), "B": dict(depth=12, hidden=768, heads=12),  # the DiT
-           "L": dict(depth=24, hidden=1024, heads=16), "T": dict(depth=2, hidden=64, heads=2)}   # paper's, + tiny
+           "L": dict(depth=24, hidden=1024, heads=16), "T": dict(depth=2, hidden=64, heads=2),   # paper's, + tiny
+           "XS": dict(depth=4, hidden=128, heads=4)}                 # the CPU recipe's: 1.3M parameters
 
 
 def parse_model(name: str) -> dict:

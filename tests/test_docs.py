@@ -59,6 +59,18 @@ OTHER_SOURCES = {
     **{("docs/ddpm_mnist.md", "fd", v): "python -m tools.evaluate --references --dataset mnist --data-dir ../shared/data"
        for v in ("6.6", "78.2")},
     ("docs/fast_sampling.md", "fd", "57.4"): "results.md's summary row (its table rounds 57.45 twice, to 57.5)",
+    # The DiT's CPU recipe on CIFAR-10 (JPEG q75), run by hand, not yet a gallery part (docs/dit_cifar.md names them):
+    **{("docs/dit_cifar.md", k, v): "python -m tools.dit_figures --dataset DIR --vae-base 16 --vae-epochs 3 "
+       "--model DiT-XS/2 --epochs 30 ... (its printed lines)" for k, v in (("min", "6.2"), ("s", "170"), ("s", "99"),
+       ("min", "22.4"), ("s", "47"), ("min", "32"), ("mse", "0.1685"), ("mse", "0.1323"), ("min", "22"))},
+    **{("docs/dit_cifar.md", k, v): "python -m tools.dit_figures --sample-only ... --eval 1000 (eval.md)"
+       for k, v in (("fd", "18.61"), ("fd", "13.59"), ("fd", "13.49"), ("fd", "15.10"), ("accuracy", "0.246"),
+                    ("accuracy", "0.540"), ("accuracy", "0.651"), ("accuracy", "0.685"))},
+    **{(page, k, v): "tools.evaluate's first run on CIFAR-10 (JPEG q75): the CNN's training time and test accuracy"
+       for page in ("docs/dit_cifar.md", "docs/evaluate.md") for k, v in (("s", "494"), ("share", "78.59"))},
+    ("docs/dit_cifar.md", "accuracy", "0.786"): "tools.evaluate's first run on CIFAR-10: the CNN's test accuracy",
+    **{("README.md", k, v): "docs/dit_cifar.md's commands (the DiT's CPU recipe and its --eval 1000)"
+       for k, v in (("min", "28.7"), ("share", "78.6"), ("accuracy", "0.540"), ("accuracy", "0.246"))},
 }
 
 # --------------------------------------------------------------------------- reading numbers and their kinds

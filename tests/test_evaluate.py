@@ -199,3 +199,14 @@ def test_the_reference_table(ev, mnist_dir, capsys):
     evaluate.main(["--references", "--dataset", "mnist", "--data-dir", mnist_dir, "--no-download",
                    "--cache-dir", os.path.dirname(ev.path), "--classifier-epochs", "3", "--device", "cpu"])
     assert "| uniform noise |" in capsys.readouterr().out
+
+
+def test_rgb_data_on_a_cpu_get_the_small_cnn_in_its_own_cache(image_folder, tmp_path):
+    """Without a GPU, RGB images are scored by the CNN that trains in minutes (FD-CNN), cached apart from
+    the ResNet-9 of the same data; asking for the ResNet explicitly still gives the ResNet."""
+    cnn = evaluate.Evaluator(image_folder, device="cpu", cache_dir=str(tmp_path), classifier_epochs=1)
+    assert cnn.name == "FD-CNN" and cnn.classifier.config["arch"] == "cnn" and cnn.path.endswith("_cnn_e1.pt")
+    x = cnn.x_test
+    assert cnn.fd(x[: len(x) // 2]) >= 0 and 0 <= cnn.accuracy(x, cnn.y_test) <= 1
+    resnet = evaluate.Evaluator(image_folder, device="cpu", cache_dir=str(tmp_path), classifier_epochs=1, arch="resnet")
+    assert resnet.name == "FD-ResNet" and resnet.path != cnn.path and os.path.isfile(cnn.path)

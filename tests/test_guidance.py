@@ -176,7 +176,7 @@ def test_cfg_bad_input(cfg_run, mnist_dir):
     one_line_exit(e)
     with pytest.raises(SystemExit) as e:  # cfg.py trains; a trained run is sampled by cfg_sweep.py
         cfg_mod.main(tiny_cfg_args(mnist_dir, out, "--sample-only"))
-    assert "cfg_sweep.py" in one_line_exit(e)
+    assert "python -m tools.cfg_sweep" in one_line_exit(e)
     with pytest.raises(SystemExit) as e:  # a value that is not a number: one line naming flag and value
         cfg_mod.main(tiny_cfg_args(mnist_dir, out, "--scales", "abc"))
     assert "invalid float value: 'abc'" in one_line_exit(e)
@@ -200,7 +200,7 @@ def test_cg_smoke_and_sample_only(cg_run, mnist_dir, ddpm_ckpt):
     assert again["rows"] == rows[1:] and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     with pytest.raises(SystemExit) as e:  # classifier_guidance.py trains; the sweep samples
         cg.main(tiny_cg_args(mnist_dir, out, ddpm_ckpt, "--sample-only"))
-    assert "classifier_guidance_sweep.py" in one_line_exit(e)
+    assert "python -m tools.classifier_guidance_sweep" in one_line_exit(e)
 
 
 def tiny_classifier():

@@ -10,7 +10,7 @@ on rank 0:
 
 Run:
     python -m tools.dit_figures --sample-only --eval 10000   # the run in runs/dit_cifar, + FD and accuracy against w
-    torchrun --nproc_per_node=4 dit_figures.py         # train on 4 GPUs as dit_cifar.py does, then the figures
+    torchrun --nproc_per_node=4 -m tools.dit_figures   # train on 4 GPUs as dit_cifar.py does, then the figures
 """
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ import common
 import dit_cifar
 from latent_diffusion import vae_figure
 from tools.latent_figures import plot_points
+
+
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]   # label order
 
 
 @dataclass
@@ -44,10 +47,13 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_tes
                 "step", "eps-MSE", f"{state['config']['model']}: training vs test loss (final test {final:.4f})",
                 dense=("train (mean of 50 steps)",))
     y = torch.arange(model.null, device=device).repeat_interleave(cfg.n_per_class)   # one row per class
+    names = CIFAR10 if "cifar" in cfg.dataset.lower() and model.null == 10 else [f"class {k}" for k in range(model.null)]
     for w in cfg.scales:
         x, seconds = common.timed(device, lambda: dit_cifar.sample(model, ddpm, vae, scale, y, w, cfg.ddim_steps,
                                                                    cfg.seed))
-        common.save_grid(x, os.path.join(cfg.out, f"cfg_w{w:g}.png"), nrow=cfg.n_per_class)
+        common.save_labelled_grid(x, os.path.join(cfg.out, f"cfg_w{w:g}.png"), cfg.n_per_class, names,
+                                  f"{state['config']['model']}, classifier-free guidance w = {w:g}",
+                                  "each column: the same noise z_T for every w")
         print(f"w = {w:g}: {len(y)} images ({cfg.ddim_steps} DDIM steps, then the decoder) in {seconds:.2f}s")
     if cfg.eval > 0:
         from tools import evaluate  # imported here: its classifier is trained (and cached) on first use
@@ -59,10 +65,22 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_tes
                            for i, b in enumerate(common.progress(y.split(1000), f"w = {w:g}"))])
             rows.append([w, ev.fd(x), ev.accuracy(x, y)])
         print(common.write_table(os.path.join(cfg.out, "eval.md"), ["w", ev.name, "class accuracy"], rows))
-        plot_points(os.path.join(cfg.out, "eval.png"), {ev.name: [(r[0], r[1]) for r in rows]}, "guidance weight w",
-                    ev.name, f"{ev.name} against guidance weight w ({cfg.eval} samples per w); class accuracy "
-                    + ", ".join(f"{r[2]:.2f}" for r in rows))
+        eval_figure(os.path.join(cfg.out, "eval.png"), rows, ev.name, cfg.eval, state["config"]["model"],
+                    model.null)
     print(f"figures in {cfg.out}/")
+
+
+def eval_figure(path: str, rows: list[list], name: str, n: int, model: str, classes: int = 10) -> None:
+    """Two panels against the guidance weight w: the FD (fidelity and diversity) and the class accuracy."""
+    fig, (a, b) = common.figure(1, 2, figsize=(9, 3.6))
+    w = [r[0] for r in rows]
+    a.plot(w, [r[1] for r in rows], "o-")
+    a.set(xlabel="guidance weight w", ylabel=name, title=f"{name} against w (lower is better)", xticks=w)
+    b.plot(w, [r[2] for r in rows], "o-", color="C1", label="samples, by the metric's classifier")
+    b.axhline(1 / classes, color="gray", ls="--", label=f"chance ({classes} classes)")
+    b.set(xlabel="guidance weight w", ylabel="class accuracy", title="class accuracy against w", xticks=w, ylim=(0, 1))
+    fig.suptitle(f"{model}: {n} samples per w")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> None:

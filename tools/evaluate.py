@@ -11,7 +11,8 @@ Inception weights must be downloaded, and ImageNet features say little about 28x
 same formula (torchmetrics' `FrechetInceptionDistance`, with our network as its custom feature
 extractor) is applied to the penultimate layer of a classifier trained on the dataset itself:
     "FD-LeNet"  for 1-channel data (MNIST): a LeNet-style CNN, 128 features, >= 99% test accuracy
-    "FD-ResNet" for RGB data (CIFAR-10): a ResNet-9, 512 features, >= 90% test accuracy (GPU)
+    "FD-ResNet" for RGB data (CIFAR-10) on a GPU: a ResNet-9, 512 features, >= 90% test accuracy
+    "FD-CNN"    for RGB data on a CPU: LeNet's stages at width 32, 128 features, trained in minutes
 The numbers are *not* FID and are not comparable with published FIDs; they compare runs of this
 codebase with each other, at the same N and against the same test split. The classifier is trained
 on the real training split the first time it is needed and cached in `checkpoints/`, under a name
@@ -19,7 +20,7 @@ that holds a hash of the test images (a different copy of a dataset gets its own
 when --classifier-epochs is given, the epochs (another length trains another classifier). A cache
 file that is damaged or not an evaluate.py classifier is replaced by a new one. It trains from its
 own seed: the same classifier whichever script needs it first, and the caller's RNG untouched.
-Values scored by two different classifiers differ by ~10% (README): compare under one classifier.
+Values scored by two different classifiers differ by ~10% (docs/evaluate.md): compare under one classifier.
 
 Calibration, printed beside every score, each between two sets of half the test split's size:
 two random halves of the real test set (the floor: sampling noise alone), real training images
@@ -29,10 +30,10 @@ against the other half (what "visibly worse" looks like). FD grows as N shrinks:
 Images are in [-1, 1], like everywhere in this codebase (images in [0, 1] get a warning).
 
 Run:
-    python evaluate.py SAMPLES.pt --dataset mnist      # a (N, C, H, W) tensor in [-1, 1], or a dict
+    python -m tools.evaluate SAMPLES.pt --dataset mnist      # a (N, C, H, W) tensor in [-1, 1], or a dict
                                                        # {'x': images, 'y': requested labels (long)}
-    python evaluate.py --references --dataset mnist    # what a score means: FD of reference sets
-    python ddpm_mnist.py --sample-only --eval 10000    # DDPM and the DDIM step sweep, scored
+    python -m tools.evaluate --references --dataset mnist    # what a score means: FD of reference sets
+    python -m tools.ddpm_figures --sample-only --eval 10000   # DDPM and the DDIM step sweep, scored
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ class Config:
     image_size: int = field(default=0, metadata={"min": 0, "help": "image folders only: resize to this (0 = 32)"})
     channels: int = field(default=3, metadata={"choices": [1, 3], "help": "image folders only: 1 (gray) or 3 (RGB)"})
     cache_dir: str = field(default="checkpoints", metadata={"help": "where the classifier is cached"})
+    arch: str = field(default="auto", metadata={"choices": ["auto", "lenet", "cnn", "resnet"], "help": "the metric's "
+                      "classifier (auto: LeNet for 1 channel; for RGB the ResNet-9 on a GPU, the small CNN on a CPU)"})
     classifier_epochs: int | None = field(default=None, metadata={"min": 1, "help": "classifier epochs (default: "
                                           "per RECIPES); a new value trains (and caches) another classifier"})
     calibrate: bool = field(default=True, metadata={"help": "print the calibration distances too"})
@@ -166,15 +169,26 @@ class ResNet(Classifier):
         return self.head(self.body(x)) * 0.125           # keeps the high-learning-rate steps stable
 
 
-NETS = {"lenet": LeNet, "resnet": ResNet}
+class CNN(LeNet):
+    """The CPU metric for RGB images (CIFAR-10 without a GPU): LeNet's two conv-pool stages at width 32,
+    128 features; trains in minutes on a CPU, where the ResNet-9 would take an hour."""
+
+    def __init__(self, channels: int = 3, num_classes: int = 10, width: int = 32):
+        super().__init__(channels, num_classes, width)
+        self.config["arch"] = "cnn"
+
+
+NETS = {"lenet": LeNet, "cnn": CNN, "resnet": ResNet}
 
 # Training recipe per network: batch size, peak learning rate, random shift in pixels, flips, and a
 # default length of about `steps` optimizer steps, clamped to [min_epochs, max_epochs] epochs
 # (MNIST: 4 epochs of 60k images, 13 of MNIST-8k; CIFAR-10: 21 epochs).
 RECIPES = {
     "lenet": dict(batch_size=128, lr=0.05, pad=2, flip=False, steps=800, min_epochs=4, max_epochs=15),
+    "cnn": dict(batch_size=128, lr=0.05, pad=2, flip=True, steps=4000, min_epochs=4, max_epochs=15),
     "resnet": dict(batch_size=512, lr=0.2, pad=4, flip=True, steps=2000, min_epochs=10, max_epochs=40),
 }
+NAMES = {"lenet": "FD-LeNet", "cnn": "FD-CNN", "resnet": "FD-ResNet"}
 
 
 def default_epochs(arch: str, n_train: int) -> int:
@@ -238,16 +252,20 @@ class Evaluator:
 
     def __init__(self, dataset: str = "mnist", data_dir: str = "data", download: bool = True, device="cpu",
                  image_size: int | None = None, channels: int = 3, *, cache_dir: str = "checkpoints",
-                 classifier_epochs: int | None = None, batch_size: int = 500):
+                 classifier_epochs: int | None = None, batch_size: int = 500, arch: str = "auto"):
         self.device, self.batch_size, self._calibration, self._warned = torch.device(device), batch_size, None, False
         self._data = dict(data_dir=data_dir, download=download, image_size=image_size, channels=channels)
         self.x_test, self.y_test = common.load_images(dataset, train=False, **self._data)
         self.dataset, self.shape = dataset, tuple(self.x_test.shape[1:])
+        if arch == "auto":   # digits: LeNet; RGB: the ResNet-9 on a GPU, the small CNN on a CPU
+            arch = "lenet" if self.shape[0] == 1 else "resnet" if self.device.type == "cuda" else "cnn"
+        self.arch = arch
         epochs = f"_e{classifier_epochs}" if classifier_epochs else ""   # another length, another classifier
-        self.path = os.path.join(cache_dir, f"fd_classifier_{cache_key(dataset, self.x_test)}{epochs}.pt")
+        suffix = "" if arch == ("lenet" if self.shape[0] == 1 else "resnet") else f"_{arch}"   # others: own file
+        self.path = os.path.join(cache_dir, f"fd_classifier_{cache_key(dataset, self.x_test)}{suffix}{epochs}.pt")
         self.classifier = self._load_or_train(classifier_epochs)
         self.num_classes = self.classifier.config["num_classes"]
-        self.name = "FD-LeNet" if self.classifier.config["arch"] == "lenet" else "FD-ResNet"
+        self.name = NAMES[self.classifier.config["arch"]]
         self.features = Features(self.classifier)
         # statistics of the real test images (feature mean and covariance): computed once, kept
         self.metric = FrechetInceptionDistance(self.features, reset_real_features=False).to(self.device)
@@ -261,7 +279,8 @@ class Evaluator:
                 state = torch.load(self.path, map_location=self.device, weights_only=True)
             except Exception:
                 state = None
-            if isinstance(state, dict) and state.get("kind") == KIND and {"net", "model"} <= set(state):
+            if isinstance(state, dict) and state.get("kind") == KIND and {"net", "model"} <= set(state) \
+                    and state["net"].get("arch") == self.arch:
                 net = NETS[state["net"]["arch"]](**{k: v for k, v in state["net"].items() if k != "arch"})
                 common.load_weights(net, state["model"], self.path)
                 return net.to(self.device).eval()
@@ -274,7 +293,7 @@ class Evaluator:
         common.check(os.access(cache_dir, os.W_OK), f"cannot write to --cache-dir '{cache_dir}'; pass a folder you "
                      "can write to")
         x, y = common.load_images(self.dataset, train=True, device=self.device, **self._data)
-        arch = "lenet" if x.shape[1] == 1 else "resnet"
+        arch = self.arch
         epochs = epochs or default_epochs(arch, len(x))
         print(f"training the {arch} classifier of the metric on {len(x)} images of {self.dataset} "
               f"({epochs} epochs on {self.device}); it is cached in {self.path}")
@@ -452,12 +471,12 @@ def load_samples(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
-    common.check(bool(cfg.samples) or cfg.references, "give the samples file: python evaluate.py SAMPLES.pt "
+    common.check(bool(cfg.samples) or cfg.references, "give the samples file: python -m tools.evaluate SAMPLES.pt "
                  "--dataset mnist (or --references for the reference table)")
     device = common.get_device(cfg.device)
     x, y = load_samples(cfg.samples) if cfg.samples else (None, None)
     ev = Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device, cfg.image_size or None, cfg.channels,
-                   cache_dir=cfg.cache_dir, classifier_epochs=cfg.classifier_epochs, batch_size=cfg.batch_size)
+                   cache_dir=cfg.cache_dir, classifier_epochs=cfg.classifier_epochs, batch_size=cfg.batch_size, arch=cfg.arch)
     if cfg.references:
         print(common.markdown_table(["reference set", ev.name], [[k, v] for k, v in ev.references().items()], ".1f"))
         print(ev.describe())
