@@ -389,26 +389,14 @@ def load_trained(path: str, device) -> tuple[UNet, DDPM, dict]:
     return model.eval(), DDPM(c["T"], c["schedule"], c.get("cosine_clip", 0.999)).to(device), state
 
 
-def save_samples(x, path: str, title: str, nrow: int = 8, rows: tuple[str, ...] = ()) -> None:
-    """Images in [-1, 1] as a grid of `nrow` columns under a title (each row named by `rows`, if given), 0.8 inch
-    per image: digits that can be read (a bare 8x8 grid of them is 242 pixels wide)."""
-    from torchvision.utils import make_grid
-    grid = make_grid(((x.detach().float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=2, pad_value=1)
-    fig, ax = common.figure(figsize=(max(4, .8 * min(nrow, len(x)) + 1.4 * bool(rows)), .8 * -(-len(x) // nrow) + .6))
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set(xticks=[], yticks=[(x.shape[-2] + 2) * (i + 0.5) + 1 for i in range(len(rows))], yticklabels=rows)
-    ax.set_title(title, fontsize=9)
-    common.save_figure(fig, path, grid=False, legend=0)
-
-
 def sample_grid(cfg: Config, model, ddpm: DDPM, device, name: str, when: str) -> None:
     """OUT/name: --n-samples DDIM samples (--ddim-steps, --eta) of `model` from noise fixed by --seed, drawn
     by a generator of their own (the run's random state is untouched). ddpm_figures.py: the DDPM grid."""
     c = model.config
     x = ddpm.ddim_sample(ddpm.eps_from(model, cfg.clip), (cfg.n_samples, c["channels"], c["image_size"],
                          c["image_size"]), cfg.ddim_steps, cfg.eta, generator=common.generator(device, cfg.seed))
-    save_samples(x, os.path.join(cfg.out, name), f"DDIM, {cfg.ddim_steps} steps, eta {cfg.eta:g}: {len(x)} samples "
-                 f"of the EMA weights, {when}")
+    common.save_labelled_grid(x, os.path.join(cfg.out, name), 8, [], f"DDIM, {cfg.ddim_steps} steps, eta {cfg.eta:g}: "
+                              f"{len(x)} samples of the EMA weights, {when}")
 
 
 def main(argv=None) -> tuple[UNet, DDPM]:

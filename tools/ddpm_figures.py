@@ -208,16 +208,16 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
         print(f"DDPM grid: {T} steps x {n} images in {sec:.1f}s")
         grids["ddpm"] = (x, f"DDPM, {T} steps, sigma_t^2 {cfg.sigma}")
     for name, (x, title) in grids.items():                       # the same x_T: compare them image by image
-        ddpm_mnist.save_samples(x, os.path.join(out, f"{name}_8x8.png"), f"{title}: {len(x)} samples, EMA weights")
-        ddpm_mnist.save_samples(x[:16], os.path.join(out, f"{name}_4x4.png"), title, nrow=4)
+        common.save_labelled_grid(x, os.path.join(out, f"{name}_8x8.png"), 8, [], f"{title}: {len(x)} samples, EMA weights")
+        common.save_labelled_grid(x[:16], os.path.join(out, f"{name}_4x4.png"), 4, [], title)
     # row 1 spherical, row 2 linear: the linear midpoints leave the noise shell (see slerp)
     a = torch.linspace(0, 1, 10, device=device)
     z = torch.stack([slerp(x_T[0], x_T[1], w) for w in a] + [(1 - w) * x_T[0] + w * x_T[1] for w in a])
     print(f"interpolation: ||z|| = {x_T[0].norm():.1f} and {x_T[1].norm():.1f} at the ends, midpoint "
           f"{z[4:6].flatten(1).norm(dim=1).mean():.1f} spherical, {z[14:16].flatten(1).norm(dim=1).mean():.1f} linear")
     x = ddpm.ddim_sample(eps_model, z.shape, S, x_T=z)
-    ddpm_mnist.save_samples(x, os.path.join(out, "interpolation.png"), f"from one noise vector to another "
-                            f"(columns: weight 0 to 1), decoded by DDIM-{S}", nrow=10, rows=("spherical", "linear"))
+    common.save_labelled_grid(x, os.path.join(out, "interpolation.png"), 10, ["spherical", "linear"],
+                              f"from one noise vector to another (columns: weight 0 to 1), decoded by DDIM-{S}")
     if cfg.ddpm_grid:
         # 3 runs from the same k x_T: DDPM draws fresh noise z at every step (the 3 copies in one batch
         # draw different z, as 3 seeds would), DDIM with eta = 0 has none: the same digit each run.
@@ -227,10 +227,10 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
         det = [ddpm.ddim_sample(eps_model, (k, *shape), S, 0.0, x_T=x_T[:k], generator=gen()) for r in range(3)]
         print(f"  DDPM runs differ by {(stoch[:k] - stoch[k:2 * k]).abs().mean():.3f} per pixel, "
               f"DDIM runs by {(det[0] - det[1]).abs().mean():.3f}")
-        ddpm_mnist.save_samples(torch.cat([torch.cat([stoch[k * r:k * (r + 1)], det[r]]) for r in range(3)]),
-                                os.path.join(out, "stochastic_vs_deterministic.png"), f"the same {k} noise images, "
-                                f"3 runs: DDPM-{T} (left {k}: new z each run), DDIM-{S}, eta 0 (right {k})",
-                                nrow=2 * k, rows=("run 1", "run 2", "run 3"))
+        common.save_labelled_grid(torch.cat([torch.cat([stoch[k * r:k * (r + 1)], det[r]]) for r in range(3)]),
+                                  os.path.join(out, "stochastic_vs_deterministic.png"), 2 * k, ["run 1", "run 2", "run 3"],
+                                  f"the same {k} noise images, 3 runs: DDPM-{T} (left {k}: new z each run), "
+                                  f"DDIM-{S}, eta 0 (right {k})")
 
     sweep, m = sorted({s for s in cfg.sweep_steps if 1 <= s <= T}), min(8, n)
     if sweep:  # the same m noise images through each step count: one row each, and its wall time
@@ -251,8 +251,8 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
             curves["DDPM"] = [(T, sec)]
             print(f"DDPM {T:4d} steps: {sec:.2f}s per batch of {m}")
         names = [f"DDIM-{s}" for s in sweep] + [f"DDPM-{T}"] * cfg.ddpm_grid
-        ddpm_mnist.save_samples(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), f"the same {m} noise images "
-                                "through each sampler and step count", nrow=m, rows=tuple(names))
+        common.save_labelled_grid(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), m, names,
+                                  f"the same {m} noise images through each sampler and step count")
         common.write_table(os.path.join(out, "ddim_sweep.md"), ["sampler", "steps", f"seconds per batch of {m}"], table)
         common.plot_curves(os.path.join(out, "ddim_sweep_time.png"), curves, xlabel="steps",
                            ylabel="seconds per batch", title=f"sampling steps vs wall time ({m} images)")
