@@ -14,7 +14,6 @@ import math
 import os
 import random
 import textwrap
-import time
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -131,14 +130,6 @@ def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock timings measure the work and not its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-def timed(device: torch.device, fn):
-    """-> (fn(), wall seconds), waiting for the GPU before reading the clock each time."""
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
 
 def progress(iterable, desc: str = "", total: int | None = None):
     """A tqdm progress bar, shown only on a terminal (tests and CI logs stay short)."""
@@ -374,17 +365,3 @@ def smooth(values: list[float], k: int = 50) -> list[tuple[int, float]]:
         return list(enumerate(values))
     v = np.convolve(np.asarray(values, dtype=np.float64), np.ones(k) / k, mode="valid")
     return list(zip(range(k - 1, len(values)), v.tolist()))
-
-def markdown_table(header: list[str], rows: list[list], float_format: str = ".3f") -> str:
-    """Rows as a markdown table; floats formatted with `float_format` (3 decimals by default)."""
-    def cell(v):
-        return format(v, float_format) if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
-
-def write_table(path: str, header: list[str], rows: list[list]) -> str:
-    """Write rows as a markdown table (floats with 3 decimals) to `path` and return its text."""
-    text = markdown_table(header, rows)
-    with open(path, "w") as f:
-        f.write(text + "\n")
-    return text

@@ -323,7 +323,7 @@ def train(cfg: Config, model: UNet, ddpm: DDPM, x_train, device, same: tuple[str
     if cfg.resume:  # weights, EMA, optimizer and RNG state come back; a changed process or network is refused
         state = common.resume(ckpt, device, KIND, model, ema, opt, cfg, same=same)
         step, start, losses = state["step"], state["epoch"], state["losses"]
-    print(f"UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(x_train)} training "
+    print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(x_train)} training "
           f"images on {device}")
     batch = min(cfg.batch_size, len(x_train))
     steps_per_epoch = len(x_train) // batch
@@ -381,8 +381,8 @@ def load_trained(path: str, device) -> tuple[UNet, DDPM, dict]:
     state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "config"),
                                    hint="train one with `python ddpm_mnist.py` first")
     c = state["config"]
-    other = [f"--{k.replace('_', '-')} {c[k]}" for k in ("predict", "pad_to", "time_embed") if c.get(k) not in
-             (None, 0, "eps", "add")]                    # ddpm_figures.py's exercises
+    other = [f"--{k.replace('_', '-')} {c[k]}" for k in ("predict", "pad_to", "time_embed", "arch")
+             if c.get(k) not in (None, 0, "eps", "add", "unet")]  # ddpm_figures.py's exercises
     common.check(not other, f"'{path}' was trained with {' '.join(other)}: load it with ddpm_figures.py")
     model = UNet(**state["net"]).to(device)
     common.load_weights(model, state["ema"], path)

@@ -1,7 +1,7 @@
 """The course-exercise flags (ddpm_figures.py, issue 13) run end to end at tiny sizes: a 4-level UNet
 on padded 32x32 digits, the concatenated time embedding with x0-prediction and a clipped cosine
-schedule, --resume refusing a changed process or network, ddpm_mnist.py refusing to load such a run, and
-compare_runs.py's figure.
+schedule, the MLP on images (--arch mlp), --resume refusing a changed process or network, ddpm_mnist.py
+refusing to load such a run, and compare_runs.py's figure.
 (The mathematics behind them, e.g. x0/v-prediction reproducing the exact Gaussian, is in test_smoke.py.)"""
 import json
 
@@ -43,6 +43,21 @@ def test_four_levels_on_padded_digits(mnist_dir, tmp_path):
     assert json.loads((tmp_path / "per_timestep.json").read_text())["net"]["image_size"] == 32
     x = ddpm_figures.pad(ddpm_mnist.load_data(ddpm_mnist.Config(data_dir=mnist_dir, download=False), "cpu")[0], 32)
     assert x.shape[-1] == 32 and (x[..., :2, :] == -1).all() and (x[..., -2:, :] == -1).all()  # black border
+
+
+def test_mlp_on_images_trains_and_reloads(mnist_dir, tmp_path):
+    """--arch mlp: the toy's kind of network over flattened pixels, the UNet's question answered by a run."""
+    argv = FAST + ["--data-dir", mnist_dir, "--out", str(tmp_path), "--arch", "mlp", "--mlp-hidden", "32"]
+    ddpm_figures.main(argv)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["net"] == dict(arch="mlp", image_size=28, channels=1, hidden=32, t_dim=128)
+    model, _, _ = ddpm_figures.load_trained(str(tmp_path / "ckpt.pt"), "cpu")
+    assert isinstance(model, ddpm_figures.PixelMLP) and model(torch.randn(2, 1, 28, 28), torch.tensor([0, 9])).shape \
+        == (2, 1, 28, 28)
+    with pytest.raises(SystemExit) as e:  # the lessons that build on a base need its UNet
+        ddpm_mnist.load_trained(str(tmp_path / "ckpt.pt"), "cpu")
+    assert "--arch mlp" in one_line(e)
+    ddpm_figures.main(argv + ["--sample-only"])  # --arch comes from the checkpoint
 
 
 def test_concat_x0_cosine_clip_run(exercise_run):

@@ -18,7 +18,8 @@ ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LESSONS = sorted(p.stem for p in ROOT.glob("*.py")
                  if not p.stem.startswith(("test_", "conftest")) and p.stem not in ("common", "diffusion"))
-TOOLS = sorted(f"tools.{p.stem}" for p in (ROOT / "tools").glob("*.py") if p.stem != "__init__")
+TOOLS = sorted(f"tools.{p.stem}" for p in (ROOT / "tools").glob("*.py")        # the runnable ones: with a main
+               if "\ndef main(" in p.read_text())
 
 
 def commands(page: Path) -> list[tuple[str, list[str]]]:

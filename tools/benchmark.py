@@ -19,6 +19,7 @@ import torch
 
 import common
 import ddpm_mnist
+from tools import report
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Config:
 
 def timed(fn, device, repeats: int) -> float:
     """Median wall time of `fn()` over `repeats` runs, with the device synchronised around each."""
-    return statistics.median(common.timed(device, fn)[1] for _ in range(repeats))
+    return statistics.median(report.timed(device, fn)[1] for _ in range(repeats))
 
 
 def main(argv=None) -> dict:

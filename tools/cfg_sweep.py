@@ -25,6 +25,7 @@ import torch
 import common
 from cfg import KIND, Config, CondUNet, check_config, sample
 from ddpm_mnist import DDPM
+from tools import report
 
 
 def load_trained(path: str, device) -> tuple[CondUNet, DDPM, dict]:
@@ -87,7 +88,7 @@ def sweep(cfg: Config, model: CondUNet, ddpm: DDPM, device, evaluator=None) -> l
             row += [evaluator.accuracy(x, y_eval), evaluator.fd(x)]
         rows.append(row)
     header = ["w", "diversity (real = 1)"] + (["class accuracy", evaluator.name] if evaluator else [])
-    print(common.write_table(os.path.join(cfg.out, "tradeoff.md"), header, rows))
+    print(report.write_table(os.path.join(cfg.out, "tradeoff.md"), header, rows))
     plot_tradeoff(os.path.join(cfg.out, "tradeoff.png"), rows, f"CFG ({how}): what the guidance weight w trades, "
                   f"{n} samples per class", evaluator.name if evaluator else None, cfg.eval)
     return rows

@@ -27,6 +27,7 @@ import torch
 import common
 from classifier_guidance import KIND, Config, NoisyClassifier, check_config, check_fits_base, load_base, sample
 from ddpm_mnist import DDPM
+from tools import report
 
 
 def load_classifier(path: str, base: dict, device) -> NoisyClassifier:
@@ -120,7 +121,7 @@ def sweep(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=None) ->
         rows.append(row)
     header = ["sampler", "scale s", "diversity (real = 1)", "accuracy by p_phi itself"]
     header += ["class accuracy (LeNet)", evaluator.name] if evaluator else []
-    print(common.write_table(os.path.join(cfg.out, "accuracy_vs_scale.md"), header, rows))
+    print(report.write_table(os.path.join(cfg.out, "accuracy_vs_scale.md"), header, rows))
     plot_scales(os.path.join(cfg.out, "accuracy_vs_scale.png"), rows, cfg.samplers, f"classifier guidance: what "
                 f"the scale s trades, {n} samples per class", evaluator.name if evaluator else None)
     return dict(accuracy_per_t=per_t, rows=rows)

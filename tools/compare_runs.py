@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 
 import common
+from tools import report
 
 
 @dataclass
@@ -102,7 +103,7 @@ def main(argv=None) -> dict:
     runs = {name: load_run(folder) for name, folder in zip(names, cfg.runs)}
     plot(runs, os.path.join(cfg.out, "compare.png"))
     fds = sorted({k for r in runs.values() for k in r["fd"]})
-    print(common.write_table(os.path.join(cfg.out, "compare.md"), ["run", "setting", "test eps-MSE", *fds],
+    print(report.write_table(os.path.join(cfg.out, "compare.md"), ["run", "setting", "test eps-MSE", *fds],
                              [[n, describe(r), r["test_loss"], *[r["fd"].get(k, "-") for k in fds]]
                               for n, r in runs.items()]))
     print(f"figure in {cfg.out}/compare.png")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import common
 import controlnet_canny as cn
 import ddpm_mnist
+from tools import report
 
 
 @dataclass
@@ -73,7 +74,7 @@ def fidelity(cfg: Config, unet, model, ddpm, x_test, c_test, low: int, high: int
                     ("another real digit", x_test[:m].roll(1, 0))):
         scores[name] = edge_f1(x, c_test[:m], low, high, cfg.tolerance)
         scores[name]["f1_exact"] = edge_f1(x, c_test[:m], low, high, 0)["f1"]
-    table = common.markdown_table(["samples", "precision", "recall", "F1", "F1 exact (0 px)"],
+    table = report.markdown_table(["samples", "precision", "recall", "F1", "F1 exact (0 px)"],
                                   [[name, s["precision"], s["recall"], s["f1"], s["f1_exact"]] for name, s in scores.items()])
     text = (f"Edge fidelity on {m} test edge maps (Canny {low}/{high}, tolerance {cfg.tolerance} px, "
             f"{cfg.ddim_steps} DDIM steps)\n\n{table}\n")

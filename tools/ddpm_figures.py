@@ -11,7 +11,8 @@ with the exercises' options, then writes:
 - with --eval N, the FD-LeNet and class histogram of every sampler (eval.md, evaluate.py).
 The exercises' options: what the network predicts (--predict eps|x0|v, `PredictDDPM`), how t enters
 each block (--time-embed add|concat, `ConcatResBlock`), a black border for 4 levels on 28x28 digits
-(--pad-to 32). Conventions of ddpm_mnist.py: integer steps t = 0..T-1, images in [-1, 1], EMA weights sample.
+(--pad-to 32), and a network without convolutions (--arch mlp, `PixelMLP`). Conventions of ddpm_mnist.py:
+integer steps t = 0..T-1, images in [-1, 1], EMA weights sample.
 
 Course exercises (each run writes OUT/per_timestep.json; compare_runs.py overlays several runs):
     python -m tools.ddpm_figures --sample-only --eval 10000         # measure ddpm_mnist.py's run in runs/ddpm_mnist
@@ -19,6 +20,7 @@ Course exercises (each run writes OUT/per_timestep.json; compare_runs.py overlay
     python -m tools.ddpm_figures --base 64 --mults 1 2 4 8 --pad-to 32 --out runs/unet4  # 4 levels need 32x32
     python -m tools.ddpm_figures --schedule cosine --cosine-clip 0.95 --out runs/cos95
     python -m tools.ddpm_figures --predict x0 --out runs/x0  # or v; --time-embed concat for the other embedding
+    python -m tools.ddpm_figures --arch mlp --out runs/mlp   # the toy's MLP on images, against the UNet
     python -m tools.compare_runs --runs runs/ddpm_mnist runs/cos95 runs/x0 --out runs/compare
 """
 from __future__ import annotations
@@ -35,8 +37,9 @@ import torch.nn.functional as F
 
 import common
 import ddpm_mnist
+from tools import report
 
-TRAINED = ("T", "schedule", "cosine_clip", "predict", "time_embed", "pad_to")   # --sample-only takes the run's
+TRAINED = ("T", "schedule", "cosine_clip", "predict", "time_embed", "pad_to", "arch")   # --sample-only takes the run's
 
 
 @dataclass
@@ -47,6 +50,9 @@ class Config(ddpm_mnist.Config):
                             "of the normalised features (ddpm_mnist.ResBlock); concat: maps joined to conv1's input"})
     predict: str = field(default="eps", metadata={"help": "the network's target (see PredictDDPM)",
                                                   "choices": ["eps", "x0", "v"]})
+    arch: str = field(default="unet", metadata={"choices": ["unet", "mlp"], "help": "the network: ddpm_mnist's "
+                      "UNet, or the toy's kind of MLP over the flattened pixels (PixelMLP, --mlp-hidden wide)"})
+    mlp_hidden: int = field(default=512, metadata={"help": "--arch mlp: width of its 3 hidden layers", "min": 1})
     sigma: str = field(default="posterior", metadata={"help": "DDPM sigma_t^2", "choices": ["beta", "posterior"]})
     ddpm_grid: bool = field(default=True, metadata={"help": "the T-step DDPM grids, sweep row and --eval row (2-core "
                             "CPU, 64 images: ~3 min tiny preset, ~35 min mnist UNet)"})
@@ -119,8 +125,29 @@ def concat_time(unet: ddpm_mnist.UNet) -> ddpm_mnist.UNet:
     return unet
 
 
-def make_unet(time_embed: str = "add", **net) -> ddpm_mnist.UNet:
-    """ddpm_mnist.UNet(**net), with ConcatResBlocks for time_embed "concat" (a checkpoint's "net" says which)."""
+class PixelMLP(nn.Module):
+    """toy_2d.py's kind of network on images (--arch mlp): eps_theta(x_t, t) from the C*H*W pixels, flattened,
+    joined to t's sinusoidal embedding, through 3 hidden layers. It is told nothing about space: a pixel's
+    neighbours are just other inputs, and what it learns at one place it must learn again at every other.
+    The UNet's convolutions share their weights across positions and see neighbourhoods."""
+
+    def __init__(self, image_size: int = 28, channels: int = 1, hidden: int = 512, t_dim: int = 128):
+        super().__init__()
+        self.config = dict(arch="mlp", image_size=image_size, channels=channels, hidden=hidden, t_dim=t_dim)
+        d, self.t_dim = channels * image_size ** 2, t_dim
+        self.net = nn.Sequential(nn.Linear(d + t_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, d))
+
+    def forward(self, x, t):                             # x (N, C, H, W), t (N,) -> eps (N, C, H, W)
+        h = torch.cat([x.flatten(1), common.timestep_embedding(t, self.t_dim).to(x.dtype)], dim=1)
+        return self.net(h).view_as(x)
+
+
+def make_unet(time_embed: str = "add", arch: str = "unet", **net) -> nn.Module:
+    """The network a checkpoint's "net" describes: ddpm_mnist.UNet(**net), with ConcatResBlocks for
+    time_embed "concat"; or a PixelMLP for arch "mlp"."""
+    if arch == "mlp":
+        return PixelMLP(**net)
     unet = ddpm_mnist.UNet(**net)
     return concat_time(unet) if time_embed == "concat" else unet
 
@@ -198,12 +225,12 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
                   loss=[v for _, v in per_t], test_loss=test_loss, fd={})
     save_record(out, record)
 
-    x, sec = common.timed(device, lambda: ddpm.ddim_sample(eps_model, x_T.shape, S, cfg.eta, x_T=x_T, generator=gen()))
+    x, sec = report.timed(device, lambda: ddpm.ddim_sample(eps_model, x_T.shape, S, cfg.eta, x_T=x_T, generator=gen()))
     print(f"DDIM grid: {S} steps x {n} images in {sec:.1f}s")
     grids = {f"ddim{S}": (x, f"DDIM, {S} steps, eta {cfg.eta:g}")}
     if cfg.ddpm_grid:
         print(f"DDPM grid: {T} steps x {n} images (--no-ddpm-grid skips it) ...", flush=True)
-        x, sec = common.timed(device, lambda: ddpm.ddpm_sample(eps_model, x_T.shape, cfg.sigma, x_T=x_T,
+        x, sec = report.timed(device, lambda: ddpm.ddpm_sample(eps_model, x_T.shape, cfg.sigma, x_T=x_T,
                                                               generator=gen()))
         print(f"DDPM grid: {T} steps x {n} images in {sec:.1f}s")
         grids["ddpm"] = (x, f"DDPM, {T} steps, sigma_t^2 {cfg.sigma}")
@@ -237,14 +264,14 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
         print(f"DDIM sweep: {' + '.join(map(str, sweep))} steps x {m} images (--sweep-steps sets them) ...", flush=True)
         rows, times = [], []
         for steps in sweep:
-            x, sec = common.timed(device, lambda: ddpm.ddim_sample(eps_model, x_T[:8].shape, steps, x_T=x_T[:8]))
+            x, sec = report.timed(device, lambda: ddpm.ddim_sample(eps_model, x_T[:8].shape, steps, x_T=x_T[:8]))
             rows.append(x)
             times.append((steps, sec))
             print(f"DDIM {steps:4d} steps: {sec:.2f}s per batch of {m}")
         table = [["DDIM", s, sec] for s, sec in times]
         curves = {"DDIM": times}
         if cfg.ddpm_grid:  # the last row: DDPM through all T steps from the same x_T
-            x, sec = common.timed(device, lambda: ddpm.ddpm_sample(eps_model, x_T[:8].shape, cfg.sigma, x_T=x_T[:8],
+            x, sec = report.timed(device, lambda: ddpm.ddpm_sample(eps_model, x_T[:8].shape, cfg.sigma, x_T=x_T[:8],
                                                                   generator=gen()))
             rows.append(x)
             table.append(["DDPM", T, sec])
@@ -253,7 +280,7 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
         names = [f"DDIM-{s}" for s in sweep] + [f"DDPM-{T}"] * cfg.ddpm_grid
         common.save_labelled_grid(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), m, names,
                                   f"the same {m} noise images through each sampler and step count")
-        common.write_table(os.path.join(out, "ddim_sweep.md"), ["sampler", "steps", f"seconds per batch of {m}"], table)
+        report.write_table(os.path.join(out, "ddim_sweep.md"), ["sampler", "steps", f"seconds per batch of {m}"], table)
         common.plot_curves(os.path.join(out, "ddim_sweep_time.png"), curves, xlabel="steps",
                            ylabel="seconds per batch", title=f"sampling steps vs wall time ({m} images)")
     rows = []
@@ -300,10 +327,13 @@ def main(argv=None) -> dict:
     common.setup_speed(device)
     if not cfg.sample_only:
         x_train = pad(ddpm_mnist.load_data(cfg, device)[0], cfg.pad_to)
-        model = make_unet(cfg.time_embed, **ddpm_mnist.unet_kwargs(cfg, x_train))
+        if cfg.arch == "mlp":
+            model = PixelMLP(x_train.shape[-1], x_train.shape[1], cfg.mlp_hidden)
+        else:
+            model = make_unet(cfg.time_embed, **ddpm_mnist.unet_kwargs(cfg, x_train))
         ddpm = PredictDDPM(cfg.T, cfg.schedule, cfg.cosine_clip, cfg.predict)
         model, ddpm = ddpm_mnist.train(cfg, model, ddpm, x_train, device,
-                                       same=ddpm_mnist.SAME + ("predict", "time_embed", "pad_to"))
+                                       same=ddpm_mnist.SAME + ("predict", "time_embed", "pad_to", "arch", "mlp_hidden"))
     results = make_figures(cfg, model, ddpm, device)
     print(f"figures in {cfg.out}/")
     return results

@@ -27,6 +27,7 @@ import torch
 
 import common
 import deepcache as dc
+from tools import report
 
 SWEEP_STEPS = {"ddim": (10, 50, 100), "rf": (1, 10, 100)}
 
@@ -77,7 +78,7 @@ def sweep(cfg: Config, unet, sample, device, shape, title: str, evaluator=None) 
         times, out = {k: [] for k in runs}, {}
         for r in common.progress(range(cfg.warmup + cfg.repeats), f"{S} steps, timing {len(runs)} samplers"):
             for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-                out[k], seconds = common.timed(device, runs[k])
+                out[k], seconds = report.timed(device, runs[k])
                 if r >= cfg.warmup:
                     times[k].append(seconds)
         t_plain = statistics.median(times[0])
@@ -129,7 +130,7 @@ def write_table(rows: list[dict], path: str) -> None:
     """The sweep as a markdown table (ready for the README)."""
     header = ["steps", "interval", "full steps", "ms / run", "speedup", "theory", "MSE", "PSNR dB", "SSIM",
               "PSNR non-uniform"] + (["FD (evaluate.py)"] if "fd" in rows[0] else [])
-    common.write_table(path, header, [
+    report.write_table(path, header, [
         [r["steps"], r["interval"], r["K"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['theory']:.2f}x",
          f"{r['mse']:.2e}", f"{r['psnr']:.1f}", f"{r['ssim']:.4f}", f"{r['psnr_nonuniform']:.1f}"]
         + ([f"{r['fd']:.2f}"] if "fd" in r else []) for r in rows])

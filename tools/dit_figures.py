@@ -22,6 +22,7 @@ import torch
 import common
 import dit_cifar
 from latent_diffusion import vae_figure
+from tools import report
 from tools.latent_figures import plot_points
 
 
@@ -49,7 +50,7 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_tes
     y = torch.arange(model.null, device=device).repeat_interleave(cfg.n_per_class)   # one row per class
     names = CIFAR10 if "cifar" in cfg.dataset.lower() and model.null == 10 else [f"class {k}" for k in range(model.null)]
     for w in cfg.scales:
-        x, seconds = common.timed(device, lambda: dit_cifar.sample(model, ddpm, vae, scale, y, w, cfg.ddim_steps,
+        x, seconds = report.timed(device, lambda: dit_cifar.sample(model, ddpm, vae, scale, y, w, cfg.ddim_steps,
                                                                    cfg.seed))
         common.save_labelled_grid(x, os.path.join(cfg.out, f"cfg_w{w:g}.png"), cfg.n_per_class, names,
                                   f"{state['config']['model']}, classifier-free guidance w = {w:g}",
@@ -64,7 +65,7 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_tes
             x = torch.cat([dit_cifar.sample(model, ddpm, vae, scale, b, w, cfg.ddim_steps, cfg.seed + i)
                            for i, b in enumerate(common.progress(y.split(1000), f"w = {w:g}"))])
             rows.append([w, ev.fd(x), ev.accuracy(x, y)])
-        print(common.write_table(os.path.join(cfg.out, "eval.md"), ["w", ev.name, "class accuracy"], rows))
+        print(report.write_table(os.path.join(cfg.out, "eval.md"), ["w", ev.name, "class accuracy"], rows))
         eval_figure(os.path.join(cfg.out, "eval.png"), rows, ev.name, cfg.eval, state["config"]["model"],
                     model.null)
     print(f"figures in {cfg.out}/")

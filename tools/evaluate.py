@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 import common
+from tools import report
 
 KIND = "evaluate.py classifier"
 
@@ -425,14 +426,14 @@ def score_sweep(ev: Evaluator, samplers: dict, n: int, shape: tuple, device, pat
         xs, seconds = [], 0.0
         for k in common.progress(range(0, n, batch_size), f"{name} {steps} steps"):
             x_T = torch.randn((min(batch_size, n - k), *shape), device=device, generator=g_T)
-            x, dt = common.timed(device, lambda: sample(x_T, g).float().clamp(-1, 1).cpu())
+            x, dt = report.timed(device, lambda: sample(x_T, g).float().clamp(-1, 1).cpu())
             xs.append(x)
             seconds += dt
         x = torch.cat(xs)
         rows.append(dict(sampler=name, steps=steps, seconds=seconds, fd=ev.fd(x), classes=coverage(ev.histogram(x))))
         print(f"{name} {steps:5d} steps  {seconds:8.1f}s  {ev.name} {rows[-1]['fd']:8.3f}  {rows[-1]['classes']}")
     if path:
-        common.write_table(path, ["sampler", "steps", "seconds", ev.name, "classes found, smallest-largest share"],
+        report.write_table(path, ["sampler", "steps", "seconds", ev.name, "classes found, smallest-largest share"],
                            [[r["sampler"], r["steps"], r["seconds"], r["fd"], r["classes"]] for r in rows])
         with open(path, "a") as f:
             f.write(f"\nN = {n} samples per row; seconds = sampling time on {device}; {ev.describe()}.\n")
@@ -478,7 +479,7 @@ def main(argv=None) -> None:
     ev = Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device, cfg.image_size or None, cfg.channels,
                    cache_dir=cfg.cache_dir, classifier_epochs=cfg.classifier_epochs, batch_size=cfg.batch_size, arch=cfg.arch)
     if cfg.references:
-        print(common.markdown_table(["reference set", ev.name], [[k, v] for k, v in ev.references().items()], ".1f"))
+        print(report.markdown_table(["reference set", ev.name], [[k, v] for k, v in ev.references().items()], ".1f"))
         print(ev.describe())
         return
     accuracy = ev.accuracy(x, y) if y is not None else None          # first: it checks the labels

@@ -18,6 +18,7 @@ import torch
 import common
 import fast_sampling
 from fast_sampling import SOLVERS, steps_for
+from tools import report
 
 
 @dataclass
@@ -88,7 +89,7 @@ def score(cfg: Config, model, ddpm, device, shape) -> list[dict]:
     rows = evaluate.score_sweep(ev, samplers, cfg.eval, shape, device, seed=cfg.seed)
     for r in rows:                                       # score_sweep's "steps" holds the NFE here
         r["nfe"] = r.pop("steps")
-    common.write_table(os.path.join(cfg.out, "nfe_table.md"), ["solver", "NFE", "seconds", ev.name, "classes found"],
+    report.write_table(os.path.join(cfg.out, "nfe_table.md"), ["solver", "NFE", "seconds", ev.name, "classes found"],
                        [[r["sampler"], r["nfe"], r["seconds"], r["fd"], r["classes"]] for r in rows])
     fd_vs_nfe(os.path.join(cfg.out, "fd_vs_nfe.png"), rows, solvers, ev.name, cfg.eval,
               rows[-1]["fd"] if cfg.reference else None, ddpm.T)

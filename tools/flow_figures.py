@@ -23,6 +23,7 @@ import torch
 
 import common
 import rectified_flow as rf
+from tools import report
 from tools.latent_figures import axis_scale, plot_points
 
 
@@ -46,14 +47,14 @@ def make_figures(cfg: Config, flows: dict, space, device) -> dict:
         common.save_grid(torch.cat([space.to_images(x0[:8]), space.to_images(x_ref[:8])]),
                          os.path.join(cfg.out, f"noise_vs_{name.lower()}.png"), nrow=8)
         for steps in cfg.steps:
-            x, seconds = common.timed(device, lambda: rf.euler_sample(model, x0, steps))   # decoding not included
+            x, seconds = report.timed(device, lambda: rf.euler_sample(model, x0, steps))   # decoding not included
             err = (x - x_ref).pow(2).mean().item()
             samples.setdefault(name, []).append(space.to_images(x[:4]))
             table.append([name, steps, f"{seconds:.3f}", f"{err:.4f}", f"{S:.4f}", f"{dev:.4f}"])
             rows.append(dict(flow=name, steps=steps, seconds=seconds, mse=err, S=S, deviation=dev))
     header = ["flow", "Euler steps", f"seconds / {cfg.n_samples}", f"MSE to the {ref_steps}-step solution",
               "straightness S", "deviation from the chord"]
-    print(common.write_table(os.path.join(cfg.out, "steps_table.md"), header, table))
+    print(report.write_table(os.path.join(cfg.out, "steps_table.md"), header, table))
     common.save_labelled_grid(                                      # a row per noise x0, a column per step count
         torch.cat([torch.stack(x, 1).flatten(0, 1) for x in samples.values()]),
         os.path.join(cfg.out, "steps_comparison.png"), len(cfg.steps),

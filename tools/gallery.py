@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 import common
-from tools import compare_runs
+from tools import compare_runs, report
 
 PARTS = ("ddpm", "cfg", "classifier_guidance", "controlnet", "deepcache_ddim", "latent", "rf_pixel", "rf_latent",
          "deepcache_rf")
@@ -160,7 +160,7 @@ class Gallery:
         command = f"-m {script}" if script.startswith("tools.") else f"{script}.py"   # a companion, or a lesson
         print(f"\n$ python {command} {' '.join(argv)}", flush=True)
         main = importlib.import_module(script).main
-        return common.timed(self.device, lambda: main(argv))
+        return report.timed(self.device, lambda: main(argv))
 
     def train(self, script: str, part: str, *argv: str):
         """A training command into runs/PART (replacing the gallery's earlier run of it); with --rescore
@@ -185,7 +185,7 @@ class Gallery:
 
 def table(header: list[str], rows: list[list]) -> str:
     """A markdown table; floats with 3 significant digits."""
-    return common.markdown_table(header, rows, ".3g")
+    return report.markdown_table(header, rows, ".3g")
 
 
 def scored(rows: list[dict], *keys: str) -> str:
@@ -405,9 +405,9 @@ def gan(g: Gallery) -> dict:
     eps, n = ddpm.eps_from(unet, clip=True), 100                # sampling cost, measured on 100 images
     x_T = torch.randn((n, 1, 28, 28), device=device)
     steps = min(50, ddpm.T)
-    times = {"GAN, one pass": common.timed(device, lambda: gan_mnist.sample(G, n))[1],
-             f"DDIM-{steps}": common.timed(device, lambda: ddpm.ddim_sample(eps, x_T.shape, steps, x_T=x_T))[1],
-             f"DDPM-{ddpm.T}": common.timed(device, lambda: ddpm.ddpm_sample(eps, x_T.shape, x_T=x_T))[1]}
+    times = {"GAN, one pass": report.timed(device, lambda: gan_mnist.sample(G, n))[1],
+             f"DDIM-{steps}": report.timed(device, lambda: ddpm.ddim_sample(eps, x_T.shape, steps, x_T=x_T))[1],
+             f"DDPM-{ddpm.T}": report.timed(device, lambda: ddpm.ddpm_sample(eps, x_T.shape, x_T=x_T))[1]}
     gan_figures.comparison_figure(g.out("gan", "gan_vs_diffusion.png"), runs, hist, state["losses"])
     fd = {m: [r["fd"] for r in runs if r["model"] == m] for m in ("GAN", "diffusion (DDIM-50)")}
     spread = {m: f"{min(v):.1f}-{max(v):.1f} (mean {sum(v) / len(v):.1f})" for m, v in fd.items()}
@@ -450,7 +450,7 @@ def write_results(docs: str) -> str:
             when = f"trained {r['trained']}, scored {r['date']}" if r.get("trained") else r["date"]
             sections.append(f"## {r['lesson']} ({r['profile']}, {when})\n\n{r['details']}\n\n{figures}\n")
     header = ["lesson", "profile", "hardware", "data", "training", "scoring", "result"]
-    text = "\n".join(lines + [common.markdown_table(header, rows), ""] + sections)
+    text = "\n".join(lines + [report.markdown_table(header, rows), ""] + sections)
     with open(os.path.join(docs, "results.md"), "w") as f:
         f.write(text)
     return text

@@ -20,6 +20,7 @@ import os
 import common
 import gan_mnist
 from gan_mnist import Config, sample
+from tools import report
 
 
 def make_figures(cfg: Config, G, history: dict, device, evaluator=None) -> dict:
@@ -28,11 +29,11 @@ def make_figures(cfg: Config, G, history: dict, device, evaluator=None) -> dict:
     if evaluator is None:
         return results
     from tools import evaluate
-    _, seconds = common.timed(device, lambda: sample(G, 1000, common.generator(device, cfg.seed + 1)))
+    _, seconds = report.timed(device, lambda: sample(G, 1000, common.generator(device, cfg.seed + 1)))
     x = sample(G, cfg.eval, common.generator(device, cfg.seed))
     hist = evaluator.histogram(x)
     results |= dict(fd=evaluator.fd(x), classes=evaluate.coverage(hist), histogram=hist, sample_seconds_1000=seconds)
-    common.write_table(os.path.join(cfg.out, "eval.md"), ["samples", evaluator.name, "classes found",
+    report.write_table(os.path.join(cfg.out, "eval.md"), ["samples", evaluator.name, "classes found",
                                                           "seconds to sample 1,000"],
                        [[cfg.eval, results["fd"], results["classes"], seconds]])
     print(f"{evaluator.name} {results['fd']:.2f} ({cfg.eval} samples), {results['classes']}; "

@@ -23,6 +23,7 @@ import torch
 
 import common
 import latent_diffusion as ld
+from tools import report
 
 
 @dataclass
@@ -73,8 +74,8 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, x_test, device) ->
     images, names, nrow = [], [], min(8, cfg.n_samples)
     for (name, steps), sample in samplers.items():
         g = common.generator(device, cfg.seed, stream=1)           # the DDPM steps' z, independent of z_T
-        z0, seconds = common.timed(device, lambda: sample(z_T, g))
-        x, decode_seconds = common.timed(device, lambda: ld.decode(vae, z0, scale))
+        z0, seconds = report.timed(device, lambda: sample(z_T, g))
+        x, decode_seconds = report.timed(device, lambda: ld.decode(vae, z0, scale))
         images.append(x[:len(x) // nrow * nrow])                   # whole rows of nrow, each named
         names += [f"{name}-{steps}"] * (len(x) // nrow)
         print(f"{name} {steps} steps: {seconds:.2f}s for {len(x)} latents, + {decode_seconds:.2f}s to decode them")
