@@ -62,3 +62,16 @@ def test_every_recipe_parses_with_its_scripts_flags():
             if key == "gan_chunks":
                 continue
             common.parse_config(importlib.import_module(scripts.get(key, scripts[key.split("_")[0]])).Config, argv)
+
+
+def test_the_cifar_parts_need_no_mnist(image_folder, tmp_path, monkeypatch):
+    """ddpm_cifar and dit: pixel DDPM and the DiT on an image folder, scored in the CPU metric's features;
+    their rows name their own data, and no MNIST is read (there is none under --data-dir)."""
+    monkeypatch.chdir(tmp_path)
+    runs = gallery.main(["--profile", "smoke", "--data-dir", str(tmp_path / "nothing"), "--no-download",
+                         "--device", "cpu", "--docs", "docs", "--cifar", image_folder, "--only", "ddpm_cifar", "dit"])
+    assert list(runs) == ["ddpm_cifar", "dit"]
+    for row in runs.values():
+        assert row["data"] == "CIFAR-10 (JPEG q75)" and "FD-CNN" in row["result"] and row["figures"]
+    assert "at w = 1, 3, 5, 7.5 (chance 0.33)" in runs["dit"]["result"]   # the fixture's 3 classes
+    assert "| dit_cifar.py | smoke |" in open("docs/results.md").read()

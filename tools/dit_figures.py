@@ -37,9 +37,10 @@ class Config(dit_cifar.Config):
                       "costs len(scales) x N x ddim-steps DiT calls, and a classifier trained once)"})
 
 
-def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_test, z_test, y_test, device) -> None:
-    """The figures above, for the EMA DiT `model` of the checkpoint `state` and its VAE (scale s)."""
-    vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
+def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_test, z_test, y_test, device) -> dict:
+    """The figures above, for the EMA DiT `model` of the checkpoint `state` and its VAE (scale s).
+    -> {recon_mse, scale, test_loss, metric, eval: [w, FD, class accuracy] rows (with --eval), classes}"""
+    recon_mse = vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
     print(f"latent scale factor s = 1 / std(z_train) = {scale:.4f}")
     final = dit_cifar.test_loss(model, ddpm, z_test, y_test, cfg.seed)
     print(f"final test loss (EMA DiT, {min(len(z_test), 2000)} test latents): {final:.4f}")
@@ -56,11 +57,12 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_tes
                                   f"{state['config']['model']}, classifier-free guidance w = {w:g}",
                                   "each column: the same noise z_T for every w")
         print(f"w = {w:g}: {len(y)} images ({cfg.ddim_steps} DDIM steps, then the decoder) in {seconds:.2f}s")
+    rows, metric = [], ""
     if cfg.eval > 0:
         from tools import evaluate  # imported here: its classifier is trained (and cached) on first use
         ev = evaluate.Evaluator(cfg.dataset, cfg.data_dir, cfg.download, device)
         y = torch.arange(cfg.eval, device=device) % model.null                      # balanced classes
-        rows = []
+        metric = ev.name
         for w in cfg.scales:
             x = torch.cat([dit_cifar.sample(model, ddpm, vae, scale, b, w, cfg.ddim_steps, cfg.seed + i)
                            for i, b in enumerate(common.progress(y.split(1000), f"w = {w:g}"))])
@@ -69,6 +71,7 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_tes
         eval_figure(os.path.join(cfg.out, "eval.png"), rows, ev.name, cfg.eval, state["config"]["model"],
                     model.null)
     print(f"figures in {cfg.out}/")
+    return dict(recon_mse=recon_mse, scale=scale, test_loss=final, metric=metric, eval=rows, classes=model.null)
 
 
 def eval_figure(path: str, rows: list[list], name: str, n: int, model: str, classes: int = 10) -> None:
@@ -84,13 +87,15 @@ def eval_figure(path: str, rows: list[list], name: str, n: int, model: str, clas
     common.save_figure(fig, path)
 
 
-def main(argv=None) -> None:
-    """Train as dit_cifar.py does (or load, --sample-only), then the figures above on rank 0."""
+def main(argv=None) -> dict | None:
+    """Train as dit_cifar.py does (or load, --sample-only), then the figures above on rank 0 (-> their numbers;
+    None on the other ranks)."""
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
     trained = dit_cifar.run(cfg)
     if trained:                                              # rank 0, after the process group is gone
         model, ddpm, vae, scale, state, (x_test, z_test, y_test) = trained
-        make_figures(cfg, model, ddpm, vae, scale, state, x_test, z_test, y_test, x_test.device)
+        return make_figures(cfg, model, ddpm, vae, scale, state, x_test, z_test, y_test, x_test.device)
+    return None
 
 
 if __name__ == "__main__":

@@ -413,7 +413,7 @@ def within_class_diversity(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def score_sweep(ev: Evaluator, samplers: dict, n: int, shape: tuple, device, path: str | None = None,
                 seed: int = 0, batch_size: int = 500) -> list[dict]:
-    """Draw n samples from each sampler and score them: the (sampler, steps, seconds, FD) table.
+    """Draw n samples from each sampler and score them: the (sampler, steps, seconds, FD, metric) table.
 
     samplers: {(name, steps): fn(x_T, generator) -> x_0}. Every sampler starts from the same x_T
     (and gets the same generator for its own noise), in chunks of `batch_size` so memory stays flat.
@@ -430,7 +430,8 @@ def score_sweep(ev: Evaluator, samplers: dict, n: int, shape: tuple, device, pat
             xs.append(x)
             seconds += dt
         x = torch.cat(xs)
-        rows.append(dict(sampler=name, steps=steps, seconds=seconds, fd=ev.fd(x), classes=coverage(ev.histogram(x))))
+        rows.append(dict(sampler=name, steps=steps, seconds=seconds, fd=ev.fd(x), classes=coverage(ev.histogram(x)),
+                         metric=ev.name))
         print(f"{name} {steps:5d} steps  {seconds:8.1f}s  {ev.name} {rows[-1]['fd']:8.3f}  {rows[-1]['classes']}")
     if path:
         report.write_table(path, ["sampler", "steps", "seconds", ev.name, "classes found, smallest-largest share"],

@@ -14,9 +14,13 @@ Profiles:
 - `gpu`: each script's defaults, the settings meant for one GPU, scored on more samples.
 - `smoke`: tiny sizes, a few steps: the test suite's check that every part runs and writes its rows.
 Every part runs the scripts themselves, through their `main(argv)` with the flags listed here, so
-each recipe is a command a reader can type. Three extra parts run only when named in --only: the
-course exercises' comparisons (exercises), fast_sampling.py's solvers against network calls, and
-gan_mnist.py against the DDPM recipe (gan; --resume continues its GAN runs after an interruption).
+each recipe is a command a reader can type. Five extra parts run only when named in --only: the
+course exercises' comparisons (exercises), fast_sampling.py's solvers against network calls,
+gan_mnist.py against the DDPM recipe (gan; --resume continues its GAN runs after an interruption), and
+CIFAR-10 from --cifar: pixel DDPM (ddpm_cifar, about 30 min on 2 cores) and the DiT on its VAE's
+latents (dit, about 45 min), both scored by evaluate.py's CNN on a CPU:
+
+    python -m tools.gallery --profile cpu --cifar /tmp/cifar10 --only ddpm_cifar dit   # the JPEG copy, unzipped
 Parts run in the order below; a part that builds on an earlier one's model (classifier guidance,
 ControlNet, DeepCache and fast sampling on the DDPM base, DeepCache on the reflowed flow, latent
 flow on the VAE) finds it under --runs. The results of each profile are kept in
@@ -44,7 +48,7 @@ from tools import compare_runs, report
 
 PARTS = ("ddpm", "cfg", "classifier_guidance", "controlnet", "deepcache_ddim", "latent", "rf_pixel", "rf_latent",
          "deepcache_rf")
-EXTRA = ("exercises", "fast_sampling", "gan")   # run only when named in --only
+EXTRA = ("exercises", "fast_sampling", "gan", "ddpm_cifar", "dit")   # run only when named in --only
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Config:
                                   "only (default: all but the extras exercises, fast_sampling and gan, in order); a part "
                                   "needs the runs of the parts it builds on"})
     data_dir: str = field(default="data", metadata={"help": "root of the torchvision datasets (MNIST)"})
+    cifar: str = field(default="cifar10", metadata={"help": "the data of the CIFAR parts (ddpm_cifar, dit): cifar10 "
+                       "(torchvision, under --data-dir) or a folder ROOT/{train,test}/<class>/<image>"})
     download: bool = field(default=True, metadata={"help": "download MNIST when missing"})
     runs: str = field(default="", metadata={"help": "folder of the runs (default runs/gallery/PROFILE)"})
     docs: str = field(default="docs", metadata={"help": "where results.md and gallery/ go"})
@@ -95,6 +101,11 @@ RECIPES = {  # profile -> the flags of each command (a part adds --out, --data-d
         exercise=TINY + ["--epochs", "5", "--no-ddpm-grid", "--sweep-steps", "50", "--eval", "500"],
         fast=["--nfe", "5", "10", "20", "50", "--eval", "2000", "--no-reference"],
         gan=["--epochs", "30", "--eval", "2000", "--eval-every", "5"], gan_chunks=(10, 25, 50),
+        ddpm_cifar=TINY + ["--epochs", "8", "--no-ddpm-grid", "--sweep-steps", "0"],
+        ddpm_cifar_eval=["--eval", "1000", "--no-ddpm-grid", "--sweep-steps", "50"],
+        dit=["--vae-base", "16", "--vae-epochs", "3", "--model", "DiT-XS/2", "--epochs", "30", "--batch-size", "128",
+             "--lr", "6e-4", "--warmup-steps", "200", "--ema-decay", "0.999", "--sample-every", "10"],
+        dit_eval=["--eval", "1000"],
     ),
     "gpu": dict(
         ddpm=[], ddpm_eval=["--eval", "2000", "--sweep-steps", "10", "20", "50", "100"],
@@ -104,6 +115,8 @@ RECIPES = {  # profile -> the flags of each command (a part adds --out, --data-d
         exercise=["--no-ddpm-grid", "--sweep-steps", "50", "--eval", "2000"],
         fast=["--nfe", "5", "10", "20", "50", "--eval", "2000", "--stochastic"],
         gan=["--epochs", "30", "--eval", "2000", "--eval-every", "5"], gan_chunks=(10, 20, 40),
+        ddpm_cifar=[], ddpm_cifar_eval=["--eval", "2000", "--no-ddpm-grid", "--sweep-steps", "50"],
+        dit=[], dit_eval=["--eval", "2000"],
     ),
     "smoke": dict(
         ddpm=["--preset", "tiny", "--T", "20", "--epochs", "1", "--batch-size", "16", "--n-samples", "4",
@@ -133,6 +146,12 @@ RECIPES = {  # profile -> the flags of each command (a part adds --out, --data-d
         fast=["--nfe", "2", "4", "--n-samples", "2", "--eval", "4"],
         gan=["--epochs", "2", "--batch-size", "16", "--width", "8", "--n-samples", "4", "--eval", "8",
              "--eval-every", "1"], gan_chunks=(1,),
+        ddpm_cifar=["--preset", "tiny", "--T", "20", "--epochs", "1", "--batch-size", "16", "--n-samples", "4",
+                    "--ddim-steps", "2", "--no-ddpm-grid", "--sweep-steps", "0"],
+        ddpm_cifar_eval=["--eval", "8", "--no-ddpm-grid", "--sweep-steps", "2", "--n-samples", "4", "--ddim-steps", "2"],
+        dit=["--model", "DiT-T/2", "--vae-base", "16", "--vae-epochs", "1", "--epochs", "1", "--batch-size", "12",
+             "--T", "50", "--ddim-steps", "2", "--n-per-class", "2"],
+        dit_eval=["--ddim-steps", "2", "--n-per-class", "2", "--eval", "6"],
     ),
 }
 
@@ -150,6 +169,11 @@ class Gallery:
         self.device = common.get_device(cfg.device)
         self.flags = ["--data-dir", cfg.data_dir, "--device", str(self.device)] + ([] if cfg.download else
                                                                                    ["--no-download"])
+
+    def cifar_data(self) -> str:
+        """The CIFAR parts' data, as results.md names it: a folder of JPEG files is the shared q75 copy."""
+        jpeg = glob.glob(os.path.join(self.cfg.cifar, "train", "*", "*.jpg"))[:1]
+        return "CIFAR-10 (JPEG q75)" if jpeg else "CIFAR-10"
 
     def out(self, part: str, *sub: str) -> str:
         return os.path.join(self.runs, part, *sub)
@@ -190,7 +214,8 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def scored(rows: list[dict], *keys: str) -> str:
     """evaluate.score_sweep's rows (plus the given extra keys first) as a markdown table."""
-    return table([*keys, "sampler", "steps", "seconds", "FD-LeNet", "classes found, smallest-largest share"],
+    return table([*keys, "sampler", "steps", "seconds", rows[0].get("metric", "FD-LeNet") if rows else "FD-LeNet",
+                  "classes found, smallest-largest share"],
                  [[r[k] for k in keys] + [r["sampler"], r["steps"], round(r["seconds"], 1), round(r["fd"], 2),
                                           r["classes"]] for r in rows])
 
@@ -421,6 +446,39 @@ def gan(g: Gallery) -> dict:
                 result=result, details=details, figures=g.figures("gan", "gan_vs_diffusion.png", "gan_0/samples.png"))
 
 
+def cifar_flags(g: Gallery) -> list[str]:
+    return ["--dataset", g.cfg.cifar]
+
+
+def ddpm_cifar(g: Gallery) -> dict:
+    """ddpm_mnist.py on CIFAR-10 in pixel space (the course's extra credit): train, then FD of DDIM samples in
+    the features of evaluate.py's CIFAR classifier (the small CNN on a CPU, the ResNet-9 on a GPU)."""
+    _, train_s = g.train("tools.ddpm_figures", "ddpm_cifar", *cifar_flags(g))
+    res, eval_s = g.run("tools.ddpm_figures", "--sample-only", "--out", g.out("ddpm_cifar"), *cifar_flags(g),
+                        *g.recipe["ddpm_cifar_eval"])
+    ddim = res["eval"][-1]
+    result = (f"{ddim['metric']} {ddim['fd']:.1f} with DDIM-{ddim['steps']} ({ddim['classes']}); "
+              f"test eps-MSE {res['test_loss']:.4f}")
+    return dict(lesson="ddpm_mnist.py --dataset cifar10", data=g.cifar_data(), train_s=train_s, eval_s=eval_s,
+                result=result, details=scored(res["eval"]),
+                figures=g.figures("ddpm_cifar", "ddim*_8x8.png", "loss.png", "loss_per_timestep.png"))
+
+
+def dit(g: Gallery) -> dict:
+    """dit_cifar.py on the latents of its VAE: train (the VAE first), then (dit_figures.py) the test loss, and the
+    FD and class accuracy of guided samples against w."""
+    _, train_s = g.train("tools.dit_figures", "dit", *cifar_flags(g))
+    res, eval_s = g.run("tools.dit_figures", "--sample-only", "--out", g.out("dit"), *cifar_flags(g),
+                        *g.recipe["dit_eval"])
+    rows = res["eval"]
+    result = (f"class accuracy {', '.join(f'{r[2]:.3f}' for r in rows)} at w = {', '.join(f'{r[0]:g}' for r in rows)} "
+              f"(chance {1 / res['classes']:.2g}); {res['metric']} {', '.join(f'{r[1]:.1f}' for r in rows)}; test eps-MSE "
+              f"{res['test_loss']:.4f}; VAE test MSE {res['recon_mse']:.4f}, scale factor {res['scale']:.3f}")
+    return dict(lesson="dit_cifar.py", data=g.cifar_data(), train_s=train_s, eval_s=eval_s, result=result,
+                details=table(["w", res["metric"], "class accuracy"], rows),
+                figures=g.figures("dit", "cfg_w*.png", "loss.png", "eval.png", "vae_reconstructions.png"))
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -462,18 +520,21 @@ def main(argv=None) -> dict:
     common.check(not (cfg.rescore and "gan" in cfg.only), "--rescore cannot score the gan part: its FD curve is "
                  "measured while it trains; run --only gan again (--resume scores its finished GAN runs)")
     g = Gallery(cfg)
-    n_train = len(common.load_images("mnist", cfg.data_dir, True, cfg.download)[0])
-    data = "MNIST-8k" if n_train == 8000 else f"MNIST, {n_train:,} training digits"
+    parts = [p for p in PARTS + EXTRA if p in cfg.only or (not cfg.only and p in PARTS)]
+    data = ""
+    if set(parts) - {"ddpm_cifar", "dit"}:
+        n_train = len(common.load_images("mnist", cfg.data_dir, True, cfg.download)[0])
+        data = "MNIST-8k" if n_train == 8000 else f"MNIST, {n_train:,} training digits"
     store = os.path.join(cfg.docs, "gallery", f"results_{cfg.profile}.json")
     os.makedirs(os.path.dirname(store), exist_ok=True)
     runs = json.load(open(store)) if os.path.isfile(store) else {}
-    for part in [p for p in PARTS + EXTRA if p in cfg.only or (not cfg.only and p in PARTS)]:
+    for part in parts:
         common.seed_everything(0)
         row, today = globals()[part](g), datetime.date.today().isoformat()
         if row["train_s"] is None:                     # --rescore: the same trained run, scored again today
             before = runs.get(part, {})
             row |= dict(train_s=before.get("train_s", 0.0), trained=before.get("trained", before.get("date", "?")))
-        runs[part] = dict(row, profile=cfg.profile, hardware=hardware(g.device), data=data, date=today)
+        runs[part] = dict({"data": data} | row, profile=cfg.profile, hardware=hardware(g.device), date=today)
         with open(store, "w") as f:
             json.dump(runs, f, indent=1)
         print(write_results(cfg.docs).split("\n## ")[0])
