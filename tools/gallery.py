@@ -237,7 +237,8 @@ def ddpm(g: Gallery) -> dict:
               f"{ddim['classes']}; test eps-MSE {clip['test_loss']:.4f}")
     rows = [dict(r, clip="yes") for r in clip["eval"]] + [dict(r, clip="no") for r in plain["eval"]]
     return dict(lesson="ddpm_mnist.py", train_s=train_s, eval_s=eval_s, result=result,
-                details=scored(rows, "clip"), figures=g.figures("ddpm", "ddim*_8x8.png", "loss_per_timestep.png"))
+                details=scored(rows, "clip"), figures=g.figures("ddpm", "ddim*_8x8.png", "loss_per_timestep.png", "loss.png",
+                                                               "samples_epoch005.png", "samples_epoch025.png"))
 
 
 def cfg(g: Gallery) -> dict:
