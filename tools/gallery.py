@@ -503,7 +503,8 @@ def write_results(docs: str) -> str:
             if part not in runs:
                 continue
             r = runs[part]
-            rows.append([r["lesson"], r["profile"], r["hardware"], r["data"], f"{r['train_s'] / 60:.1f} min",
+            trained = "-" if r["train_s"] is None else f"{r['train_s'] / 60:.1f} min"   # None: trained elsewhere
+            rows.append([r["lesson"], r["profile"], r["hardware"], r["data"], trained,
                          f"{r['eval_s'] / 60:.1f} min", r["result"]])
             figures = " ".join(f"![{os.path.basename(f)}]({f})" for f in r["figures"])
             when = f"trained {r['trained']}, scored {r['date']}" if r.get("trained") else r["date"]
@@ -534,7 +535,8 @@ def main(argv=None) -> dict:
         row, today = globals()[part](g), datetime.date.today().isoformat()
         if row["train_s"] is None:                     # --rescore: the same trained run, scored again today
             before = runs.get(part, {})
-            row |= dict(train_s=before.get("train_s", 0.0), trained=before.get("trained", before.get("date", "?")))
+            row |= dict(train_s=before.get("train_s"), trained=before.get("trained", before.get("date", "outside "
+                        "the gallery")))           # a run trained by its own command: no training time recorded
         runs[part] = dict({"data": data} | row, profile=cfg.profile, hardware=hardware(g.device), date=today)
         with open(store, "w") as f:
             json.dump(runs, f, indent=1)
