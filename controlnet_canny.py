@@ -247,21 +247,12 @@ def edge_maps(x: torch.Tensor, low: int, high: int, path: str) -> torch.Tensor:
 @torch.no_grad()
 def control_figure(model: ControlledUNet, ddpm, x_test, c_test, n: int, k: int, steps: int, g, path: str) -> None:
     """control.png: a row per test digit i < n: its edge map, k samples steered by it (noise from g), the digit."""
-    from torchvision.utils import make_grid
-
     c = c_test[:n].repeat_interleave(k, 0)                                # (n k, 1, H, W)
     x = sample(ddpm, model, c, torch.randn(c.shape, device=c.device, generator=g), steps)
     rows = [torch.cat([c_test[i:i + 1] * 2 - 1, x[i * k:(i + 1) * k], x_test[i:i + 1]]) for i in range(n)]
-    fig, ax = common.figure(figsize=(1.6 + 0.8 * (k + 2), 0.9 + 0.8 * n))
-    grid = make_grid(((torch.cat(rows).cpu() + 1) / 2).clamp(0, 1), nrow=k + 2, pad_value=1)   # (3, H', W')
-    ax.imshow(grid.permute(1, 2, 0).numpy())
-    s = c.shape[-1] + 2                                                   # the grid's pitch: 2 pixels of padding
-    ax.set_xticks([s * j + s / 2 + 1 for j in range(k + 2)], ["edge map"] + [f"sample {j + 1}" for j in range(k)]
-                  + ["the digit"], fontsize=7)
-    ax.set_yticks([s * i + s / 2 + 1 for i in range(n)], [f"test digit {i + 1}" for i in range(n)], fontsize=7)
-    ax.xaxis.tick_top()
-    ax.set_title(f"ControlNet: samples steered by each edge map ({steps} DDIM steps)", fontsize=9)
-    common.save_figure(fig, path, grid=False, legend=0)
+    common.save_labelled_grid(torch.cat(rows), path, k + 2, [f"test digit {i + 1}" for i in range(n)],
+                              f"ControlNet: samples steered by each edge map ({steps} DDIM steps)",
+                              f"columns: the edge map, {k} samples steered by it, the test digit it came from")
 
 
 def load(base_ckpt: str, device, data_dir: str, download: bool, ddim_steps: int, ckpt: str | None = None):
