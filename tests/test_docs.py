@@ -30,7 +30,7 @@ PAGES = {
     "docs/course.md": None,
     "docs/evaluate.md": None,
     "docs/toy_2d.md": [],
-    "docs/ddpm_mnist.md": ["ddpm_mnist.py", "ddpm_mnist.py course exercises"],
+    "docs/ddpm_mnist.md": ["ddpm_mnist.py", "ddpm_mnist.py course exercises", "ddpm_mnist.py --dataset cifar10"],
     "docs/fast_sampling.md": ["fast_sampling.py", "ddpm_mnist.py"],
     "docs/cfg.md": ["cfg.py"],
     "docs/classifier_guidance.md": ["classifier_guidance.py"],
@@ -61,6 +61,8 @@ OTHER_SOURCES = {
     ("docs/fast_sampling.md", "fd", "57.4"): "results.md's summary row (its table rounds 57.45 twice, to 57.5)",
     **{("docs/ddpm_mnist.md", k, v): "python -m tools.ddpm_figures --sample-only --out runs/cpu --eval 500 "
        "--sweep-steps 10 20 50 100 (run by hand, not a gallery part)" for k, v in [('fd', '25.6'), ('fd', '35.2'), ('fd', '37.5'), ('fd', '39.9'), ('fd', '48.9'), ('s', '30.5'), ('s', '638'), ('share', '11.8'), ('share', '12.4'), ('share', '12.8'), ('share', '13.0'), ('share', '13.4'), ('share', '5.0'), ('share', '5.2'), ('share', '5.6'), ('share', '6.0'), ('share', '6.4'), ('share', '99.35')]},
+    **{("docs/ddpm_mnist.md", "fd", v): "python -m tools.gallery --profile cpu --cifar DIR --only ddpm_cifar "
+       "(the calibration line of its eval.md)" for v in ("0.155", "0.132", "13.452")},
     # The DiT's CPU recipe on CIFAR-10 (JPEG q75), run by hand, not yet a gallery part (docs/dit_cifar.md names them):
     **{("docs/dit_cifar.md", k, v): "python -m tools.dit_figures --dataset DIR --vae-base 16 --vae-epochs 3 "
        "--model DiT-XS/2 --epochs 30 ... (its printed lines)" for k, v in (("min", "6.2"), ("s", "170"), ("s", "99"),
