@@ -3,14 +3,14 @@ copied under docs/gallery/, and one table, docs/results.md, gives for every less
 the data, the training time and the measured result (evaluate.py's FD and class accuracy, or the
 lesson's own measurement: edge F1, error against many steps, PSNR/SSIM against the uncached run).
 
-    python -m tools.gallery --profile cpu --data-dir ../shared/data    # every lesson's CPU recipe: 62 min on 2 cores
+    python -m tools.gallery --profile cpu --data-dir ../shared/data    # every lesson's CPU recipe: 63 min on 2 cores
     python -m tools.gallery --profile gpu --data-dir ../shared/data --only ddpm   # the defaults on one GPU, a part
     python -m tools.gallery --profile cpu --data-dir ../shared/data --only cfg latent   # some parts again
 
 Profiles:
 - `cpu`: each lesson's CPU recipe (below), settings chosen so that the network learns in minutes on
   a 2-core CPU with MNIST-8k: ddpm_mnist.py trains in 14 minutes, and the nine default parts took
-  62 minutes in all, evaluation included (measured on a 2-core Xeon).
+  63 minutes in all, evaluation included (measured on a 2-core Xeon).
 - `gpu`: each script's defaults, the settings meant for one GPU, scored on more samples.
 - `smoke`: tiny sizes, a few steps: the test suite's check that every part runs and writes its rows.
 Every part runs the scripts themselves, through their `main(argv)` with the flags listed here, so
@@ -496,9 +496,15 @@ def write_results(docs: str) -> str:
     lines = ["# Results", "", "Written by `python -m tools.gallery` (see its docstring); every number comes from a network "
              "trained by the command beside it and scored with evaluate.py or the lesson's own measurement. FD values "
              "compare only when one metric classifier scored them (docs/evaluate.md says which).", ""]
-    rows, sections = [], []
+    rows, sections, totals = [], [], []
     for path in sorted(glob.glob(os.path.join(docs, "gallery", "results_*.json"))):
         runs = json.load(open(path))
+        minutes = {p: ((r["train_s"] or 0.0) + r["eval_s"]) / 60 for p, r in runs.items()}
+        totals.append(f"- {next(iter(runs.values()))['profile']} profile: {sum(minutes.values()):.0f} min of training "
+                      f"and scoring for all {len(runs)} parts in the table, {sum(minutes.get(p, 0) for p in PARTS):.0f} "
+                      f"min for the {sum(p in runs for p in PARTS)} default ones (without --only)"
+                      + (" (a '-' trained outside the gallery: not counted)" if any(
+                          r["train_s"] is None for r in runs.values()) else ""))
         for part in PARTS + EXTRA:
             if part not in runs:
                 continue
@@ -510,7 +516,7 @@ def write_results(docs: str) -> str:
             when = f"trained {r['trained']}, scored {r['date']}" if r.get("trained") else r["date"]
             sections.append(f"## {r['lesson']} ({r['profile']}, {when})\n\n{r['details']}\n\n{figures}\n")
     header = ["lesson", "profile", "hardware", "data", "training", "scoring", "result"]
-    text = "\n".join(lines + [report.markdown_table(header, rows), ""] + sections)
+    text = "\n".join(lines + [report.markdown_table(header, rows), ""] + totals + [""] + sections)
     with open(os.path.join(docs, "results.md"), "w") as f:
         f.write(text)
     return text
