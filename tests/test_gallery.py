@@ -55,7 +55,7 @@ def test_every_recipe_parses_with_its_scripts_flags():
     import common
     scripts = dict(ddpm="tools.ddpm_figures", cfg="cfg", cg="classifier_guidance", controlnet="controlnet_canny",
                    deepcache="tools.deepcache_sweep", latent="tools.latent_figures", rf="tools.flow_figures", exercise="tools.ddpm_figures",
-                   fast="tools.fast_sampling_figures", gan="tools.gan_figures")
+                   fast="tools.fast_sampling_figures", gan="tools.gan_figures", dit="tools.dit_figures")
     scripts["controlnet_eval"] = "tools.controlnet_fidelity"          # a key with a script of its own
     for profile, recipe in gallery.RECIPES.items():
         for key, argv in recipe.items():
