@@ -60,6 +60,14 @@ def test_mlp_on_images_trains_and_reloads(mnist_dir, tmp_path):
     ddpm_figures.main(argv + ["--sample-only"])  # --arch comes from the checkpoint
 
 
+def test_the_test_loss_is_the_networks_not_the_clipped_samplers(mnist_dir, tmp_path):
+    """An untrained UNet predicts eps = 0 (its last conv starts at zero): its test eps-MSE is E[eps^2] = 1.
+    The samplers' predictor clips the x0_hat that eps implies, which would report far less."""
+    argv = FAST + ["--data-dir", mnist_dir, "--out", str(tmp_path), "--lr", "1e-12"]   # the weights stay put
+    results = ddpm_figures.main(argv)
+    assert results["test_loss"] == pytest.approx(1.0, abs=0.05)
+
+
 def test_concat_x0_cosine_clip_run(exercise_run):
     state = torch.load(exercise_run / "ckpt.pt", weights_only=True)
     assert state["net"]["time_embed"] == "concat" and state["config"]["predict"] == "x0"

@@ -214,8 +214,9 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
     gen = functools.partial(common.generator, device, cfg.seed, 1)   # the samplers' z: the same everywhere
     x_T = torch.randn((n, *shape), device=device, generator=common.generator(device, cfg.seed))
     x_raw, _ = ddpm_mnist.load_data(cfg, device, train=False)
-    test_loss, per_t = test_loss_per_timestep(eps_model, ddpm, pad(x_raw, cfg.pad_to), seed=cfg.seed)
-    print(f"test loss {test_loss:.4f} (eps-MSE, {min(len(x_raw), 2000)} test images)")
+    # the network's own eps (never clipped: --clip is the samplers' business), the objective it was trained on
+    test_loss, per_t = test_loss_per_timestep(ddpm.eps_from(model), ddpm, pad(x_raw, cfg.pad_to), seed=cfg.seed)
+    print(f"test loss {test_loss:.4f} (eps-MSE of the network, {min(len(x_raw), 2000)} test images)")
     common.plot_curves(os.path.join(out, "loss_per_timestep.png"), {"test loss": per_t}, xlabel="t",
                        ylabel="test eps-MSE", title=f"test eps-MSE per t (mean {test_loss:.4f}); t = 0: clean data")
     ab = ddpm.alpha_bar.cpu().double()
