@@ -59,10 +59,25 @@ OTHER_SOURCES = {
     **{("docs/ddpm_mnist.md", "fd", v): "python -m tools.evaluate --references --dataset mnist --data-dir ../shared/data"
        for v in ("6.6", "78.2")},
     ("docs/fast_sampling.md", "fd", "57.4"): "results.md's summary row (its table rounds 57.45 twice, to 57.5)",
-    **{("docs/ddpm_mnist.md", k, v): "python -m tools.ddpm_figures --sample-only --out runs/cpu --eval 500 "
-       "--sweep-steps 10 20 50 100 (run by hand, not a gallery part)" for k, v in [('fd', '25.6'), ('fd', '35.2'), ('fd', '37.5'), ('fd', '39.9'), ('fd', '48.9'), ('s', '30.5'), ('s', '638'), ('share', '11.8'), ('share', '12.4'), ('share', '12.8'), ('share', '13.0'), ('share', '13.4'), ('share', '5.0'), ('share', '5.2'), ('share', '5.6'), ('share', '6.0'), ('share', '6.4'), ('share', '99.35')]},
+    **{(page, k, v): "python -m tools.ddpm_figures --sample-only --out runs/cpu --eval 500 "
+       "--sweep-steps 10 20 50 100 (run by hand, not a gallery part)" for page in ("docs/ddpm_mnist.md",)
+       for k, v in [('fd', '25.6'), ('fd', '35.2'), ('fd', '37.5'), ('fd', '39.9'), ('fd', '48.9'), ('s', '30.5'), ('s', '638'), ('share', '11.8'), ('share', '12.4'), ('share', '12.8'), ('share', '13.0'), ('share', '13.4'), ('share', '5.0'), ('share', '5.2'), ('share', '5.6'), ('share', '6.0'), ('share', '6.4'), ('share', '99.35')]},
     **{("docs/ddpm_mnist.md", "fd", v): "python -m tools.gallery --profile cpu --cifar DIR --only ddpm_cifar "
        "(the calibration line of its eval.md)" for v in ("0.155", "0.132", "13.452")},
+    # The architecture study and the MLP against the UNet (docs/ddpm_mnist.md names the commands), run by hand:
+    **{(page, k, v): "python -m tools.ddpm_figures ... --epochs 15 --eval 500 --out runs/arch15_* "
+       "(its printed lines; the network's test eps-MSE and time from the checkpoints and epoch lines)"
+       for page in ("docs/ddpm_mnist.md",) for k, v in (("fd", "87.8"), ("min", "4.9"), ("mse", "0.0301"), ("share", "29.0"), ("fd", "86.8"), ("min", "6.7"),
+                    ("mse", "0.0298"), ("share", "3.6"), ("share", "37.2"), ("fd", "87.5"), ("min", "7.5"),
+                    ("share", "3.4"), ("share", "30.8"), ("mse", "0.0235"), ("share", "36"), ("share", "54"))},
+    **{(page, k, v): "python -m tools.ddpm_figures --arch mlp ... --eval 2000 --out runs/arch_mlp, "
+       "and --sample-only --eval 2000 on runs/cpu (their eval.md and test losses)"
+       for page in ("docs/ddpm_mnist.md",) for k, v in (("fd", "32.8"), ("mse", "0.0254"), ("share", "12.6"), ("share", "6.5"), ("fd", "1871.0"),
+                    ("mse", "0.507"), ("share", "0.0"), ("share", "100.0"))},
+    **{("docs/course.md", k, v): "docs/ddpm_mnist.md's commands: the architecture study, the MLP, DDPM-1000 "
+       "against DDIM (run by hand)" for k, v in (("fd", "86.8"), ("fd", "87.8"), ("mse", "0.0298"), ("mse", "0.0301"),
+       ("share", "36"), ("fd", "87.5"), ("share", "54"), ("fd", "1871.0"), ("fd", "32.8"), ("mse", "0.507"),
+       ("fd", "25.6"), ("fd", "37.5"), ("s", "30.5"), ("s", "638"))},
     # The DiT's CPU recipe on CIFAR-10 (JPEG q75), run by hand, not yet a gallery part (docs/dit_cifar.md names them):
     **{("docs/dit_cifar.md", k, v): "python -m tools.dit_figures --dataset DIR --vae-base 16 --vae-epochs 3 "
        "--model DiT-XS/2 --epochs 30 ... (its printed lines)" for k, v in (("min", "6.2"), ("s", "170"), ("s", "99"),
