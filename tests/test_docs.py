@@ -78,6 +78,15 @@ OTHER_SOURCES = {
        "against DDIM (run by hand)" for k, v in (("fd", "86.8"), ("fd", "87.8"), ("mse", "0.0298"), ("mse", "0.0301"),
        ("share", "36"), ("fd", "87.5"), ("share", "54"), ("fd", "1871.0"), ("fd", "32.8"), ("mse", "0.507"),
        ("fd", "25.6"), ("fd", "37.5"), ("s", "30.5"), ("s", "638"))},
+    **{("docs/cfg.md", k, v): "python cfg.py ... --cond input|xattn --out runs/cfg_input|runs/cfg_xattn, then "
+       "python -m tools.cfg_sweep ... --eval 500 (tradeoff.md; run by hand, 2-core AMD EPYC)" for k, v in (
+       ("diversity", "1.247"), ("diversity", "1.254"), ("fd", "103.0"), ("fd", "94.7"), ("accuracy", "0.138"),
+       ("accuracy", "0.672"), ("fd", "57.6"), ("fd", "93.0"), ("accuracy", "0.218"), ("accuracy", "0.966"),
+       ("diversity", "0.976"), ("diversity", "1.237"), ("fd", "21.3"), ("fd", "93.4"), ("accuracy", "0.288"),
+       ("accuracy", "0.990"), ("diversity", "0.907"), ("diversity", "1.219"), ("fd", "33.1"), ("fd", "94.6"),
+       ("min", "4.9"))},
+    **{("docs/course.md", k, v): "docs/cfg.md's commands (input maps against cross-attention, run by hand)"
+       for k, v in (("accuracy", "0.966"), ("accuracy", "0.218"), ("diversity", "1.237"), ("diversity", "0.976"))},
     # The DiT's CPU recipe on CIFAR-10 (JPEG q75), run by hand, not yet a gallery part (docs/dit_cifar.md names them):
     **{("docs/dit_cifar.md", k, v): "python -m tools.dit_figures --dataset DIR --vae-base 16 --vae-epochs 3 "
        "--model DiT-XS/2 --epochs 30 ... (its printed lines)" for k, v in (("min", "6.2"), ("s", "170"), ("s", "99"),
