@@ -87,6 +87,15 @@ OTHER_SOURCES = {
        ("min", "4.9"))},
     **{("docs/course.md", k, v): "docs/cfg.md's commands (input maps against cross-attention, run by hand)"
        for k, v in (("accuracy", "0.966"), ("accuracy", "0.218"), ("diversity", "1.237"), ("diversity", "0.976"))},
+    **{("docs/deepcache.md", k, v): "python -m tools.deepcache_sweep --base ddim --base-ckpt runs/cpu/ckpt.pt "
+       "--sweep-steps 100 ... --out runs/deepcache_100 (speed_quality.md; run by hand)" for k, v in (
+       ("min", "2.5"), ("psnr", "38.4"), ("speedup", "1.60"), ("ssim", "0.9945"), ("psnr", "32.1"), ("speedup", "1.93"),
+       ("ssim", "0.9868"), ("psnr", "27.9"), ("ssim", "0.9607"), ("psnr", "22.5"), ("speedup", "2.34"),
+       ("ssim", "0.8892"), ("speedup", "1.13"))},
+    **{("docs/latent_diffusion.md", k, v): "python -m tools.latent_figures ... --out runs/latent_cpu, then "
+       "--sample-only --out runs/latent_cpu --eval 1000 (eval.md and printed lines; run by hand)" for k, v in (
+       ("fd", "62.6"), ("s", "26.9"), ("share", "14.0"), ("share", "4.9"), ("fd", "49.0"), ("s", "528.9"),
+       ("share", "11.5"), ("share", "7.8"), ("mse", "0.0079"))},
     # The DiT's CPU recipe on CIFAR-10 (JPEG q75), run by hand, not yet a gallery part (docs/dit_cifar.md names them):
     **{("docs/dit_cifar.md", k, v): "python -m tools.dit_figures --dataset DIR --vae-base 16 --vae-epochs 3 "
        "--model DiT-XS/2 --epochs 30 ... (its printed lines)" for k, v in (("min", "6.2"), ("s", "170"), ("s", "99"),
