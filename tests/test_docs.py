@@ -39,7 +39,7 @@ PAGES = {
     "docs/latent_diffusion.md": ["latent_diffusion.py", "ddpm_mnist.py"],
     "docs/rectified_flow.md": ["rectified_flow.py --space pixel", "rectified_flow.py --space latent",
                                "latent_diffusion.py"],
-    "docs/dit_cifar.md": [],
+    "docs/dit_cifar.md": ["dit_cifar.py"],
     "docs/gan_mnist.md": ["gan_mnist.py against ddpm_mnist.py", "ddpm_mnist.py"],
 }
 
