@@ -96,6 +96,9 @@ OTHER_SOURCES = {
        "--sample-only --out runs/latent_cpu --eval 1000 (eval.md and printed lines; run by hand)" for k, v in (
        ("fd", "62.6"), ("s", "26.9"), ("share", "14.0"), ("share", "4.9"), ("fd", "49.0"), ("s", "528.9"),
        ("share", "11.5"), ("share", "7.8"), ("mse", "0.0079"))},
+    **{("docs/ddpm_mnist.md", k, v): "python -m tools.ddpm_figures ... --epochs 50 --eval 2000 --schedule cosine "
+       "--out runs/sched_cosine (eval.md and its test loss; run by hand)" for k, v in (
+       ("mse", "0.0435"), ("fd", "37.5"), ("share", "7.0"), ("share", "16.2"))},
     # The DiT's CPU recipe on CIFAR-10 (JPEG q75), run by hand, not yet a gallery part (docs/dit_cifar.md names them):
     **{("docs/dit_cifar.md", k, v): "python -m tools.dit_figures --dataset DIR --vae-base 16 --vae-epochs 3 "
        "--model DiT-XS/2 --epochs 30 ... (its printed lines)" for k, v in (("min", "6.2"), ("s", "170"), ("s", "99"),
