@@ -33,7 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import common
+import plots
 import ddpm_mnist
 from ddpm_mnist import DDPM, PRESETS, norm, preset_for
 
@@ -233,7 +235,7 @@ def train(cfg: Config, x_train: torch.Tensor, y_train: torch.Tensor, ckpt: str, 
     ddpm = DDPM(cfg.T, cfg.schedule).to(device)
     step, start, losses = 0, 0, []
     if cfg.resume:   # weights, EMA, optimizer and RNG come back; a changed process or network is refused
-        state = common.resume(ckpt, device, KIND, model, ema, opt, cfg, same=(
+        state = checkpoints.resume(ckpt, device, KIND, model, ema, opt, cfg, same=(
             "T", "schedule", "preset", "cond", "planes", "tokens", "cond_dim", "image_size", "channels"))
         step, start, losses = state["step"], state["epoch"], state["losses"]
     net = torch.compile(model) if cfg.compile else model
@@ -256,22 +258,22 @@ def train(cfg: Config, x_train: torch.Tensor, y_train: torch.Tensor, ckpt: str, 
             epoch_losses.append(batch_loss.detach())     # on the device: no sync per step
             step += 1
         epoch_losses = torch.stack(epoch_losses)
-        common.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays on disk
+        checkpoints.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays on disk
         seconds = time.perf_counter() - t0
         print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {epoch_losses.mean().item():.4f}  {seconds:.1f}s  "
               f"{len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
         losses += epoch_losses.tolist()
-        common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg), model=model.state_dict(),
+        checkpoints.save(ckpt, kind=KIND, net=model.config, config=asdict(cfg), model=model.state_dict(),
                                ema=ema.module.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1,
-                               losses=losses, rng=common.rng_state())
+                               losses=losses, rng=checkpoints.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # own generator: the run's RNG stays
             y = torch.tensor(cfg.classes, device=device).repeat_interleave(8)     # one row of 8 per class
             x = sample(ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, cfg.clip,
                        generator=common.generator(device, cfg.seed))
-            common.save_labelled_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png"), 8,
+            plots.save_labelled_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png"), 8,
                                       [f"class {k}" for k in cfg.classes], f"CFG after epoch {epoch + 1}: EMA weights, "
                                       f"w = {cfg.scale:g}, DDIM-{cfg.ddim_steps}")
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)},
+    plots.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": plots.smooth(losses)},
                        title=f"CondUNet ({cfg.cond}): training loss per step (smoothed)")
     return ema.module.eval(), ddpm
 
@@ -286,7 +288,7 @@ def main(argv=None) -> tuple[CondUNet, DDPM]:
     common.setup_speed(device)
     common.prepare_out(cfg.out)
     ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
-    common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
+    checkpoints.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
     x_train, y_train = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, cfg.image_size or None,
                                           cfg.channels, device)            # (N, C, H, W) in [-1, 1], (N,)
     K = int(y_train.max()) + 1

@@ -30,7 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import common
+import plots
 import ddpm_mnist
 from ddpm_mnist import DDPM, PRESETS, Level, ResBlock, norm, preset_for
 
@@ -217,7 +219,7 @@ def train(cfg: Config, model, ddpm: DDPM, base: dict, x_train, y_train, ckpt: st
     opt = torch.optim.AdamW(classifier.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     step, start, losses = 0, 0, []
     if cfg.resume:   # weights, EMA, optimizer and RNG come back; another classifier size is refused
-        state = common.resume(ckpt, device, KIND, classifier, ema, opt, cfg, same=("preset",))
+        state = checkpoints.resume(ckpt, device, KIND, classifier, ema, opt, cfg, same=("preset",))
         step, start, losses = state["step"], state["epoch"], state["losses"]
     net = torch.compile(classifier) if cfg.compile else classifier
     batch = min(cfg.batch_size, len(x_train))
@@ -239,22 +241,22 @@ def train(cfg: Config, model, ddpm: DDPM, base: dict, x_train, y_train, ckpt: st
             epoch_losses.append(loss.detach())           # on the device: no sync per step
             step += 1
         epoch_losses = torch.stack(epoch_losses)
-        common.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays on disk
+        checkpoints.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays on disk
         seconds = time.perf_counter() - t0
         print(f"epoch {epoch + 1:3d}/{cfg.epochs} (cross-entropy)  loss {epoch_losses.mean().item():.4f}  "
               f"{seconds:.1f}s  {len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
         losses += epoch_losses.tolist()
-        common.save_checkpoint(ckpt, kind=KIND, net=classifier.config, config=asdict(cfg), base=base,
+        checkpoints.save(ckpt, kind=KIND, net=classifier.config, config=asdict(cfg), base=base,
                                model=classifier.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(),
-                               step=step, epoch=epoch + 1, losses=losses, rng=common.rng_state())
+                               step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # own generator: the run's RNG stays
             y = torch.tensor(cfg.classes, device=device).repeat_interleave(8)     # one row of 8 per class
             x = sample(model, ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, "posterior",
                        cfg.clip, generator=common.generator(device, cfg.seed))
-            common.save_labelled_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_s{cfg.scale:g}.png"), 8,
+            plots.save_labelled_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_s{cfg.scale:g}.png"), 8,
                                       [f"class {k}" for k in cfg.classes], f"guided by the EMA classifier after epoch "
                                       f"{epoch + 1}: s = {cfg.scale:g}, DDIM-{cfg.ddim_steps}")
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train cross-entropy": common.smooth(losses)},
+    plots.plot_curves(os.path.join(cfg.out, "loss.png"), {"train cross-entropy": plots.smooth(losses)},
                        title="noisy classifier: training cross-entropy per step (smoothed)")
     return ema.module.eval()
 
@@ -270,10 +272,10 @@ def main(argv=None) -> NoisyClassifier:
     common.setup_speed(device)
     common.prepare_out(cfg.out)
     ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
-    common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
+    checkpoints.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
     model, ddpm, base = load_base(cfg, device)
     if cfg.resume:   # every check against the base BEFORE training: a mismatch never costs a run or a checkpoint
-        check_fits_base(common.load_checkpoint(ckpt, device, KIND, keys=("net", "base")), base, ckpt)
+        check_fits_base(checkpoints.load(ckpt, device, KIND, keys=("net", "base")), base, ckpt)
     x_train, y_train = common.load_images(cfg.dataset, cfg.data_dir, True, cfg.download, base["image_size"],
                                           cfg.channels, device)            # (N, C, H, W) in [-1, 1], (N,)
     common.check(x_train.shape[1] == base["channels"], f"the data has {x_train.shape[1]} channel(s), the base "

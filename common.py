@@ -2,10 +2,8 @@
 
 Conventions (stated once, here): images are (N, C, H, W) floats in [-1, 1] inside every model
 (`save_grid` converts once, when writing). Each script's Config is a dataclass whose fields are its
-flags (`parse_config`). A checkpoint is the dict a loop writes, `{kind, net, config, model, ema, opt,
-step, epoch, losses, rng}` (`kind`: the script that wrote it; `net`: its network's constructor
-arguments), saved atomically and loaded with weights_only=True. Bad input stops with one line,
-`error: what is wrong; how to fix it` (`die`).
+flags (`parse_config`). Bad input stops with one line, `error: what is wrong; how to fix it` (`die`).
+Checkpoints (atomic save, safe load, exact resume) have their own module, checkpoints.py.
 """
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ import argparse
 import math
 import os
 import random
-import textwrap
+import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -78,8 +76,7 @@ class RunConfig:
     out: str = field(default="runs", metadata={"help": "folder of the checkpoints and figures"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out (up to --epochs)"})
     overwrite: bool = field(default=False, metadata={"help": "replace the run in --out with a new one"})
-    sample_only: bool = field(default=False, metadata={"help": "load the trained model, make the figures, "
-                                                              "train nothing"})
+    sample_only: bool = field(default=False, metadata={"help": "load the trained model, draw, train nothing"})
     seed: int = field(default=0, metadata={"help": "the same seed gives the same batches, noise, samples"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     amp: bool = field(default=True, metadata={"help": "bf16 autocast while training on CUDA (sampling runs "
@@ -91,14 +88,10 @@ def get_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA when present, else CPU; 'cpu', 'cuda' or 'cuda:N' otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        die(f"unknown --device '{name}'; use auto, cpu or cuda")
-    check(device.type in ("cpu", "cuda"), f"unknown --device '{name}'; use auto, cpu or cuda")
-    check(device.type == "cpu" or torch.cuda.is_available(),
-          f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu")
-    return device
+    check(re.fullmatch(r"cpu|cuda(:\d+)?", name) is not None, f"unknown --device '{name}'; use auto, cpu or cuda")
+    check(name == "cpu" or torch.cuda.is_available(), f"--device {name} was asked for but no CUDA GPU is visible; "
+          "use --device cpu")
+    return torch.device(name)
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (all devices), so the same --seed gives the same run."""
@@ -207,7 +200,7 @@ def batches(x: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 12
         j = idx[i:i + batch_size]
         yield x[j], (None if y is None else y[j])
 
-# ---------------------------------------------------------------------------- EMA, output folder, checkpoints
+# ---------------------------------------------------------------------------- EMA, output folder
 def make_ema(model: torch.nn.Module, decay: float = 0.999, warmup: bool = True) -> AveragedModel:
     """EMA of the parameters, never the buffers: theta_ema <- d theta_ema + (1 - d) theta. `warmup`: d =
     min(decay, (1 + n) / (10 + n)) after n updates, so a short run's EMA does not stay near the init."""
@@ -225,143 +218,3 @@ def prepare_out(out: str) -> None:
     except OSError as e:
         die(f"cannot create --out '{out}' ({e.strerror}); pass a folder you can write to")
     check(os.access(out, os.W_OK), f"cannot write to --out '{out}'; pass a folder you can write to")
-
-def new_or_resume(ckpt: str, resume: bool, overwrite: bool) -> None:
-    """Before any work: an existing `ckpt` is continued (--resume) or replaced (--overwrite), never by
-    accident. A half-written `ckpt`.tmp (a run killed while saving) is removed."""
-    prepare_out(os.path.dirname(ckpt) or ".")
-    if os.path.isfile(f"{ckpt}.tmp"):
-        os.remove(f"{ckpt}.tmp")
-        print(f"removed {ckpt}.tmp, half written by an interrupted run")
-    if resume:
-        check(os.path.isfile(ckpt), f"--resume: there is no checkpoint '{ckpt}' to continue; drop --resume")
-    else:
-        check(overwrite or not os.path.exists(ckpt), f"'{ckpt}' already holds a checkpoint; pass --resume "
-              "to continue it, --out to train a new one elsewhere, or --overwrite to replace it")
-
-def save_checkpoint(path: str, **state) -> None:
-    """torch.save to a temporary file, then rename: an interruption never leaves a half-written `path`."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        torch.save(state, f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
-    except OSError as e:
-        die(f"cannot write checkpoint '{path}' ({e.strerror}); pass a --out you can write to")
-
-def load_checkpoint(path: str, device: torch.device | str = "cpu", kind: str | None = None,
-                    keys: tuple[str, ...] = (), hint: str = "train first, or pass the right path") -> dict:
-    """torch.load, weights_only=True (no pickled code runs); `kind`: who must have written it, `keys`: its entries."""
-    check(os.path.isfile(path), f"checkpoint '{path}' not found; {hint}")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        die(f"cannot read checkpoint '{path}' ({type(e).__name__}: it is damaged or not a checkpoint); "
-            "pass another file, or train again")
-    check(isinstance(state, dict), f"'{path}' is not a checkpoint of this codebase; pass another file")
-    found = state.get("kind")
-    check(kind is None or found == kind, f"'{path}' holds " + (f"a {found} checkpoint" if found else
-          "no checkpoint of this codebase") + f", not a {kind} one; pass a {kind} checkpoint")
-    missing = [k for k in keys if k not in state]
-    check(not missing, f"'{path}' lacks {', '.join(missing)}; it is not a finished {kind or 'training'} "
-          "checkpoint: pass another file, or train again")
-    return state
-
-def load_weights(model: torch.nn.Module, state_dict: dict, path: str) -> None:
-    """model.load_state_dict, with a one-line error that says which network the file holds."""
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError:
-        n = sum(v.numel() for v in state_dict.values())
-        have = sum(v.numel() for v in model.state_dict().values())
-        die(f"the weights in '{path}' ({len(state_dict)} tensors, {n / 1e6:.2f}M numbers) do not fit the "
-            f"network built for them ({have / 1e6:.2f}M numbers{', ' + str(getattr(model, 'config', ''))}); "
-            "use the settings it was trained with")
-
-def rng_state() -> dict:
-    """CPU and GPU random states, so a resumed run draws the t, noise and dropout an uninterrupted one would."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-def resume(path: str, device, kind: str, model, ema, opt, cfg=None, same: tuple[str, ...] = (),
-           keys: tuple[str, ...] = ()) -> dict:
-    """Restore weights, EMA (None: none), optimizer and random state from `path`; the `cfg` fields named
-    in `same` must equal the checkpoint's, `keys` it must hold too. -> the checkpoint (step, epoch, losses)."""
-    state = load_checkpoint(path, device, kind, keys=("model", "ema", "opt", "step", "epoch", "rng") + tuple(keys))
-    for k in same:
-        new, old = getattr(cfg, k), state.get("config", {}).get(k)
-        check(old is None or old == new, f"--{k.replace('_', '-')} is {new} but '{path}' was trained with "
-              f"{old}; resume with the same value, or train a new model into another --out")
-    load_weights(model, state["model"], path)
-    if ema is not None:
-        ema.module.load_state_dict(state["ema"])
-        ema.n_averaged.fill_(state["step"])              # the warm-up reads how many updates it has had
-    opt.load_state_dict(state["opt"])
-    torch.set_rng_state(state["rng"]["cpu"].cpu())
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-    print(f"resumed {path} at epoch {state['epoch']}, step {state['step']}")
-    return state
-
-def check_finite(loss: torch.Tensor, step: int, ckpt: str) -> None:
-    """Stop on a NaN/inf loss, before it is saved: the last good checkpoint stays on disk."""
-    if not torch.isfinite(loss):
-        if os.path.isfile(ckpt):
-            die(f"loss became {loss.item()} at step {step}; '{ckpt}' still holds the last good epoch: "
-                "continue from it with --resume and a lower --lr")
-        die(f"loss became {loss.item()} at step {step}, before any checkpoint was written; "
-            "start again with a lower --lr")
-
-# ---------------------------------------------------------------------------- figures and tables
-def save_grid(x: torch.Tensor, path: str, nrow: int = 8, padding: int = 2) -> None:
-    """Save images in [-1, 1] as one PNG grid (torchvision's make_grid/save_image)."""
-    from torchvision.utils import save_image
-    save_image(((x.detach().float().cpu() + 1) / 2).clamp(0, 1), path, nrow=nrow, padding=padding)
-
-def save_labelled_grid(x: torch.Tensor, path: str, nrow: int, rows: list[str], title: str, xlabel: str = "") -> None:
-    """Images in [-1, 1], `nrow` a row, with row names on the left, `xlabel` below and `title` above."""
-    from torchvision.utils import make_grid
-    grid = make_grid(((x.detach().float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=2)  # (3, H, W)
-    width = max(5.0, 1.3 + grid.shape[2] / 60)                  # twice the pixels of the images
-    title = textwrap.fill(title, int(width * 12))                # about 12 characters an inch at 10 pt
-    fig, ax = figure(figsize=(width, 1.0 + 0.2 * title.count("\n") + grid.shape[1] / 60))
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_yticks([(i + 0.5) * grid.shape[1] / len(rows) for i in range(len(rows))], rows)
-    ax.set_xticks([])
-    ax.set_xlabel(xlabel, fontsize=9)
-    ax.set_title(title, fontsize=10)
-    save_figure(fig, path, grid=False)
-
-def figure(nrows: int = 1, ncols: int = 1, **kwargs):
-    """-> (fig, axes) of plt.subplots, drawn off-screen (the Agg backend: no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt.subplots(nrows, ncols, **kwargs)
-
-def save_figure(fig, path: str, dpi: int = 120, grid: bool = True, legend: float = 8) -> None:
-    """Grid and legend (font size `legend`, 0: none) on each labelled panel, tight layout, PNG, figure closed."""
-    import matplotlib.pyplot as plt
-    for ax in fig.axes:
-        if grid:
-            ax.grid(alpha=0.3)
-        if legend and ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=legend)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")           # long row labels stay inside
-    plt.close(fig)
-
-def plot_curves(path: str, curves: dict, xlabel: str = "step", ylabel: str = "loss",
-                logy: bool = True, title: str | None = None) -> None:
-    """Line plot of named curves, each a list of (x, y) pairs or a list of y values."""
-    fig, ax = figure(figsize=(6, 4))
-    for name, values in curves.items():
-        xs, ys = zip(*values) if len(values) and isinstance(values[0], (tuple, list)) else (range(len(values)), values)
-        ax.plot(xs, ys, label=name, lw=1.2)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title or "", yscale="log" if logy else "linear")
-    save_figure(fig, path, legend=10 if len(curves) > 1 else 0)
-
-def smooth(values: list[float], k: int = 50) -> list[tuple[int, float]]:
-    """Running mean over k points of a per-step loss, as (step, value) pairs for plot_curves."""
-    if len(values) < k:
-        return list(enumerate(values))
-    v = np.convolve(np.asarray(values, dtype=np.float64), np.ones(k) / k, mode="valid")
-    return list(zip(range(k - 1, len(values)), v.tolist()))

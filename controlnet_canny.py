@@ -32,7 +32,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import checkpoints
 import common
+import plots
 import ddpm_mnist
 
 KIND = "controlnet_canny.py ControlNet"
@@ -194,7 +196,7 @@ def train(cfg: Config, unet: ddpm_mnist.UNet, ddpm: ddpm_mnist.DDPM, x_train, c_
     opt = torch.optim.AdamW(control.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     step, start, losses = 0, 0, []
     if cfg.resume:   # weights, EMA, optimizer and RNG come back; the thresholds define the task: kept
-        state = common.resume(ckpt, device, KIND, control, ema, opt, cfg, same=("low", "high"))
+        state = checkpoints.resume(ckpt, device, KIND, control, ema, opt, cfg, same=("low", "high"))
         step, start, losses = state["step"], state["epoch"], state["losses"]
     print(f"ControlNet: {sum(p.numel() for p in control.parameters()) / 1e6:.2f}M trainable, UNet "
           f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M frozen; {len(x_train)} digits on {device}")
@@ -215,15 +217,15 @@ def train(cfg: Config, unet: ddpm_mnist.UNet, ddpm: ddpm_mnist.DDPM, x_train, c_
             epoch_losses.append(loss.detach())           # on the device: no sync per step
             step += 1
         epoch_losses = torch.stack(epoch_losses)
-        common.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays
+        checkpoints.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays
         common.sync(device)
         seconds = time.perf_counter() - t0
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {epoch_losses.mean().item():.4f}  {seconds:.1f}s  "
               f"{len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
         losses = losses + epoch_losses.tolist()
-        common.save_checkpoint(ckpt, kind=KIND, net=unet.config, config=asdict(cfg), model=control.state_dict(),
+        checkpoints.save(ckpt, kind=KIND, net=unet.config, config=asdict(cfg), model=control.state_dict(),
                                ema=ema.module.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1,
-                               losses=losses, rng=common.rng_state())
+                               losses=losses, rng=checkpoints.rng_state())
     return ema.module.eval(), losses
 
 
@@ -240,7 +242,7 @@ def edge_maps(x: torch.Tensor, low: int, high: int, path: str) -> torch.Tensor:
     except Exception:                                   # missing, damaged, or not an edge cache
         pass
     edges = canny(x, low, high)
-    common.save_checkpoint(path, edges=edges.bool(), key=key)
+    checkpoints.save(path, edges=edges.bool(), key=key)
     return edges
 
 
@@ -250,7 +252,7 @@ def control_figure(model: ControlledUNet, ddpm, x_test, c_test, n: int, k: int, 
     c = c_test[:n].repeat_interleave(k, 0)                                # (n k, 1, H, W)
     x = sample(ddpm, model, c, torch.randn(c.shape, device=c.device, generator=g), steps)
     rows = [torch.cat([c_test[i:i + 1] * 2 - 1, x[i * k:(i + 1) * k], x_test[i:i + 1]]) for i in range(n)]
-    common.save_labelled_grid(torch.cat(rows), path, k + 2, [f"test digit {i + 1}" for i in range(n)],
+    plots.save_labelled_grid(torch.cat(rows), path, k + 2, [f"test digit {i + 1}" for i in range(n)],
                               f"ControlNet: samples steered by each edge map ({steps} DDIM steps)",
                               f"columns: the edge map, {k} samples steered by it, the test digit it came from")
 
@@ -263,7 +265,7 @@ def load(base_ckpt: str, device, data_dir: str, download: bool, ddim_steps: int,
     common.check(ddim_steps <= ddpm.T, f"--ddim-steps must be <= T = {ddpm.T} of '{base}', got {ddim_steps}")
     if ckpt is None:
         return unet, ddpm, None
-    state = common.load_checkpoint(ckpt, device, KIND, keys=("net", "ema", "config"))
+    state = checkpoints.load(ckpt, device, KIND, keys=("net", "ema", "config"))
     common.check(state["net"] == unet.config, f"'{ckpt}' steers a UNet {state['net']}, but --base-ckpt "
                  f"'{base}' is a UNet {unet.config}; pass the base it was trained on")
     return unet, ddpm, state
@@ -277,7 +279,7 @@ def main(argv=None) -> None:
         common.check(os.path.isfile(ckpt), f"--sample-only: there is no checkpoint '{ckpt}'; train first "
                      "(drop --sample-only), or pass the --out of a trained run")
     else:
-        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
+        checkpoints.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
     common.prepare_out(cfg.out)
     device = common.get_device(cfg.device)
     common.setup_speed(device)
@@ -289,12 +291,12 @@ def main(argv=None) -> None:
     c_test = edge_maps(x_test, cfg.low, cfg.high, os.path.join(cfg.out, f"edges_test_{cfg.low}_{cfg.high}.pt"))
     if cfg.sample_only:
         control = ControlNet(unet).to(device)
-        common.load_weights(control, state["ema"], ckpt)
+        checkpoints.load_weights(control, state["ema"], ckpt)
     else:
         x_train = common.load_images("mnist", cfg.data_dir, True, cfg.download, size, 1, device)[0]
         c_train = edge_maps(x_train, cfg.low, cfg.high, os.path.join(cfg.out, f"edges_train_{cfg.low}_{cfg.high}.pt"))
         control, losses = train(cfg, unet, ddpm, x_train, c_train, device)
-        common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)},
+        plots.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": plots.smooth(losses)},
                            title="ControlNet: training loss of the control branch (the UNet frozen)")
     control_figure(ControlledUNet(unet, control.eval()).eval(), ddpm, x_test, c_test, min(cfg.n_digits, len(x_test)),
                    cfg.samples_per_edge, cfg.ddim_steps, common.generator(device, cfg.seed),

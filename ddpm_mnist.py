@@ -31,7 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import common
+import plots
 
 KIND = "ddpm_mnist.py UNet"               # what this script's checkpoints hold (checked by every loader)
 DEFAULT_CKPT = "runs/ddpm_mnist/ckpt.pt"  # the base model of the scripts that build on this one
@@ -321,7 +323,7 @@ def train(cfg: Config, model: UNet, ddpm: DDPM, x_train, device, same: tuple[str
     net = torch.compile(model) if cfg.compile else model
     step, start, losses = 0, 0, []
     if cfg.resume:  # weights, EMA, optimizer and RNG state come back; a changed process or network is refused
-        state = common.resume(ckpt, device, KIND, model, ema, opt, cfg, same=same)
+        state = checkpoints.resume(ckpt, device, KIND, model, ema, opt, cfg, same=same)
         step, start, losses = state["step"], state["epoch"], state["losses"]
     print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(x_train)} training "
           f"images on {device}")
@@ -342,18 +344,18 @@ def train(cfg: Config, model: UNet, ddpm: DDPM, x_train, device, same: tuple[str
             epoch_losses.append(loss.detach())           # kept on the device: no sync per step
             step += 1
         epoch_losses = torch.stack(epoch_losses)
-        common.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays on disk
+        checkpoints.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays on disk
         common.sync(device)
         seconds = time.perf_counter() - t0
         print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {epoch_losses.mean():.4f}  {seconds:.1f}s  "
               f"{len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
         losses += epoch_losses.tolist()
-        common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg), model=model.state_dict(),
+        checkpoints.save(ckpt, kind=KIND, net=model.config, config=asdict(cfg), model=model.state_dict(),
                                ema=ema.module.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1,
-                               losses=losses, rng=common.rng_state())
+                               losses=losses, rng=checkpoints.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
             sample_grid(cfg, ema.module.eval(), ddpm, device, f"samples_epoch{epoch + 1:03d}.png", f"epoch {epoch + 1}")
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses)},
+    plots.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": plots.smooth(losses)},
                        title="training loss per step (running mean of 50)")
     return ema.module.eval(), ddpm
 
@@ -366,7 +368,7 @@ def ensure_trained(path: str, device, *, dataset: str = "mnist", data_dir: str =
         print(f"no base model at '{path}': training it first with ddpm_mnist.py's defaults")
         cfg = Config(dataset=dataset, data_dir=data_dir, download=download, image_size=image_size,
                      channels=channels, seed=seed, amp=amp, out=os.path.dirname(path), ckpt=path)
-        common.new_or_resume(path, resume=False, overwrite=False)
+        checkpoints.new_or_resume(path, resume=False, overwrite=False)
         common.seed_everything(seed)
         x_train = load_data(cfg, device)[0]
         train(cfg, UNet(**unet_kwargs(cfg, x_train)), DDPM(cfg.T, cfg.schedule, cfg.cosine_clip), x_train, device)
@@ -378,14 +380,14 @@ def ensure_trained(path: str, device, *, dataset: str = "mnist", data_dir: str =
 def load_trained(path: str, device) -> tuple[UNet, DDPM, dict]:
     """The EMA network (eval mode), the process and the whole state of a checkpoint written by `train`
     (state["net"]: the UNet's arguments)."""
-    state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "config"),
+    state = checkpoints.load(path, device, KIND, keys=("net", "ema", "config"),
                                    hint="train one with `python ddpm_mnist.py` first")
     c = state["config"]
     other = [f"--{k.replace('_', '-')} {c[k]}" for k in ("predict", "pad_to", "time_embed", "arch")
              if c.get(k) not in (None, 0, "eps", "add", "unet")]  # ddpm_figures.py's exercises
     common.check(not other, f"'{path}' was trained with {' '.join(other)}: load it with ddpm_figures.py")
     model = UNet(**state["net"]).to(device)
-    common.load_weights(model, state["ema"], path)
+    checkpoints.load_weights(model, state["ema"], path)
     return model.eval(), DDPM(c["T"], c["schedule"], c.get("cosine_clip", 0.999)).to(device), state
 
 
@@ -395,7 +397,7 @@ def sample_grid(cfg: Config, model, ddpm: DDPM, device, name: str, when: str) ->
     c = model.config
     x = ddpm.ddim_sample(ddpm.eps_from(model, cfg.clip), (cfg.n_samples, c["channels"], c["image_size"],
                          c["image_size"]), cfg.ddim_steps, cfg.eta, generator=common.generator(device, cfg.seed))
-    common.save_labelled_grid(x, os.path.join(cfg.out, name), 8, [], f"DDIM, {cfg.ddim_steps} steps, eta {cfg.eta:g}: "
+    plots.save_labelled_grid(x, os.path.join(cfg.out, name), 8, [], f"DDIM, {cfg.ddim_steps} steps, eta {cfg.eta:g}: "
                               f"{len(x)} samples of the EMA weights, {when}")
 
 
@@ -411,7 +413,7 @@ def main(argv=None) -> tuple[UNet, DDPM]:
         model, ddpm, _ = load_trained(ckpt, device)      # a missing or foreign file stops here
         sample_grid(cfg, model, ddpm, device, "samples.png", f"from {ckpt}")
     else:
-        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)  # never replace a trained model by mistake
+        checkpoints.new_or_resume(ckpt, cfg.resume, cfg.overwrite)  # never replace a trained model by mistake
         x_train = load_data(cfg, device)[0]
         model, ddpm = train(cfg, UNet(**unet_kwargs(cfg, x_train)), DDPM(cfg.T, cfg.schedule, cfg.cosine_clip),
                             x_train, device)

@@ -17,7 +17,7 @@ so the same number of steps gives noisier samples than `python ddpm_mnist.py`.
 
 Example (10 epochs of MNIST with the default UNet: run it on a GPU):
 
-    import common
+    import common, plots
     from diffusion import DiffusionProcess
     process = DiffusionProcess(image_size=28, channels=1, device="auto")        # a new DiffusionModel()
     x_train, _ = common.load_images("mnist", "data", device=process.device)  # (60000, 1, 28, 28) in [-1, 1]
@@ -26,7 +26,7 @@ Example (10 epochs of MNIST with the default UNet: run it on a GPU):
             loss = process.train_step(x)
         print(f"epoch {epoch + 1}: loss {loss:.4f}")
     images = process.sample(16, steps=50)                  # DDIM-50; steps=None: all 1000 DDPM steps
-    common.save_grid(images, "samples.png", nrow=4)
+    plots.save_grid(images, "samples.png", nrow=4)
 """
 from __future__ import annotations
 

@@ -40,7 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoints
 import common
+import plots
 from cfg import guided_eps, loss as cfg_loss      # classifier-free guidance: label dropout, eps~, as in cfg.py
 from ddpm_mnist import DDPM
 from latent_diffusion import VAE, check_vae_fits, decode, encode_latents, ensure_vae, load_vae
@@ -104,7 +106,7 @@ def class_grid(model: DiT, ddpm: DDPM, vae: VAE, scale: float, cfg: Config, name
     """OUT/name: 8 samples of every class, a row each, at w = --scale (--ddim-steps, noise fixed by --seed)."""
     y = torch.arange(model.null, device=model.pos_embed.device).repeat_interleave(8)
     x = sample(model, ddpm, vae, scale, y, cfg.scale, cfg.ddim_steps, cfg.seed)
-    common.save_grid(x, os.path.join(cfg.out, name), nrow=8)
+    plots.save_grid(x, os.path.join(cfg.out, name), nrow=8)
 
 
 @torch.no_grad()
@@ -289,9 +291,9 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     step, start, losses, test_losses = 0, 0, [], []
     if cfg.resume:                                           # every rank reads the same file
-        saved = common.load_checkpoint(cfg.ckpt, device, KIND, keys=("net", "scale", "test_losses"))
+        saved = checkpoints.load(cfg.ckpt, device, KIND, keys=("net", "scale", "test_losses"))
         check_fits(saved, z.shape[1:], scale, cfg.ckpt, cfg.vae)   # before the weights: a one-line reason
-        state = common.resume(cfg.ckpt, device, KIND, model, ema, opt, cfg, same=("T", "schedule", "model"))
+        state = checkpoints.resume(cfg.ckpt, device, KIND, model, ema, opt, cfg, same=("T", "schedule", "model"))
         step, start, losses, test_losses = state["step"], state["epoch"], state["losses"], state["test_losses"]
     if rank == 0:
         print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -319,7 +321,7 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
         if world > 1:   # one verdict on every rank: a NaN on any rank stops them all (none waits in a collective)
             dist.all_reduce(mean)
             mean /= world                                    # the mean over all ranks' losses
-        common.check_finite(mean, step, cfg.ckpt)            # before saving: the last good epoch stays
+        checkpoints.check_finite(mean, step, cfg.ckpt)            # before saving: the last good epoch stays
         losses += epoch_losses.tolist()
         seconds = time.perf_counter() - t0
         if rank != 0:
@@ -327,9 +329,9 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
         test_losses.append((step, test_loss(ema.module.eval(), ddpm, z_test, y_test, cfg.seed)))
         print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean.item():.4f}  test {test_losses[-1][1]:.4f}  "
               f"{seconds:.1f}s  {len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
-        common.save_checkpoint(cfg.ckpt, kind=KIND, net=model.config, config=asdict(cfg), scale=scale,
+        checkpoints.save(cfg.ckpt, kind=KIND, net=model.config, config=asdict(cfg), scale=scale,
                                test_losses=test_losses, model=model.state_dict(), ema=ema.module.state_dict(),
-                               opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=common.rng_state())
+                               opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # progress grid
             class_grid(ema.module, ddpm, vae, scale, cfg, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png")
     if world > 1:
@@ -341,10 +343,10 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
 
 def load_trained(ckpt: str, device) -> tuple[DiT, DDPM, dict]:
     """The EMA DiT and diffusion process of a checkpoint written by `train`."""
-    state = common.load_checkpoint(ckpt, device, KIND, keys=("net", "ema", "config", "scale", "losses", "test_losses"),
+    state = checkpoints.load(ckpt, device, KIND, keys=("net", "ema", "config", "scale", "losses", "test_losses"),
                                    hint="train with `python dit_cifar.py` first, or pass --ckpt")
     model = DiT(**state["net"]).to(device)
-    common.load_weights(model, state["ema"], ckpt)
+    checkpoints.load_weights(model, state["ema"], ckpt)
     return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device), state
 
 
@@ -356,7 +358,7 @@ def run(cfg: Config):
     if cfg.sample_only:
         common.prepare_out(cfg.out)
     else:                                                    # every rank checks: an existing DiT is never replaced
-        common.new_or_resume(cfg.ckpt, cfg.resume, cfg.overwrite)
+        checkpoints.new_or_resume(cfg.ckpt, cfg.resume, cfg.overwrite)
     rank, world, device = init_distributed(cfg.device)
     try:
         common.setup_speed(device)

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 import common
+import plots
 import ddpm_mnist
 from ddpm_mnist import DDPM
 
@@ -171,7 +172,7 @@ def main(argv=None) -> dict[int, list[torch.Tensor]]:
     model, ddpm, shape = load_base(cfg, device)
     samples = samples_per_nfe(cfg, model, ddpm, device, shape)
     for nfe, rows in samples.items():                    # one row per solver
-        common.save_grid(torch.cat(rows).clamp(-1, 1), os.path.join(cfg.out, f"nfe{nfe}.png"), nrow=cfg.n_samples)
+        plots.save_grid(torch.cat(rows).clamp(-1, 1), os.path.join(cfg.out, f"nfe{nfe}.png"), nrow=cfg.n_samples)
     print(f"figures in {cfg.out}/ (labelled rows and FD against NFE: fast_sampling_figures.py)")
     return samples
 

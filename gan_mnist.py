@@ -33,7 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+import checkpoints
 import common
+import plots
 
 KIND = "gan_mnist.py GAN"
 
@@ -137,7 +139,7 @@ def train(cfg: Config, x_train, device, evaluator=None):
     ema = common.make_ema(G, cfg.ema_decay)                  # theta_ema, G's weights that sample
     step, start, losses, history = 0, 0, [], dict(d=[], fd=[], seconds=0.0)
     if cfg.resume:   # G, its EMA, both optimizers and the RNG come back; a changed network is refused
-        state = common.resume(ckpt, device, KIND, G, ema, opt_g, cfg, same=("z_dim", "width"),
+        state = checkpoints.resume(ckpt, device, KIND, G, ema, opt_g, cfg, same=("z_dim", "width"),
                               keys=("disc", "disc_opt", "history"))
         D.load_state_dict(state["disc"])
         opt_d.load_state_dict(state["disc_opt"])
@@ -168,7 +170,7 @@ def train(cfg: Config, x_train, device, evaluator=None):
             step += 1
         d_epoch, g_epoch = torch.stack(d_epoch), torch.stack(g_epoch)
         for mean in (d_epoch.mean(), g_epoch.mean()):           # before saving: the last good epoch stays on disk
-            common.check_finite(mean, step, ckpt)
+            checkpoints.check_finite(mean, step, ckpt)
         common.sync(device)
         seconds = time.perf_counter() - t0
         print(f"epoch {epoch + 1:3d}/{cfg.epochs} (G loss)  loss {g_epoch.mean():.4f}  {seconds:.1f}s  "
@@ -182,22 +184,22 @@ def train(cfg: Config, x_train, device, evaluator=None):
             fd, classes = evaluator.fd(x), evaluate.coverage(evaluator.histogram(x))
             history["fd"].append((history["seconds"], epoch + 1, fd, classes))
             print(f"  after {history['seconds'] / 60:.1f} min of training: {evaluator.name} {fd:.2f}, {classes}")
-        common.save_checkpoint(ckpt, kind=KIND, net=G.config, config=asdict(cfg), disc=D.state_dict(),
+        checkpoints.save(ckpt, kind=KIND, net=G.config, config=asdict(cfg), disc=D.state_dict(),
                                disc_opt=opt_d.state_dict(), history=history, model=G.state_dict(),
                                ema=ema.module.state_dict(), opt=opt_g.state_dict(), step=step, epoch=epoch + 1,
-                               losses=losses, rng=common.rng_state())
+                               losses=losses, rng=checkpoints.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
-            common.save_grid(sample(ema.module.eval(), cfg.n_samples, common.generator(device, cfg.seed)),
+            plots.save_grid(sample(ema.module.eval(), cfg.n_samples, common.generator(device, cfg.seed)),
                              os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
     return ema.module.eval(), dict(history, g=losses)
 
 
 def load_trained(path: str, device):
     """The EMA generator and the training history of a checkpoint written by `train`."""
-    state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "history", "losses"),
+    state = checkpoints.load(path, device, KIND, keys=("net", "ema", "history", "losses"),
                                    hint="train with `python gan_mnist.py` first")
     G = Generator(**state["net"]).to(device)
-    common.load_weights(G, state["ema"], path)
+    checkpoints.load_weights(G, state["ema"], path)
     return G.eval(), dict(state["history"], g=state["losses"])
 
 
@@ -209,7 +211,7 @@ def train_or_load(cfg: Config, device):
     if cfg.sample_only:
         G, history = load_trained(ckpt, device)          # a missing or foreign file stops here
     else:
-        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
+        checkpoints.new_or_resume(ckpt, cfg.resume, cfg.overwrite)
     common.seed_everything(cfg.seed)
     common.setup_speed(device)
     evaluator = None
@@ -229,9 +231,9 @@ def train_or_load(cfg: Config, device):
 
 def samples_and_losses(out: str, G, history: dict, n: int, seed: int, device) -> None:
     """samples.png (n images of the EMA generator) and loss.png (D's loss against G's)."""
-    common.save_grid(sample(G, n, common.generator(device, seed)), os.path.join(out, "samples.png"))
-    common.plot_curves(os.path.join(out, "loss.png"), {"D loss": common.smooth(history["d"]),
-                                                       "G loss": common.smooth(history["g"])},
+    plots.save_grid(sample(G, n, common.generator(device, seed)), os.path.join(out, "samples.png"))
+    plots.plot_curves(os.path.join(out, "loss.png"), {"D loss": plots.smooth(history["d"]),
+                                                       "G loss": plots.smooth(history["g"])},
                        logy=False, title="GAN: D's loss against G's (no loss says when a GAN is done)")
 
 

@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+import checkpoints
 import common
+import plots
 from ddpm_mnist import DDPM, UNet, norm
 
 VAE_KIND, UNET_KIND = "latent_diffusion.py VAE", "latent_diffusion.py latent UNet"
@@ -157,10 +159,10 @@ def check_vae_fits(vae: VAE, shape, path: str) -> None:
 
 def load_vae(path: str, device) -> tuple[VAE, float]:
     """-> (the trained VAE of `path` in eval mode, its latent scale factor s)."""
-    state = common.load_checkpoint(path, device, VAE_KIND, keys=("net", "model", "scale"),
+    state = checkpoints.load(path, device, VAE_KIND, keys=("net", "model", "scale"),
                                    hint="train it with `python latent_diffusion.py`, or pass --vae")
     vae = VAE(**state["net"]).to(device)
-    common.load_weights(vae, state["model"], path)
+    checkpoints.load_weights(vae, state["model"], path)
     return vae.eval().requires_grad_(False), float(state["scale"])
 
 
@@ -172,7 +174,7 @@ def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: b
     one line. x_train: (N, C, H, W) in [-1, 1]. -> (vae, s)"""
     common.check(path and not os.path.isdir(path), f"--vae '{path}' is not a file path; pass one such as vae.pt")
     device = torch.device(device)                         # (a name such as "cpu" will do)
-    old = common.load_checkpoint(path, device, VAE_KIND, keys=("net",)) if os.path.isfile(path) else None
+    old = checkpoints.load(path, device, VAE_KIND, keys=("net",)) if os.path.isfile(path) else None
     if old and "scale" not in old:                        # unfinished: continue it only when asked to
         common.check(resume or overwrite, f"'{path}' holds an unfinished VAE (epoch {old.get('epoch')}); pass "
                      "--resume to continue it, or --overwrite to train a new one there")
@@ -189,7 +191,7 @@ def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: b
     config = dict(epochs=epochs, kl_weight=kl_weight, batch_size=batch_size, lr=lr, seed=seed)
     step, start, losses, state = 0, 0, [], {}
     if old:                                               # weights, optimizer and RNG come back
-        state = common.resume(path, device, VAE_KIND, vae, None, opt)
+        state = checkpoints.resume(path, device, VAE_KIND, vae, None, opt)
         step, start, losses = state["step"], state["epoch"], state["losses"]
     print(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, training {path}")
     batch = min(batch_size, len(x_train))
@@ -208,18 +210,18 @@ def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: b
             epoch_losses.append(loss.detach())
             step += 1
         epoch_losses = torch.stack(epoch_losses)
-        common.check_finite(epoch_losses.mean(), step, path)   # before saving: the last good epoch stays
+        checkpoints.check_finite(epoch_losses.mean(), step, path)   # before saving: the last good epoch stays
         losses += epoch_losses.tolist()
         seconds = time.perf_counter() - t0
         print(f"VAE epoch {epoch + 1}/{epochs}  loss {epoch_losses.mean().item():.4f}  {seconds:.1f}s  "
               f"{n_batches * batch / seconds:.0f} img/s", flush=True)
         # no EMA: the VAE is used as trained, and the "ema" entry every checkpoint has holds its weights
         state = dict(kind=VAE_KIND, net=vae.config, config=config, model=vae.state_dict(), ema=vae.state_dict(),
-                     opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=common.rng_state())
-        common.save_checkpoint(path, **state)
+                     opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
+        checkpoints.save(path, **state)
     scale = latent_scale(encode_latents(vae.eval(), x_train))   # s = 1 / std(mu) over the training set
     print(f"latent scale factor s = 1 / std(mu) = {scale:.4f} (over {len(x_train)} training latents)")
-    common.save_checkpoint(path, **state | dict(config=config, scale=scale))   # finished: the last checkpoint + s
+    checkpoints.save(path, **state | dict(config=config, scale=scale))   # finished: the last checkpoint + s
     return vae.requires_grad_(False), scale
 
 
@@ -232,7 +234,7 @@ def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tu
     ddpm = DDPM(cfg.T, cfg.schedule).to(device)
     step, start, losses = 0, 0, []
     if cfg.resume:  # weights, EMA, optimizer and RNG come back; a changed process or network is refused
-        state = common.resume(ckpt, device, UNET_KIND, model, ema, opt, cfg,
+        state = checkpoints.resume(ckpt, device, UNET_KIND, model, ema, opt, cfg,
                               same=("T", "schedule", "unet_base", "unet_res", "dataset"))
         step, start, losses = state["step"], state["epoch"], state["losses"]
     net = torch.compile(model) if cfg.compile else model
@@ -255,30 +257,30 @@ def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tu
             epoch_losses.append(loss.detach())            # on the device: no sync per step
             step += 1
         epoch_losses = torch.stack(epoch_losses)
-        common.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays
+        checkpoints.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays
         losses += epoch_losses.tolist()
         seconds = time.perf_counter() - t0
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {epoch_losses.mean().item():.4f}  {seconds:.1f}s  "
               f"{n_batches * batch / seconds:.0f} latents/s", flush=True)
-        common.save_checkpoint(ckpt, kind=UNET_KIND, net=model.config, config=asdict(cfg), scale=scale,
+        checkpoints.save(ckpt, kind=UNET_KIND, net=model.config, config=asdict(cfg), scale=scale,
                                model=model.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(),
-                               step=step, epoch=epoch + 1, losses=losses, rng=common.rng_state())
+                               step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # progress grid (own generator)
             z0 = ddpm.ddim_sample(ema.module.eval(), (cfg.n_samples, *z_train.shape[1:]), cfg.ddim_steps,
                                   generator=common.generator(device, cfg.seed))
-            common.save_grid(decode(vae, z0, scale), os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
+            plots.save_grid(decode(vae, z0, scale), os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
     return ema.module.eval(), ddpm
 
 
 def load_trained(path: str, device, vae_path: str) -> tuple[UNet, DDPM, VAE, float]:
     """The EMA UNet and diffusion process of `path`, and the VAE of `vae_path` it was trained on, with its s."""
-    state = common.load_checkpoint(path, device, UNET_KIND, keys=("net", "ema", "config", "scale"),
+    state = checkpoints.load(path, device, UNET_KIND, keys=("net", "ema", "config", "scale"),
                                    hint="train first (drop --sample-only)")
     vae, scale = load_vae(vae_path, device)
     common.check(abs(state["scale"] - scale) < 1e-6 * scale, f"'{path}' was trained with another VAE "
                  f"(scale {state['scale']:.4f}; '{vae_path}' has {scale:.4f}); pass the --vae it was trained with")
     model = UNet(**state["net"]).to(device)
-    common.load_weights(model, state["ema"], path)
+    checkpoints.load_weights(model, state["ema"], path)
     return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device), vae, scale
 
 
@@ -293,7 +295,7 @@ def train_or_load(cfg: Config, device) -> tuple[UNet, DDPM, VAE, float, torch.Te
         common.prepare_out(cfg.out)
         model, ddpm, vae, scale = load_trained(ckpt, device, vae_path)
     else:
-        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)   # before any work: nothing is overwritten
+        checkpoints.new_or_resume(ckpt, cfg.resume, cfg.overwrite)   # before any work: nothing is overwritten
         if cfg.resume:                                    # the run to continue is ours, and its VAE is there
             load_trained(ckpt, device, vae_path)
     x_test, _ = common.load_images(cfg.dataset, cfg.data_dir, False, cfg.download, device=device)  # bad: stop now
@@ -316,7 +318,7 @@ def vae_figure(vae: VAE, x_test, path: str) -> float:
     x_hat = decode(vae, encode_latents(vae, x_test), 1.0)
     mse = (x_hat - x_test).pow(2).mean().item()
     print(f"VAE test reconstruction error: {mse:.4f} MSE per pixel in [-1, 1] ({len(x_test)} test images)")
-    common.save_grid(torch.cat([x_test[:10], x_hat[:10]]), path, nrow=10)
+    plots.save_grid(torch.cat([x_test[:10], x_hat[:10]]), path, nrow=10)
     return mse
 
 
@@ -331,7 +333,7 @@ def main(argv=None) -> dict:
         c = model.config                                  # latents (c_z, h, w)
         z0 = ddpm.ddim_sample(model, (cfg.n_samples, c["channels"], c["image_size"], c["image_size"]), cfg.ddim_steps,
                               generator=common.generator(device, cfg.seed))
-        common.save_grid(decode(vae, z0, scale), os.path.join(cfg.out, "samples.png"))
+        plots.save_grid(decode(vae, z0, scale), os.path.join(cfg.out, "samples.png"))
     recon_mse = vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
     print(f"figures in {cfg.out}/ (DDIM against DDPM, FD-LeNet: latent_figures.py)")
     return dict(recon_mse=recon_mse, scale=scale)

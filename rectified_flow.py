@@ -31,7 +31,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import common
+import plots
 import latent_diffusion as ld
 from ddpm_mnist import PRESETS, UNet
 
@@ -175,7 +177,7 @@ def train_flow(cfg: Config, stage: int, model: VelocityUNet, x1, x0, space: Spac
     step, start, losses = 0, 0, []
     if resume:  # weights, EMA, optimizer and RNG come back; a changed network or space is refused
         same = ("space", "preset") if cfg.space == "pixel" else ("space", "unet_base", "unet_res")
-        state = common.resume(ckpt, device, KIND, model, ema, opt, cfg, same + ("dataset",))
+        state = checkpoints.resume(ckpt, device, KIND, model, ema, opt, cfg, same + ("dataset",))
         step, start, losses = state["step"], state["epoch"], state["losses"]
     net = torch.compile(model) if cfg.compile else model
     print(f"Flow-{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -197,18 +199,18 @@ def train_flow(cfg: Config, stage: int, model: VelocityUNet, x1, x0, space: Spac
             epoch_losses.append(loss.detach())            # on the device: no sync per step
             step += 1
         epoch_losses = torch.stack(epoch_losses)
-        common.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays
+        checkpoints.check_finite(epoch_losses.mean(), step, ckpt)   # before saving: the last good epoch stays
         losses += epoch_losses.tolist()
         seconds = time.perf_counter() - t0
         print(f"Flow-{stage} epoch {epoch + 1}/{epochs}  loss {epoch_losses.mean().item():.4f}  {seconds:.1f}s  "
               f"{n_batches * batch / seconds:.0f} samples/s", flush=True)
-        common.save_checkpoint(ckpt, kind=KIND, net=model.config, config=asdict(cfg), flow1_step=flow1_step,
+        checkpoints.save(ckpt, kind=KIND, net=model.config, config=asdict(cfg), flow1_step=flow1_step,
                                scale=space.scale, model=model.state_dict(), ema=ema.module.state_dict(),
-                               opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=common.rng_state())
+                               opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
         if stage == 1 and (epoch + 1) % cfg.sample_every == 0:             # progress grid (own generator)
             x0_grid = torch.randn((cfg.n_samples, *space.shape), device=device,
                                   generator=common.generator(device, cfg.seed))
-            common.save_grid(space.to_images(euler_sample(ema.module.eval(), x0_grid, 50)),
+            plots.save_grid(space.to_images(euler_sample(ema.module.eval(), x0_grid, 50)),
                              os.path.join(cfg.out, f"flow1_epoch{epoch + 1:03d}.png"))
     return ema.module.eval(), losses
 
@@ -229,7 +231,7 @@ def get_pairs(path: str, flow1, flow1_step: int, n: int, shape, steps: int, seed
         print(f"'{path}' holds no pairs of this Flow-1: making them again")
     t0 = time.perf_counter()
     x0, x1 = make_pairs(flow1, n, shape, steps, seed, device)
-    common.save_checkpoint(path, x0=x0, x1=x1, **want)
+    checkpoints.save(path, x0=x0, x1=x1, **want)
     print(f"made {n} reflow pairs with {steps} Euler steps of Flow-1 in {time.perf_counter() - t0:.1f}s -> {path}")
     return x0, x1
 
@@ -245,7 +247,7 @@ def reflow(cfg: Config, x1, space: Space, device) -> tuple[VelocityUNet, Velocit
     model.load_state_dict(flow1.state_dict())            # reflow starts from Flow-1
     ckpt2 = os.path.join(cfg.out, "flow2.pt")
     resume2 = cfg.resume and os.path.isfile(ckpt2)        # a Flow-2 reflowed from this very Flow-1?
-    if resume2 and common.load_checkpoint(ckpt2, device, KIND).get("flow1_step") != len(losses1):
+    if resume2 and checkpoints.load(ckpt2, device, KIND).get("flow1_step") != len(losses1):
         print(f"'{ckpt2}' was reflowed from an earlier Flow-1: Flow-2 starts again from this one")
         resume2 = False
     return flow1, train_flow(cfg, 2, model, x1, x0, space, device, resume2, flow1_step=len(losses1))[0]
@@ -253,14 +255,14 @@ def reflow(cfg: Config, x1, space: Space, device) -> tuple[VelocityUNet, Velocit
 
 def load_flow(path: str, device, space: Space) -> VelocityUNet:
     """The EMA velocity network of `path`, checked against the space (shape, VAE scale) it runs in."""
-    state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "scale"),
+    state = checkpoints.load(path, device, KIND, keys=("net", "ema", "scale"),
                                    hint="train first (drop --sample-only)")
     u = state["net"]
     common.check((u["channels"], u["image_size"]) == space.shape[:2] and state["scale"] == space.scale,
                  f"'{path}' was trained in another space than {'x'.join(map(str, space.shape))} "
                  f"(scale {space.scale:.4f}); pass the --space and --vae it was trained with")
     model = VelocityUNet(**u).to(device)
-    common.load_weights(model, state["ema"], path)
+    checkpoints.load_weights(model, state["ema"], path)
     return model.eval()
 
 
@@ -273,13 +275,13 @@ def train_or_load(cfg: Config, device) -> tuple[VelocityUNet, VelocityUNet, Spac
                          "--sample-only), or pass the --out (and --vae) of a trained run")
         common.prepare_out(cfg.out)
     else:                                                 # before any work: nothing is overwritten
-        common.new_or_resume(ckpt1, cfg.resume, cfg.overwrite)
+        checkpoints.new_or_resume(ckpt1, cfg.resume, cfg.overwrite)
         if cfg.resume:                                    # a flow of this script, and the VAE it ran on
-            common.load_checkpoint(ckpt1, device, KIND)
+            checkpoints.load(ckpt1, device, KIND)
             common.check(cfg.space == "pixel" or os.path.isfile(cfg.vae), f"--resume: the VAE '{cfg.vae}' "
                          "is not found; pass the --vae this run was trained with")
         else:
-            common.new_or_resume(ckpt2, False, cfg.overwrite)
+            checkpoints.new_or_resume(ckpt2, False, cfg.overwrite)
     x1, space = load_space(cfg, device)
     if cfg.sample_only:
         return load_flow(ckpt1, device, space), load_flow(ckpt2, device, space), space
@@ -300,7 +302,7 @@ def main(argv=None) -> tuple[VelocityUNet, VelocityUNet]:
     n = min(8, cfg.n_samples)
     x0 = torch.randn((n, *space.shape), device=device, generator=common.generator(device, cfg.seed))
     rows = [space.to_images(euler_sample(flow, x0, steps)) for steps in (1, 50) for flow in (flow1, flow2)]
-    common.save_grid(torch.cat(rows), os.path.join(cfg.out, "samples.png"), nrow=n)
+    plots.save_grid(torch.cat(rows), os.path.join(cfg.out, "samples.png"), nrow=n)
     print(f"samples in {cfg.out}/ (figures against Euler steps, straightness, FD: flow_figures.py)")
     return flow1, flow2
 

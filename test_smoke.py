@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 
+import checkpoints
 import common
 from conftest import digest, one_line
 from tools import ddpm_figures
@@ -220,7 +221,7 @@ def test_bad_input_is_one_line(extra, message, mnist_dir, tmp_path):
 def test_mismatched_checkpoint_is_one_line(ddpm_ckpt, tmp_path):
     state = torch.load(ddpm_ckpt, weights_only=True)
     state["net"]["base"] = 32  # the weights were trained with base 16
-    common.save_checkpoint(str(tmp_path / "ckpt.pt"), **state)
+    checkpoints.save(str(tmp_path / "ckpt.pt"), **state)
     with pytest.raises(SystemExit) as e:
         ddpm_mnist.load_trained(str(tmp_path / "ckpt.pt"), "cpu")
     assert "do not fit the network" in one_line(e) and len(str(e.value)) < 400
@@ -228,8 +229,8 @@ def test_mismatched_checkpoint_is_one_line(ddpm_ckpt, tmp_path):
 
 def test_another_scripts_checkpoint_is_named(ddpm_ckpt, tmp_path):
     state = torch.load(ddpm_ckpt, weights_only=True)
-    common.save_checkpoint(str(tmp_path / "vae.pt"), **(state | {"kind": "latent_diffusion.py VAE"}))
-    common.save_checkpoint(str(tmp_path / "bare.pt"), model=state["model"], kind="ddpm_mnist.py UNet")
+    checkpoints.save(str(tmp_path / "vae.pt"), **(state | {"kind": "latent_diffusion.py VAE"}))
+    checkpoints.save(str(tmp_path / "bare.pt"), model=state["model"], kind="ddpm_mnist.py UNet")
     with pytest.raises(SystemExit, match="holds a latent_diffusion.py VAE checkpoint, not a ddpm_mnist.py UNet one"):
         ddpm_mnist.load_trained(str(tmp_path / "vae.pt"), "cpu")
     with pytest.raises(SystemExit, match="lacks net, ema, config"):
@@ -369,9 +370,9 @@ def test_ema_averages_parameters_only():
 
 def test_atomic_checkpoint(tmp_path):
     path = str(tmp_path / "sub" / "c.pt")
-    common.save_checkpoint(path, step=3, config={"a": 1})
+    checkpoints.save(path, step=3, config={"a": 1})
     assert os.listdir(tmp_path / "sub") == ["c.pt"]  # no temporary file left behind
-    assert common.load_checkpoint(path)["step"] == 3
+    assert checkpoints.load(path)["step"] == 3
 
 
 def test_parse_config_flags():

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import plots
 
 
 @dataclass
@@ -205,19 +206,19 @@ def judge(cfg: Config, diffusion: Diffusion2D, model: MLP, losses: list[float], 
     with torch.no_grad():
         test_loss = np.mean([diffusion.loss(model, x_test).item() for _ in range(20)])
     print(f"held-out loss {test_loss:.4f}")
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": common.smooth(losses, 100)},
+    plots.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": plots.smooth(losses, 100)},
                        title="DDPM loss on 2D points, against training step")
     xs = diffusion.sample(model, cfg.n_samples, generator=torch.Generator().manual_seed(cfg.seed))
     ed_samples, ed_noise = energy_distance(xs[-1], x_test), energy_distance(xs[0], x_test)
     ed_floor = energy_distance(x_test[::2], x_test[1::2])
     print(f"energy distance to held-out data: samples {ed_samples:.4f}, pure noise {ed_noise:.4f} "
           f"(two held-out halves: {ed_floor:.4f})")
-    fig, ax = common.figure(figsize=(3, 3.4))
+    fig, ax = plots.figure(figsize=(3, 3.4))
     ax.scatter(xs[-1][:, 0], xs[-1][:, 1], s=1, alpha=0.4)
     ax.set(xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), aspect="equal", xticks=[], yticks=[])
     ax.set_title(f"held-out loss {test_loss:.3f}\nenergy distance {ed_samples:.4f}", fontsize=9)
     fig.suptitle(f"samples of --time-input {cfg.time_input}")
-    common.save_figure(fig, os.path.join(cfg.out, "samples.png"), dpi=90, grid=False, legend=0)
+    plots.save_figure(fig, os.path.join(cfg.out, "samples.png"), dpi=90, grid=False, legend=0)
     return dict(test_loss=test_loss, ed_samples=ed_samples, ed_noise=ed_noise, ed_floor=ed_floor), xs
 
 

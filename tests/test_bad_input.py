@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import checkpoints
 from conftest import digest
 
 MNIST = ["--data-dir", "{mnist}", "--no-download", "--device", "cpu"]
@@ -169,7 +169,7 @@ def files(tmp_path_factory, mnist_dir, image_folder, ddpm_ckpt):
     (root / "ddpm_out").mkdir()
     shutil.copy(ddpm_ckpt, root / "ddpm_out" / "ckpt.pt")
     (root / "file.txt").write_text("not a folder")
-    common.save_checkpoint(str(root / "vae.pt"), kind="latent_diffusion.py VAE", net={"channels": 1},
+    checkpoints.save(str(root / "vae.pt"), kind="latent_diffusion.py VAE", net={"channels": 1},
                            model={}, scale=1.0)
     torch.save({"hello": 1}, root / "keyless.pt")
     (root / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(2000))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
+import checkpoints
 import dit_cifar
 from tools import dit_figures
 import latent_diffusion
@@ -134,7 +134,7 @@ def test_bad_input_is_one_line(run, image_folder, tmp_path):
                                                               "--model", "DiT-T/3")])
     assert "patch size 3 does not divide the latent size 8" in msg
     other = VAE(channels=3, latent_channels=2, base=16)                 # latents (2, 8, 8), not (4, 8, 8)
-    common.save_checkpoint(str(tmp_path / "vae2.pt"), kind=latent_diffusion.VAE_KIND, net=other.config,
+    checkpoints.save(str(tmp_path / "vae2.pt"), kind=latent_diffusion.VAE_KIND, net=other.config,
                            model=other.state_dict(), scale=1.0)
     before = (run / "ckpt.pt").read_bytes()
     for flag in "--sample-only", "--resume":

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import checkpoints
 import common
 from tools import evaluate
 
@@ -72,7 +73,7 @@ def test_other_epochs_train_another_classifier_and_a_bad_cache_is_rebuilt(ev, mn
         if bad == "garbage":
             open(one.path, "wb").write(b"not a checkpoint")
         else:
-            common.save_checkpoint(one.path, kind="latent_diffusion.py VAE", net={}, model={}, scale=1.0)
+            checkpoints.save(one.path, kind="latent_diffusion.py VAE", net={}, model={}, scale=1.0)
         capsys.readouterr()
         again = evaluate.Evaluator("mnist", mnist_dir, download=False, cache_dir=cache, classifier_epochs=1)
         assert "training a new one" in capsys.readouterr().out

@@ -22,7 +22,7 @@ import os, signal, sys
 sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)                       # as the tests in this process: the same arithmetic
-import common, {script}
+import plots, {script}
 where = sys.argv[1]
 if where == "save":                            # the 2nd checkpoint write: half a file, then killed
     real, n = torch.save, [0]
@@ -34,7 +34,7 @@ if where == "save":                            # the 2nd checkpoint write: half 
         return real(obj, f, *a, **k)
     torch.save = save
 elif where == "figure":                        # the first progress grid (or any figure)
-    common.save_grid = common.save_figure = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    plots.save_grid = plots.save_figure = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 {script}.main(sys.argv[2:])
 """
 DDPM = ["--preset", "tiny", "--T", "20", "--batch-size", "16", "--n-samples", "2", "--ddim-steps", "2",

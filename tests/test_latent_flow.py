@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import checkpoints
 import common
 from conftest import digest
 from tools import flow_figures
@@ -116,7 +117,7 @@ def test_ensure_vae_continues_an_interrupted_vae_exactly(mnist_dir, tmp_path):
     ld.ensure_vae(str(tmp_path / "cut.pt"), x, "cpu", epochs=1, **kw)
     state = torch.load(tmp_path / "cut.pt", weights_only=True)
     del state["scale"]                                      # as if stopped before the scale factor was saved
-    common.save_checkpoint(str(tmp_path / "cut.pt"), **state)
+    checkpoints.save(str(tmp_path / "cut.pt"), **state)
     before = digest(tmp_path / "cut.pt")
     with pytest.raises(SystemExit) as e:                    # never continued silently: --resume or --overwrite
         ld.ensure_vae(str(tmp_path / "cut.pt"), x, "cpu", epochs=2, **kw)
@@ -222,7 +223,7 @@ def test_pairs_cache_is_reused_only_when_it_holds_this_flow1s_pairs(tmp_path, mo
     assert len(calls) == 3
     (tmp_path / "pairs.pt").write_bytes(b"not a checkpoint")  # a damaged file: made again
     assert torch.equal(get()[1], x1)
-    common.save_checkpoint(path, kind="ddpm_mnist.py UNet", x0=x0)  # another script's file: made again
+    checkpoints.save(path, kind="ddpm_mnist.py UNet", x0=x0)  # another script's file: made again
     assert torch.equal(get()[1], x1)
     assert len(calls) == 5
 
@@ -242,7 +243,7 @@ def test_rectified_flow_latent_reuses_the_vae(mnist_dir, ld_out, tmp_path, monke
 def test_vae_of_another_shape_is_a_one_line_error(mnist_dir, tmp_path):
     path = str(tmp_path / "rgb_vae.pt")
     vae = ld.VAE(channels=3, base=8)
-    common.save_checkpoint(path, kind=ld.VAE_KIND, net=vae.config, model=vae.state_dict(), scale=1.0)
+    checkpoints.save(path, kind=ld.VAE_KIND, net=vae.config, model=vae.state_dict(), scale=1.0)
     with pytest.raises(SystemExit) as e:
         rf.main(["--data-dir", mnist_dir, "--out", str(tmp_path), "--space", "latent", "--vae", path] + RF_TINY)
     one_line_error(e, "3-channel", "--vae")
@@ -289,7 +290,7 @@ def test_a_second_run_into_a_trained_out_stops_and_keeps_the_checkpoint(mnist_di
 def test_latent_checkpoint_with_another_vae_is_a_one_line_error(mnist_dir, ld_out, tmp_path):
     state = torch.load(os.path.join(ld_out, "vae.pt"), weights_only=True)
     other = str(tmp_path / "other_vae.pt")
-    common.save_checkpoint(other, **{**state, "scale": 2 * state["scale"]})
+    checkpoints.save(other, **{**state, "scale": 2 * state["scale"]})
     with pytest.raises(SystemExit) as e:
         ld.main(["--data-dir", mnist_dir, "--out", ld_out, "--vae", other] + LD_TINY + ["--sample-only"])
     one_line_error(e, "another VAE", "--vae")

@@ -22,7 +22,9 @@ import textwrap
 
 import torch
 
+import checkpoints
 import common
+import plots
 from cfg import KIND, Config, CondUNet, check_config, sample
 from ddpm_mnist import DDPM
 from tools import report
@@ -30,16 +32,16 @@ from tools import report
 
 def load_trained(path: str, device) -> tuple[CondUNet, DDPM, dict]:
     """The EMA network and diffusion process of a checkpoint written by cfg.train."""
-    state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "config"),
+    state = checkpoints.load(path, device, KIND, keys=("net", "ema", "config"),
                                    hint="train with `python cfg.py` first, or pass --ckpt")
     model = CondUNet(**state["net"]).to(device)
-    common.load_weights(model, state["ema"], path)
+    checkpoints.load_weights(model, state["ema"], path)
     return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device), state
 
 
 def plot_tradeoff(path: str, rows: list[list], title: str, fd_name: str | None, n_eval: int) -> None:
     """tradeoff.png: diversity (and class accuracy) against w; with an FD, the FD in a second panel."""
-    fig, axes = common.figure(1, 2 if fd_name else 1, figsize=(11 if fd_name else 6, 4.2), squeeze=False)
+    fig, axes = plots.figure(1, 2 if fd_name else 1, figsize=(11 if fd_name else 6, 4.2), squeeze=False)
     ws, ax = [r[0] for r in rows], axes[0][0]
     ax.plot(ws, [r[1] for r in rows], "o-", color="C0", label="within-class diversity (real = 1)")
     if fd_name:
@@ -50,7 +52,7 @@ def plot_tradeoff(path: str, rows: list[list], title: str, fd_name: str | None, 
     ax.set(xlabel="guidance weight w", ylabel="relative distance" + (" / accuracy" if fd_name else ""),
            title="diversity" + (" and class accuracy" if fd_name else "") + " against w")
     fig.suptitle(textwrap.fill(title, 120 if fd_name else 65), fontsize=11)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -77,7 +79,7 @@ def sweep(cfg: Config, model: CondUNet, ddpm: DDPM, device, evaluator=None) -> l
     rows = []
     for w in common.progress(cfg.scales, "guidance weights"):
         x = sample(model, ddpm, y, w, cfg.sampler, cfg.ddim_steps, cfg.eta, cfg.clip, x_T, gen())
-        common.save_labelled_grid(x[in_grid], os.path.join(cfg.out, f"cfg_w{w:g}.png"), cols,
+        plots.save_labelled_grid(x[in_grid], os.path.join(cfg.out, f"cfg_w{w:g}.png"), cols,
                                   [f"class {k}" for k in cfg.classes], f"CFG at w = {w:g} ({how})",
                                   "samples: the same noise in every w's grid")
         row = [w, evaluate.within_class_diversity(x, y) / div_real]

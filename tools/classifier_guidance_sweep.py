@@ -24,7 +24,9 @@ import textwrap
 
 import torch
 
+import checkpoints
 import common
+import plots
 from classifier_guidance import KIND, Config, NoisyClassifier, check_config, check_fits_base, load_base, sample
 from ddpm_mnist import DDPM
 from tools import report
@@ -32,11 +34,11 @@ from tools import report
 
 def load_classifier(path: str, base: dict, device) -> NoisyClassifier:
     """The EMA classifier of a checkpoint written by classifier_guidance.train; it must fit the base."""
-    state = common.load_checkpoint(path, device, KIND, keys=("net", "ema", "base"),
+    state = checkpoints.load(path, device, KIND, keys=("net", "ema", "base"),
                                    hint="train with `python classifier_guidance.py` first, or pass --ckpt")
     check_fits_base(state, base, path)
     classifier = NoisyClassifier(**state["net"]).to(device)
-    common.load_weights(classifier, state["ema"], path)
+    checkpoints.load_weights(classifier, state["ema"], path)
     return classifier.eval()
 
 
@@ -58,7 +60,7 @@ def accuracy_per_t(classifier, ddpm: DDPM, x: torch.Tensor, y: torch.Tensor, lev
 def plot_scales(path: str, rows: list[list], samplers: tuple[str, ...], title: str, fd_name: str | None) -> None:
     """accuracy_vs_scale.png: diversity and accuracies against s, a colour per curve, a line style per
     sampler; with an FD, the FD in a second panel."""
-    fig, axes = common.figure(1, 2 if fd_name else 1, figsize=(11 if fd_name else 6, 4.2), squeeze=False)
+    fig, axes = plots.figure(1, 2 if fd_name else 1, figsize=(11 if fd_name else 6, 4.2), squeeze=False)
     series = [("diversity (real = 1)", 2), ("accuracy by p_phi itself", 3), ("accuracy by LeNet", 4)][:3 if fd_name else 2]
     for k, smp in enumerate(samplers):
         ss, style = [r[1] for r in rows if r[0] == smp], ("-", "--")[k % 2]
@@ -72,7 +74,7 @@ def plot_scales(path: str, rows: list[list], samplers: tuple[str, ...], title: s
     if fd_name:
         axes[0][1].set(xlabel="guidance scale s", ylabel=fd_name, title=f"{fd_name} (lower: closer to the data)")
     fig.suptitle(textwrap.fill(title, 120 if fd_name else 65), fontsize=11)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -89,11 +91,11 @@ def sweep(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=None) ->
                                         c["channels"], device)
     per_t = accuracy_per_t(classifier, ddpm, x_test[:2000], y_test[:2000], seed=cfg.seed)
     print("noisy classifier, test accuracy per noise level:\n" + "\n".join(f"  t = {t:4d}: {a:.3f}" for t, a in per_t))
-    fig, ax = common.figure(figsize=(6, 4))
+    fig, ax = plots.figure(figsize=(6, 4))
     ax.plot(*zip(*per_t), "o-")
     ax.set(xlabel="noise level t", ylabel="test accuracy", ylim=(0, 1.02),
            title=f"noisy classifier p_phi(y | x_t, t), {min(len(x_test), 2000)} test images (T = {ddpm.T})")
-    common.save_figure(fig, os.path.join(cfg.out, "accuracy_per_t.png"))
+    plots.save_figure(fig, os.path.join(cfg.out, "accuracy_per_t.png"))
     y = torch.tensor(cfg.classes, device=device).repeat_interleave(n)       # (N,) one row per class
     gen = functools.partial(common.generator, device, cfg.seed, 1)   # the samplers' z: the same for every scale
     x_T = torch.randn((len(y), c["channels"], c["image_size"], c["image_size"]), device=device,
@@ -107,7 +109,7 @@ def sweep(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=None) ->
     for sampler, s in common.progress([(a, b) for a in cfg.samplers for b in cfg.scales], "guidance scales"):
         x = sample(model, classifier, ddpm, y, s, sampler, cfg.ddim_steps, cfg.eta, cfg.sigma, cfg.clip, x_T, gen())
         how = f"DDIM-{cfg.ddim_steps}" if sampler == "ddim" else f"DDPM-{ddpm.T}, Sigma_t {cfg.sigma}"
-        common.save_labelled_grid(x[in_grid], os.path.join(cfg.out, f"guided_{sampler}_s{s:g}.png"), cols,
+        plots.save_labelled_grid(x[in_grid], os.path.join(cfg.out, f"guided_{sampler}_s{s:g}.png"), cols,
                                   [f"class {k}" for k in cfg.classes], f"classifier guidance, s = {s:g} ({how})",
                                   "samples: the same noise in every s's grid")
         own = (classifier(x, torch.zeros_like(y)).argmax(1) == y).float().mean().item()  # p_phi at t = 0
@@ -137,7 +139,7 @@ def main(argv=None) -> dict:
     common.prepare_out(cfg.out)
     ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     # stop now, not after training a base model, when there is nothing to sample with
-    common.load_checkpoint(ckpt, device, KIND, keys=("net", "ema", "base"),
+    checkpoints.load(ckpt, device, KIND, keys=("net", "ema", "base"),
                            hint="train with `python classifier_guidance.py` first, or pass --ckpt")
     common.check(os.path.isfile(cfg.base_ckpt), f"--base-ckpt '{cfg.base_ckpt}' not found; the sweep needs the base "
                  "model the classifier was trained for")

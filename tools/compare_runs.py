@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 
 import common
+import plots
 from tools import report
 
 
@@ -74,7 +75,7 @@ def twin(runs: dict, name: str, key: str, rel: float) -> str:
 
 
 def plot(runs: dict, path: str) -> None:
-    fig, axes = common.figure(1, 3, figsize=(16, 4.5))
+    fig, axes = plots.figure(1, 3, figsize=(16, 4.5))
     one_schedule = all(r["alpha_bar"] == next(iter(runs.values()))["alpha_bar"] for r in runs.values())
     for i, (name, r) in enumerate(runs.items()):       # a line style and a marker per run: coinciding curves show
         style = dict(ls=["-", "--", ":", "-."][i % 4], marker="os^vDx"[i % 6], ms=4, alpha=0.85)
@@ -92,7 +93,7 @@ def plot(runs: dict, path: str) -> None:
                 yscale="log", title="test loss per noise level")
     fig.suptitle("Compare the curves: the final training MSE is not comparable across schedules or targets "
                  "(each weighs the noise levels differently)", fontsize=9)
-    common.save_figure(fig, path, legend=7)
+    plots.save_figure(fig, path, legend=7)
 
 
 def main(argv=None) -> dict:

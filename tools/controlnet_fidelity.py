@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import common
 import controlnet_canny as cn
 import ddpm_mnist
@@ -99,7 +100,7 @@ def main(argv=None) -> dict:
     x_test = common.load_images("mnist", cfg.data_dir, False, cfg.download, unet.config["image_size"], 1, device)[0]
     c_test = cn.edge_maps(x_test, low, high, os.path.join(cfg.out, f"edges_test_{low}_{high}.pt"))
     control = cn.ControlNet(unet).to(device)
-    common.load_weights(control, state["ema"], ckpt)
+    checkpoints.load_weights(control, state["ema"], ckpt)
     model, g = cn.ControlledUNet(unet, control.eval()).eval(), common.generator(device, cfg.seed)
     cn.control_figure(model, ddpm, x_test, c_test, min(cfg.n_digits, len(x_test)), cfg.samples_per_edge,
                       cfg.ddim_steps, g, os.path.join(cfg.out, "control.png"))

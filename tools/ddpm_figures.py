@@ -35,7 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import common
+import plots
 import ddpm_mnist
 from tools import report
 
@@ -169,11 +171,11 @@ def crop(x, size: int):
 def load_trained(path: str, device) -> tuple[ddpm_mnist.UNet, PredictDDPM, dict]:
     """Any checkpoint of ddpm_mnist.py's `train`, the exercises' included: -> (EMA network in eval mode,
     its process, the whole state)."""
-    state = common.load_checkpoint(path, device, ddpm_mnist.KIND, keys=("net", "ema", "config"),
+    state = checkpoints.load(path, device, ddpm_mnist.KIND, keys=("net", "ema", "config"),
                                    hint="train one with `python -m tools.ddpm_figures` first")
     c = state["config"]
     model = make_unet(**state["net"]).to(device)
-    common.load_weights(model, state["ema"], path)
+    checkpoints.load_weights(model, state["ema"], path)
     ddpm = PredictDDPM(c["T"], c["schedule"], c.get("cosine_clip", 0.999), c.get("predict", "eps"))
     return model.eval(), ddpm.to(device), state
 
@@ -217,7 +219,7 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
     # the network's own eps (never clipped: --clip is the samplers' business), the objective it was trained on
     test_loss, per_t = test_loss_per_timestep(ddpm.eps_from(model), ddpm, pad(x_raw, cfg.pad_to), seed=cfg.seed)
     print(f"test loss {test_loss:.4f} (eps-MSE of the network, {min(len(x_raw), 2000)} test images)")
-    common.plot_curves(os.path.join(out, "loss_per_timestep.png"), {"test loss": per_t}, xlabel="t",
+    plots.plot_curves(os.path.join(out, "loss_per_timestep.png"), {"test loss": per_t}, xlabel="t",
                        ylabel="test eps-MSE", title=f"test eps-MSE per t (mean {test_loss:.4f}); t = 0: clean data")
     ab = ddpm.alpha_bar.cpu().double()
     logsnr = [math.log(ab[int(t)] / (1 - ab[int(t)])) for t, _ in per_t]  # log(alpha_bar / (1 - alpha_bar)), bin centre
@@ -236,15 +238,15 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
         print(f"DDPM grid: {T} steps x {n} images in {sec:.1f}s")
         grids["ddpm"] = (x, f"DDPM, {T} steps, sigma_t^2 {cfg.sigma}")
     for name, (x, title) in grids.items():                       # the same x_T: compare them image by image
-        common.save_labelled_grid(x, os.path.join(out, f"{name}_8x8.png"), 8, [], f"{title}: {len(x)} samples, EMA weights")
-        common.save_labelled_grid(x[:16], os.path.join(out, f"{name}_4x4.png"), 4, [], title)
+        plots.save_labelled_grid(x, os.path.join(out, f"{name}_8x8.png"), 8, [], f"{title}: {len(x)} samples, EMA weights")
+        plots.save_labelled_grid(x[:16], os.path.join(out, f"{name}_4x4.png"), 4, [], title)
     # row 1 spherical, row 2 linear: the linear midpoints leave the noise shell (see slerp)
     a = torch.linspace(0, 1, 10, device=device)
     z = torch.stack([slerp(x_T[0], x_T[1], w) for w in a] + [(1 - w) * x_T[0] + w * x_T[1] for w in a])
     print(f"interpolation: ||z|| = {x_T[0].norm():.1f} and {x_T[1].norm():.1f} at the ends, midpoint "
           f"{z[4:6].flatten(1).norm(dim=1).mean():.1f} spherical, {z[14:16].flatten(1).norm(dim=1).mean():.1f} linear")
     x = ddpm.ddim_sample(eps_model, z.shape, S, x_T=z)
-    common.save_labelled_grid(x, os.path.join(out, "interpolation.png"), 10, ["spherical", "linear"],
+    plots.save_labelled_grid(x, os.path.join(out, "interpolation.png"), 10, ["spherical", "linear"],
                               f"from one noise vector to another (columns: weight 0 to 1), decoded by DDIM-{S}")
     if cfg.ddpm_grid:
         # 3 runs from the same k x_T: DDPM draws fresh noise z at every step (the 3 copies in one batch
@@ -255,7 +257,7 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
         det = [ddpm.ddim_sample(eps_model, (k, *shape), S, 0.0, x_T=x_T[:k], generator=gen()) for r in range(3)]
         print(f"  DDPM runs differ by {(stoch[:k] - stoch[k:2 * k]).abs().mean():.3f} per pixel, "
               f"DDIM runs by {(det[0] - det[1]).abs().mean():.3f}")
-        common.save_labelled_grid(torch.cat([torch.cat([stoch[k * r:k * (r + 1)], det[r]]) for r in range(3)]),
+        plots.save_labelled_grid(torch.cat([torch.cat([stoch[k * r:k * (r + 1)], det[r]]) for r in range(3)]),
                                   os.path.join(out, "stochastic_vs_deterministic.png"), 2 * k, ["run 1", "run 2", "run 3"],
                                   f"the same {k} noise images, 3 runs: DDPM-{T} (left {k}: new z each run), "
                                   f"DDIM-{S}, eta 0 (right {k})")
@@ -279,10 +281,10 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
             curves["DDPM"] = [(T, sec)]
             print(f"DDPM {T:4d} steps: {sec:.2f}s per batch of {m}")
         names = [f"DDIM-{s}" for s in sweep] + [f"DDPM-{T}"] * cfg.ddpm_grid
-        common.save_labelled_grid(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), m, names,
+        plots.save_labelled_grid(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), m, names,
                                   f"the same {m} noise images through each sampler and step count")
         report.write_table(os.path.join(out, "ddim_sweep.md"), ["sampler", "steps", f"seconds per batch of {m}"], table)
-        common.plot_curves(os.path.join(out, "ddim_sweep_time.png"), curves, xlabel="steps",
+        plots.plot_curves(os.path.join(out, "ddim_sweep_time.png"), curves, xlabel="steps",
                            ylabel="seconds per batch", title=f"sampling steps vs wall time ({m} images)")
     rows = []
     if cfg.eval:  # opt-in: the same sweep, measured (FD in a cached classifier's features, see evaluate.py)
@@ -323,7 +325,7 @@ def main(argv=None) -> dict:
         common.check(cfg.ddim_steps <= ddpm.T, f"--ddim-steps must be in 1..{ddpm.T} (the T of '{ckpt}'), "
                      f"got {cfg.ddim_steps}")
     else:
-        common.new_or_resume(ckpt, cfg.resume, cfg.overwrite)  # never replace a trained model by mistake
+        checkpoints.new_or_resume(ckpt, cfg.resume, cfg.overwrite)  # never replace a trained model by mistake
     common.seed_everything(cfg.seed)
     common.setup_speed(device)
     if not cfg.sample_only:

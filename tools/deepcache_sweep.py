@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 import common
+import plots
 import deepcache as dc
 from tools import report
 
@@ -116,14 +117,14 @@ def grid_figure(rows: list[torch.Tensor], labels: list[str], title: str, path: s
 
     n, (H, W) = len(rows[0]), rows[0].shape[-2:]
     img = make_grid(((torch.cat(rows).float().cpu() + 1) / 2).clamp(0, 1), nrow=n, padding=2, pad_value=1)
-    fig, ax = common.figure(figsize=(1.5 + 0.7 * n, 0.8 + 0.7 * len(rows)))
+    fig, ax = plots.figure(figsize=(1.5 + 0.7 * n, 0.8 + 0.7 * len(rows)))
     ax.imshow(img.permute(1, 2, 0).numpy())
     ax.set_xticks([2 + (W + 2) * j + W / 2 for j in range(n)], [f"x_T {j + 1}" for j in range(n)], fontsize=7)
     ax.set_yticks([2 + (H + 2) * i + H / 2 for i in range(len(rows))], labels, fontsize=8)
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
     ax.set_title(title, fontsize=9)
-    common.save_figure(fig, path, grid=False, legend=0)
+    plots.save_figure(fig, path, grid=False, legend=0)
 
 
 def write_table(rows: list[dict], path: str) -> None:
@@ -142,7 +143,7 @@ def plot_sweep(rows: list[dict], out: str, title: str) -> None:
     steps = sorted({r["steps"] for r in rows})
     by = {S: [r for r in rows if r["steps"] == S] for S in steps}
     intervals = sorted({r["interval"] for r in rows})
-    fig, ax = common.figure(figsize=(6, 4))
+    fig, ax = plots.figure(figsize=(6, 4))
     for j, S in enumerate(steps):
         ax.plot([r["interval"] for r in by[S]], [r["speedup"] for r in by[S]], "o-", color=f"C{j}", label=f"{S} steps")
         ax.plot([r["interval"] for r in by[S]], [r["theory"] for r in by[S]], "x--", color=f"C{j}", alpha=0.6)
@@ -150,7 +151,7 @@ def plot_sweep(rows: list[dict], out: str, title: str) -> None:
            "(solid: measured; dashed: if time went with FLOPs)")
     figure_done(fig, ax, os.path.join(out, "speedup.png"), intervals=intervals)
 
-    fig, axes = common.figure(1, 3, figsize=(15, 4))
+    fig, axes = plots.figure(1, 3, figsize=(15, 4))
     for j, S in enumerate(steps):
         axes[2].plot([r["interval"] for r in by[S]], [r["ssim"] for r in by[S]], "o-", color=f"C{j}", label=f"{S} steps")
         inexact = [r for r in by[S] if r["mse"] > 0]                     # interval 1 is exact: MSE 0, PSNR inf
@@ -165,7 +166,7 @@ def plot_sweep(rows: list[dict], out: str, title: str) -> None:
     fig.suptitle(f"DeepCache on the {title}: quality against the uncached samples from the same noise")
     figure_done(fig, axes, os.path.join(out, "quality.png"), intervals=intervals)
 
-    fig, ax = common.figure(figsize=(6, 4))
+    fig, ax = plots.figure(figsize=(6, 4))
     key, label = ("fd", "FD (lower is better)") if "fd" in rows[0] else ("ssim", "SSIM vs uncached")
     for j, S in enumerate(steps):
         ax.plot([r["speedup"] for r in by[S]], [r[key] for r in by[S]], "o", color=f"C{j}", label=f"{S} steps")
@@ -177,13 +178,13 @@ def plot_sweep(rows: list[dict], out: str, title: str) -> None:
 
 
 def figure_done(fig, axes, path, intervals=None) -> None:
-    """A log x axis labelled with the intervals on every panel (if given), then common.save_figure."""
+    """A log x axis labelled with the intervals on every panel (if given), then plots.save_figure."""
     for a in getattr(axes, "flat", [axes]) if intervals else []:
         a.set_xscale("log")
         a.set_xticks(intervals, [str(i) for i in intervals])
         a.minorticks_off()
         a.set_xlabel("cache interval N")
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 import common
+import plots
 import dit_cifar
 from latent_diffusion import vae_figure
 from tools import report
@@ -44,7 +45,7 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_tes
     print(f"latent scale factor s = 1 / std(z_train) = {scale:.4f}")
     final = dit_cifar.test_loss(model, ddpm, z_test, y_test, cfg.seed)
     print(f"final test loss (EMA DiT, {min(len(z_test), 2000)} test latents): {final:.4f}")
-    plot_points(os.path.join(cfg.out, "loss.png"), {"train (mean of 50 steps)": common.smooth(state["losses"]),
+    plot_points(os.path.join(cfg.out, "loss.png"), {"train (mean of 50 steps)": plots.smooth(state["losses"]),
                                                     "test (EMA), after each epoch": state["test_losses"]},
                 "step", "eps-MSE", f"{state['config']['model']}: training vs test loss (final test {final:.4f})",
                 dense=("train (mean of 50 steps)",))
@@ -53,7 +54,7 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_tes
     for w in cfg.scales:
         x, seconds = report.timed(device, lambda: dit_cifar.sample(model, ddpm, vae, scale, y, w, cfg.ddim_steps,
                                                                    cfg.seed))
-        common.save_labelled_grid(x, os.path.join(cfg.out, f"cfg_w{w:g}.png"), cfg.n_per_class, names,
+        plots.save_labelled_grid(x, os.path.join(cfg.out, f"cfg_w{w:g}.png"), cfg.n_per_class, names,
                                   f"{state['config']['model']}, classifier-free guidance w = {w:g}",
                                   "each column: the same noise z_T for every w")
         print(f"w = {w:g}: {len(y)} images ({cfg.ddim_steps} DDIM steps, then the decoder) in {seconds:.2f}s")
@@ -76,7 +77,7 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_tes
 
 def eval_figure(path: str, rows: list[list], name: str, n: int, model: str, classes: int = 10) -> None:
     """Two panels against the guidance weight w: the FD (fidelity and diversity) and the class accuracy."""
-    fig, (a, b) = common.figure(1, 2, figsize=(9, 3.6))
+    fig, (a, b) = plots.figure(1, 2, figsize=(9, 3.6))
     w = [r[0] for r in rows]
     a.plot(w, [r[1] for r in rows], "o-")
     a.set(xlabel="guidance weight w", ylabel=name, title=f"{name} against w (lower is better)", xticks=w)
@@ -84,7 +85,7 @@ def eval_figure(path: str, rows: list[list], name: str, n: int, model: str, clas
     b.axhline(1 / classes, color="gray", ls="--", label=f"chance ({classes} classes)")
     b.set(xlabel="guidance weight w", ylabel="class accuracy", title="class accuracy against w", xticks=w, ylim=(0, 1))
     fig.suptitle(f"{model}: {n} samples per w")
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def main(argv=None) -> dict | None:

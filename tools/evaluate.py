@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+import checkpoints
 import common
 from tools import report
 
@@ -283,7 +284,7 @@ class Evaluator:
             if isinstance(state, dict) and state.get("kind") == KIND and {"net", "model"} <= set(state) \
                     and state["net"].get("arch") == self.arch:
                 net = NETS[state["net"]["arch"]](**{k: v for k, v in state["net"].items() if k != "arch"})
-                common.load_weights(net, state["model"], self.path)
+                checkpoints.load_weights(net, state["model"], self.path)
                 return net.to(self.device).eval()
             print(f"the classifier cache '{self.path}' is damaged or not an {KIND}: training a new one there")
         cache_dir = os.path.dirname(self.path) or "."
@@ -305,7 +306,7 @@ class Evaluator:
             train_classifier(net, x, y, epochs, self.device)
         acc = (predict(net, self.x_test, self.device) == self.y_test).float().mean().item()
         print(f"classifier: test accuracy {100 * acc:.2f}% ({len(self.x_test)} images), {time.perf_counter() - t0:.0f}s")
-        common.save_checkpoint(self.path, kind=KIND, net=net.config, model=net.state_dict(),
+        checkpoints.save(self.path, kind=KIND, net=net.config, model=net.state_dict(),
                                config=dict(dataset=self.dataset, epochs=epochs), test_accuracy=acc)
         return net
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 import common
+import plots
 import fast_sampling
 from fast_sampling import SOLVERS, steps_for
 from tools import report
@@ -39,21 +40,21 @@ def strips(path: str, rows: list[torch.Tensor], solvers: list[str], nfe: int) ->
     """nfe{N}.png: one row of samples per solver, from the same noise, labelled with the solver and its calls."""
     from torchvision.utils import make_grid
     size = (max(6.5, 2 + 0.6 * len(rows[0])), 0.75 * len(rows) + 0.6)          # room for the labels at the left
-    fig, axes = common.figure(len(rows), 1, figsize=size, squeeze=False)
+    fig, axes = plots.figure(len(rows), 1, figsize=size, squeeze=False)
     for ax, x, s in zip(axes[:, 0], rows, solvers):
         ax.imshow(make_grid((x.float().clamp(-1, 1).cpu() + 1) / 2, nrow=len(x), padding=2).permute(1, 2, 0).numpy())
         ax.set(xticks=[], yticks=[])
         ax.set_ylabel(f"{s}\n{steps_for(s, nfe)} steps, NFE {calls(s, nfe)}", rotation=0, ha="right", va="center",
                       fontsize=8)
     fig.suptitle(f"the same noise, at most {nfe} network calls per sample: one row per solver", fontsize=10)
-    common.save_figure(fig, path, dpi=100, grid=False, legend=0)
+    plots.save_figure(fig, path, dpi=100, grid=False, legend=0)
 
 
 def fd_vs_nfe(path: str, rows: list[dict], solvers: list[str], metric: str, n: int, reference: float | None,
               T: int) -> None:
     """fd_vs_nfe.png: FD against NFE on a linear axis, a marker at every measured point, ticks at the NFEs
     measured; the axis stops at 3x the best FD, and a point above it is drawn at the top with its value."""
-    fig, ax = common.figure(figsize=(6.5, 4.2))
+    fig, ax = plots.figure(figsize=(6.5, 4.2))
     fds = [r["fd"] for r in rows]
     top = min(max(fds), 3 * min(fds))
     for s, marker in zip(solvers, "osD^v"):
@@ -68,7 +69,7 @@ def fd_vs_nfe(path: str, rows: list[dict], solvers: list[str], metric: str, n: i
     ax.set(xticks=sorted({r["nfe"] for r in rows if r["sampler"] in solvers}), ylim=(0.9 * min(fds), 1.06 * top),
            xlabel="network calls (NFE)", ylabel=metric,
            title=f"{metric} ({n} samples, lower is better) against network calls")
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def score(cfg: Config, model, ddpm, device, shape) -> list[dict]:

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+import checkpoints
 import common
+import plots
 import rectified_flow as rf
 from tools import report
 from tools.latent_figures import axis_scale, plot_points
@@ -44,7 +46,7 @@ def make_figures(cfg: Config, flows: dict, space, device) -> dict:
         x_ref, path = rf.euler_sample(model, x0, ref_steps, return_path=True)
         S, dev = rf.straightness(path)
         print(f"{name}: straightness S = {S:.4f}, deviation from the chord {dev:.4f} ({ref_steps} steps)")
-        common.save_grid(torch.cat([space.to_images(x0[:8]), space.to_images(x_ref[:8])]),
+        plots.save_grid(torch.cat([space.to_images(x0[:8]), space.to_images(x_ref[:8])]),
                          os.path.join(cfg.out, f"noise_vs_{name.lower()}.png"), nrow=8)
         for steps in cfg.steps:
             x, seconds = report.timed(device, lambda: rf.euler_sample(model, x0, steps))   # decoding not included
@@ -55,7 +57,7 @@ def make_figures(cfg: Config, flows: dict, space, device) -> dict:
     header = ["flow", "Euler steps", f"seconds / {cfg.n_samples}", f"MSE to the {ref_steps}-step solution",
               "straightness S", "deviation from the chord"]
     print(report.write_table(os.path.join(cfg.out, "steps_table.md"), header, table))
-    common.save_labelled_grid(                                      # a row per noise x0, a column per step count
+    plots.save_labelled_grid(                                      # a row per noise x0, a column per step count
         torch.cat([torch.stack(x, 1).flatten(0, 1) for x in samples.values()]),
         os.path.join(cfg.out, "steps_comparison.png"), len(cfg.steps),
         [f"{name}\n{name[-1]}-rectified" for name, x in samples.items() for _ in range(len(x[0]))],
@@ -65,10 +67,10 @@ def make_figures(cfg: Config, flows: dict, space, device) -> dict:
     if all(curves.values()):
         plot_points(os.path.join(cfg.out, "steps_error.png"), curves, "Euler steps",
                     f"MSE to the {ref_steps}-step solution", f"{cfg.space} space: few-step error, Flow-1 vs Flow-2")
-    losses = [common.load_checkpoint(os.path.join(cfg.out, f"flow{i}.pt"), "cpu")["losses"] for i in (1, 2)]
-    loss = {"Flow-1": common.smooth(losses[0]),                     # Flow-2's steps follow Flow-1's
-            "Flow-2 (reflow)": [(len(losses[0]) + i, v) for i, v in common.smooth(losses[1])]}
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), loss, ylabel="MSE to x1 - x0, mean of 50 steps",
+    losses = [checkpoints.load(os.path.join(cfg.out, f"flow{i}.pt"), "cpu")["losses"] for i in (1, 2)]
+    loss = {"Flow-1": plots.smooth(losses[0]),                     # Flow-2's steps follow Flow-1's
+            "Flow-2 (reflow)": [(len(losses[0]) + i, v) for i, v in plots.smooth(losses[1])]}
+    plots.plot_curves(os.path.join(cfg.out, "loss.png"), loss, ylabel="MSE to x1 - x0, mean of 50 steps",
                        logy=axis_scale(v for c in loss.values() for _, v in c) == "log",
                        title=f"{cfg.space} space: training loss, Flow-1 then Flow-2")
     scored = []

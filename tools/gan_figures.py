@@ -18,6 +18,7 @@ import json
 import os
 
 import common
+import plots
 import gan_mnist
 from gan_mnist import Config, sample
 from tools import report
@@ -41,7 +42,7 @@ def make_figures(cfg: Config, G, history: dict, device, evaluator=None) -> dict:
     if history["fd"]:
         with open(os.path.join(cfg.out, "fd_vs_time.json"), "w") as f:
             json.dump(history["fd"], f)
-        common.plot_curves(os.path.join(cfg.out, "fd_vs_time.png"),
+        plots.plot_curves(os.path.join(cfg.out, "fd_vs_time.png"),
                            {"GAN": [(s / 60, fd) for s, _, fd, _ in history["fd"]]}, xlabel="training minutes",
                            ylabel=evaluator.name, logy=False,
                            title=f"GAN: {evaluator.name} of {cfg.eval} samples against training time")
@@ -54,7 +55,7 @@ def comparison_figure(path: str, runs: list[dict], gan_history: dict, diffusion_
     loss, and the GAN's two losses, a game with no end in sight.
     runs: [{model, seed, minutes, fd, and fd_history (GAN) or curve [(minutes, epoch, fd)]}]"""
     from matplotlib.ticker import ScalarFormatter
-    fig, (a, b, c) = common.figure(1, 3, figsize=(15, 4))
+    fig, (a, b, c) = plots.figure(1, 3, figsize=(15, 4))
     palettes = {"GAN": iter(["tab:red", "tab:orange", "tab:brown", "tab:pink"] * 9),
                 "diffusion": iter(["tab:blue", "tab:cyan", "tab:purple", "tab:green"] * 9)}
     for r in runs:
@@ -69,12 +70,12 @@ def comparison_figure(path: str, runs: list[dict], gan_history: dict, diffusion_
           title="GAN against diffusion: FD against training time")
     for axis in (a.yaxis.set_major_formatter, a.yaxis.set_minor_formatter):   # 30, 40, ... not 3 x 10^1
         axis(ScalarFormatter())
-    b.plot(*zip(*common.smooth(diffusion_losses)), color="tab:blue")
+    b.plot(*zip(*plots.smooth(diffusion_losses)), color="tab:blue")
     b.set(xlabel="step", ylabel="eps-MSE", yscale="log", title="diffusion: one loss, falling")
     for name, key, color in (("D", "d", "tab:gray"), ("G", "g", "tab:red")):
-        c.plot(*zip(*common.smooth(gan_history[key])), color=color, label=name)
+        c.plot(*zip(*plots.smooth(gan_history[key])), color=color, label=name)
     c.set(xlabel="step", ylabel="loss", title="GAN: D's loss against G's, a game")
-    common.save_figure(fig, path, dpi=110, legend=7)
+    plots.save_figure(fig, path, dpi=110, legend=7)
 
 
 def main(argv=None) -> dict:

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+import checkpoints
 import common
+import plots
 import latent_diffusion as ld
 from tools import report
 
@@ -43,7 +45,7 @@ def axis_scale(values) -> str:
 def plot_points(path: str, curves: dict, xlabel: str, ylabel: str, title: str, dense: tuple = ()) -> None:
     """Named curves of (x, y) points with a marker at each measured point (none on the `dense` ones,
     e.g. a loss at every step), each axis log only where its values span a decade."""
-    fig, ax = common.figure(figsize=(6, 4))
+    fig, ax = plots.figure(figsize=(6, 4))
     for name, points in curves.items():
         xs, ys = zip(*points)
         ax.plot(xs, ys, label=name, lw=1.2, marker=None if name in dense else "o", ms=4)
@@ -52,15 +54,15 @@ def plot_points(path: str, curves: dict, xlabel: str, ylabel: str, title: str, d
     if not dense and len(set(xs)) <= 10:                  # a few measured x: a labelled tick at each
         ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))], minor=False)
         ax.minorticks_off()
-    common.save_figure(fig, path, legend=10 if len(curves) > 1 else 0)
+    plots.save_figure(fig, path, legend=10 if len(curves) > 1 else 0)
 
 
 def make_figures(cfg: Config, model, ddpm, vae, scale: float, x_test, device) -> dict:
     """VAE reconstructions, the loss curve, DDIM and DDPM (--no-ddpm: DDIM only) from the same noise
     with their sampling times, and (with --eval N) the FD of each sampler. -> {recon_mse, scale, eval}"""
     recon_mse = ld.vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
-    curve = common.smooth(common.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"), "cpu")["losses"])
-    common.plot_curves(os.path.join(cfg.out, "loss.png"), {"latent DDPM": curve}, ylabel="eps-MSE, mean of 50 steps",
+    curve = plots.smooth(checkpoints.load(os.path.join(cfg.out, "ckpt.pt"), "cpu")["losses"])
+    plots.plot_curves(os.path.join(cfg.out, "loss.png"), {"latent DDPM": curve}, ylabel="eps-MSE, mean of 50 steps",
                        logy=axis_scale(v for _, v in curve) == "log", title="latent UNet: training loss")
     c = model.config
     shape = (cfg.n_samples, c["channels"], c["image_size"], c["image_size"])   # (N, c_z, h, w)
@@ -79,7 +81,7 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, x_test, device) ->
         images.append(x[:len(x) // nrow * nrow])                   # whole rows of nrow, each named
         names += [f"{name}-{steps}"] * (len(x) // nrow)
         print(f"{name} {steps} steps: {seconds:.2f}s for {len(x)} latents, + {decode_seconds:.2f}s to decode them")
-    common.save_labelled_grid(torch.cat(images), os.path.join(cfg.out, "ddim_vs_ddpm.png" if cfg.ddpm else "ddim.png"),
+    plots.save_labelled_grid(torch.cat(images), os.path.join(cfg.out, "ddim_vs_ddpm.png" if cfg.ddpm else "ddim.png"),
                               nrow, names, "decoded latent samples: " + " vs ".join(dict.fromkeys(names)),
                               xlabel="from the same latent noise z_T, image for image" if cfg.ddpm else "")
     scored = []

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import common
+import plots
 import toy_2d
 from toy_2d import Diffusion2D, closed_form_vs_chain, energy_distance
 
@@ -51,7 +52,7 @@ def scatter_grid(path: str, rows: list[list[torch.Tensor]], titles: list[list[st
                  size: float = 2.4) -> None:
     """One point cloud per panel, rows of panels on a common [-3.5, 3.5]^2 frame."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = common.figure(n_rows, n_cols, figsize=(size * n_cols, size * n_rows + 0.4), squeeze=False)
+    fig, axes = plots.figure(n_rows, n_cols, figsize=(size * n_cols, size * n_rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, (clouds, row_titles) in enumerate(zip(rows, titles)):
@@ -61,7 +62,7 @@ def scatter_grid(path: str, rows: list[list[torch.Tensor]], titles: list[list[st
             ax.set(xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), aspect="equal", xticks=[], yticks=[])
             ax.set_title(title, fontsize=9)
     fig.suptitle(suptitle)
-    common.save_figure(fig, path, dpi=90, grid=False, legend=0)
+    plots.save_figure(fig, path, dpi=90, grid=False, legend=0)
 
 
 def variance_figure(path: str, diffusion: Diffusion2D, x0: torch.Tensor, generator) -> tuple[list, list]:
@@ -77,7 +78,7 @@ def variance_figure(path: str, diffusion: Diffusion2D, x0: torch.Tensor, generat
         x_ve = x_ve + diffusion.beta[t].sqrt() * torch.randn(x0.shape, generator=generator)
         vp.append(x_vp.var(0).mean().item()), ve.append(x_ve.var(0).mean().item())
     ab, ts = diffusion.alpha_bar, range(diffusion.T)
-    fig, ax = common.figure(figsize=(7.5, 4.4))
+    fig, ax = plots.figure(figsize=(7.5, 4.4))
     for closed, measured, color, name, step in (
             (ab * var0 + 1 - ab, vp, "tab:blue", r"variance-preserving: $\bar\alpha_t$ Var$(x_0) + 1 - \bar\alpha_t$",
              r"$x_t = \sqrt{1 - \beta_t}\,x_{t-1} + \sqrt{\beta_t}\,\epsilon$"),
@@ -88,7 +89,7 @@ def variance_figure(path: str, diffusion: Diffusion2D, x0: torch.Tensor, generat
     ax.set(xlabel="step t", ylabel=r"Var$(x_t)$ per coordinate", ylim=(0, None),
            title="Var(x_t) of the toy data (dots: measured, lines: closed form):\n"
                  "variance-preserving against the simplified (variance-exploding) process")
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
     return vp, ve
 
 
