@@ -8,6 +8,7 @@ Checkpoints (atomic save, safe load, exact resume) have their own module, checkp
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 import random
@@ -17,6 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
@@ -83,7 +85,7 @@ class RunConfig:
                                                       "in float32)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the trained network"})
 
-# ---------------------------------------------------------------------------- device, seed, speed, progress
+# ---------------------------------------------------------------------------- device, seed, speed, progress, processes
 def get_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA when present, else CPU; 'cpu', 'cuda' or 'cuda:N' otherwise."""
     if name == "auto":
@@ -128,6 +130,31 @@ def progress(iterable, desc: str = "", total: int | None = None):
     """A tqdm progress bar, shown only on a terminal (tests and CI logs stay short)."""
     from tqdm.auto import tqdm
     return tqdm(iterable, desc=desc, total=total, disable=None, leave=False, dynamic_ncols=True)
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """-> (rank, world, device). Under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE) join its group:
+    NCCL with one GPU per process, gloo on CPU; the 30-min timeout covers rank 0 training the VAE."""
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), get_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        check(local_rank < torch.cuda.device_count(), f"--nproc_per_node is {world} but only "
+              f"{torch.cuda.device_count()} GPUs are visible; start one process per GPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    return rank, world, device
+
+def replicas_in_sync(model: torch.nn.Module) -> bool:
+    """True when every rank holds exactly rank 0's parameters, as DDP promises (the same start, and
+    all-reduced gradients, so every optimizer step is the same on every rank)."""
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    same = torch.tensor(float(torch.equal(flat, ref)), device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item())
 
 # ---------------------------------------------------------------------------- schedules, time embedding
 def make_beta_schedule(name: str, T: int) -> torch.Tensor:

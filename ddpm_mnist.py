@@ -207,11 +207,9 @@ class SelfAttention(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the time embedding in between; optional self-attention after.
-    The embedding is one number per channel, the same at every pixel, and GroupNorm subtracts each group's
-    mean: a constant added *before* it is subtracted again (all of it with one channel per group, how this
-    UNet once lost t). So t enters *after* the norm, as a scale and a shift (Dhariwal & Nichol's
-    scale-shift norm, like DiT's adaLN):
+    """GroupNorm-SiLU-conv twice, the time embedding in between; optional self-attention after. GroupNorm
+    subtracts each group's mean, so a per-channel constant added before it would be subtracted again: t
+    enters after the norm, as a scale and a shift (Dhariwal & Nichol's scale-shift norm, DiT's adaLN):
         h = conv1(silu(norm1(x)));   h = norm2(h) * (1 + gamma(emb)) + beta(emb);   h = conv2(silu(h))"""
 
     def __init__(self, c_in: int, c_out: int, t_dim: int, dropout: float, attn: bool = False):

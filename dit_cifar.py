@@ -28,7 +28,6 @@ Run (into runs/dit_cifar/; dit_figures.py takes the same flags: a grid per w, lo
 """
 from __future__ import annotations
 
-import datetime
 import os
 import re
 import time
@@ -248,33 +247,6 @@ class DiT(nn.Module):
 # ----------------------------------------------------------------------------- multi-GPU (torchrun)
 
 
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """-> (rank, world, device). Under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE) join its group:
-    NCCL with one GPU per process, gloo on CPU; the 30-min timeout covers rank 0 training the VAE."""
-    world, device = int(os.environ.get("WORLD_SIZE", "1")), common.get_device(device_name)
-    if world == 1:
-        return 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if device.type == "cuda":
-        common.check(local_rank < torch.cuda.device_count(), f"--nproc_per_node is {world} but only "
-                     f"{torch.cuda.device_count()} GPUs are visible; start one process per GPU")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
-    return rank, world, device
-
-
-def replicas_in_sync(model: nn.Module) -> bool:
-    """True when every rank holds exactly rank 0's parameters, as DDP promises (the same start, and
-    all-reduced gradients, so every optimizer step is the same on every rank)."""
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    ref = flat.clone()
-    dist.broadcast(ref, src=0)
-    same = torch.tensor(float(torch.equal(flat, ref)), device=flat.device)
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
-    return bool(same.item())
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -335,7 +307,7 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # progress grid
             class_grid(ema.module, ddpm, vae, scale, cfg, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png")
     if world > 1:
-        common.check(replicas_in_sync(model), "the DDP replicas diverged; this is a bug, please report it")
+        common.check(common.replicas_in_sync(model), "the DDP replicas diverged; this is a bug, please report it")
         if rank == 0:
             print(f"DDP: the parameters are identical on all {world} ranks")
     return ema.module.eval(), ddpm, dict(config=asdict(cfg), losses=losses, test_losses=test_losses)
@@ -359,7 +331,7 @@ def run(cfg: Config):
         common.prepare_out(cfg.out)
     else:                                                    # every rank checks: an existing DiT is never replaced
         checkpoints.new_or_resume(cfg.ckpt, cfg.resume, cfg.overwrite)
-    rank, world, device = init_distributed(cfg.device)
+    rank, world, device = common.init_distributed(cfg.device)
     try:
         common.setup_speed(device)
         if cfg.sample_only:                                  # a missing checkpoint stops here, before any work

@@ -166,24 +166,27 @@ def load_vae(path: str, device) -> tuple[VAE, float]:
     return vae.eval().requires_grad_(False), float(state["scale"])
 
 
-def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: bool = False, epochs: int = 20,
-               base: int = 32, latent_channels: int = 4, kl_weight: float = 1e-3, batch_size: int = 256,
-               lr: float = 5e-4, seed: int = 0, amp: bool = True) -> tuple[VAE, float]:
-    """The finished VAE at `path`, or else train it there (no EMA: the VAE is used as trained) and add its
-    scale factor s. An unfinished one continues with `resume`, is replaced with `overwrite`, else stops in
-    one line. x_train: (N, C, H, W) in [-1, 1]. -> (vae, s)"""
+def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: bool = False, **train_args) -> tuple[VAE, float]:
+    """The finished VAE at `path` (with its scale factor s), or else `train_vae` there. An unfinished one
+    continues with `resume`, is replaced with `overwrite`, else stops in one line. -> (vae, s)"""
     common.check(path and not os.path.isdir(path), f"--vae '{path}' is not a file path; pass one such as vae.pt")
     device = torch.device(device)                         # (a name such as "cpu" will do)
     old = checkpoints.load(path, device, VAE_KIND, keys=("net",)) if os.path.isfile(path) else None
-    if old and "scale" not in old:                        # unfinished: continue it only when asked to
-        common.check(resume or overwrite, f"'{path}' holds an unfinished VAE (epoch {old.get('epoch')}); pass "
-                     "--resume to continue it, or --overwrite to train a new one there")
-        old = old if resume else None
     if old and "scale" in old:                            # finished: reuse it
         vae, scale = load_vae(path, device)
         check_vae_fits(vae, x_train.shape[1:], path)
         print(f"VAE from {path}, latent scale factor {scale:.4f}")
         return vae, scale
+    common.check(not old or resume or overwrite, f"'{path}' holds an unfinished VAE (epoch {old and old.get('epoch')}); "
+                 "pass --resume to continue it, or --overwrite to train a new one there")
+    return train_vae(path, x_train, device, old=old if resume else None, **train_args)
+
+
+def train_vae(path: str, x_train, device, old: dict | None = None, epochs: int = 20, base: int = 32,
+              latent_channels: int = 4, kl_weight: float = 1e-3, batch_size: int = 256, lr: float = 5e-4,
+              seed: int = 0, amp: bool = True) -> tuple[VAE, float]:
+    """Part 1 as a loop: the VAE loss on x_train (N, C, H, W) in [-1, 1], one checkpoint per epoch at `path`
+    (`old`: the unfinished one to continue), then s = 1 / std(mu). No EMA: the VAE is used as trained."""
     torch.manual_seed(seed)                               # the same VAE whichever script trains it
     vae = (VAE(**old["net"]) if old else VAE(x_train.shape[1], latent_channels, base)).to(device)
     check_vae_fits(vae, x_train.shape[1:], path)
@@ -215,7 +218,7 @@ def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: b
         seconds = time.perf_counter() - t0
         print(f"VAE epoch {epoch + 1}/{epochs}  loss {epoch_losses.mean().item():.4f}  {seconds:.1f}s  "
               f"{n_batches * batch / seconds:.0f} img/s", flush=True)
-        # no EMA: the VAE is used as trained, and the "ema" entry every checkpoint has holds its weights
+        # no EMA: the "ema" entry every checkpoint has holds the VAE's own weights
         state = dict(kind=VAE_KIND, net=vae.config, config=config, model=vae.state_dict(), ema=vae.state_dict(),
                      opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
         checkpoints.save(path, **state)

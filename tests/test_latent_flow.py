@@ -9,6 +9,7 @@ import torch
 
 import checkpoints
 import common
+import plots
 from conftest import digest
 from tools import flow_figures
 import latent_diffusion as ld
@@ -33,7 +34,7 @@ def one_line_error(excinfo, *words):
 
 def skip_plots(monkeypatch):
     """Matplotlib costs ~1 s a plot here; runs after the first one of each script skip it."""
-    monkeypatch.setattr(common, "plot_curves", lambda *a, **k: None)
+    monkeypatch.setattr(plots, "plot_curves", lambda *a, **k: None)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import common
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LESSONS = sorted(p.stem for p in ROOT.glob("*.py")
-                 if not p.stem.startswith(("test_", "conftest")) and p.stem not in ("common", "diffusion"))
+                 if not p.stem.startswith(("test_", "conftest")) and p.stem not in ("common", "checkpoints", "plots", "diffusion"))
 TOOLS = sorted(f"tools.{p.stem}" for p in (ROOT / "tools").glob("*.py")        # the runnable ones: with a main
                if "\ndef main(" in p.read_text())
 
