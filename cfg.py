@@ -264,17 +264,17 @@ def train(cfg: Config, x_train: torch.Tensor, y_train: torch.Tensor, ckpt: str, 
               f"{len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
         losses += epoch_losses.tolist()
         checkpoints.save(ckpt, kind=KIND, net=model.config, config=asdict(cfg), model=model.state_dict(),
-                               ema=ema.module.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1,
-                               losses=losses, rng=checkpoints.rng_state())
+                         ema=ema.module.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1,
+                         losses=losses, rng=checkpoints.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # own generator: the run's RNG stays
             y = torch.tensor(cfg.classes, device=device).repeat_interleave(8)     # one row of 8 per class
             x = sample(ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, cfg.clip,
                        generator=common.generator(device, cfg.seed))
             plots.save_labelled_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png"), 8,
-                                      [f"class {k}" for k in cfg.classes], f"CFG after epoch {epoch + 1}: EMA weights, "
-                                      f"w = {cfg.scale:g}, DDIM-{cfg.ddim_steps}")
+                                     [f"class {k}" for k in cfg.classes], f"CFG after epoch {epoch + 1}: EMA weights, "
+                                     f"w = {cfg.scale:g}, DDIM-{cfg.ddim_steps}")
     plots.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": plots.smooth(losses)},
-                       title=f"CondUNet ({cfg.cond}): training loss per step (smoothed)")
+                      title=f"CondUNet ({cfg.cond}): training loss per step (smoothed)")
     return ema.module.eval(), ddpm
 
 

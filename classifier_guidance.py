@@ -247,17 +247,17 @@ def train(cfg: Config, model, ddpm: DDPM, base: dict, x_train, y_train, ckpt: st
               f"{seconds:.1f}s  {len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
         losses += epoch_losses.tolist()
         checkpoints.save(ckpt, kind=KIND, net=classifier.config, config=asdict(cfg), base=base,
-                               model=classifier.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(),
-                               step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
+                         model=classifier.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(),
+                         step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # own generator: the run's RNG stays
             y = torch.tensor(cfg.classes, device=device).repeat_interleave(8)     # one row of 8 per class
             x = sample(model, ema.module.eval(), ddpm, y, cfg.scale, "ddim", cfg.ddim_steps, 0.0, "posterior",
                        cfg.clip, generator=common.generator(device, cfg.seed))
             plots.save_labelled_grid(x, os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}_s{cfg.scale:g}.png"), 8,
-                                      [f"class {k}" for k in cfg.classes], f"guided by the EMA classifier after epoch "
-                                      f"{epoch + 1}: s = {cfg.scale:g}, DDIM-{cfg.ddim_steps}")
+                                     [f"class {k}" for k in cfg.classes], f"guided by the EMA classifier after epoch "
+                                     f"{epoch + 1}: s = {cfg.scale:g}, DDIM-{cfg.ddim_steps}")
     plots.plot_curves(os.path.join(cfg.out, "loss.png"), {"train cross-entropy": plots.smooth(losses)},
-                       title="noisy classifier: training cross-entropy per step (smoothed)")
+                      title="noisy classifier: training cross-entropy per step (smoothed)")
     return ema.module.eval()
 
 

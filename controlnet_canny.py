@@ -224,8 +224,8 @@ def train(cfg: Config, unet: ddpm_mnist.UNet, ddpm: ddpm_mnist.DDPM, x_train, c_
               f"{len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
         losses = losses + epoch_losses.tolist()
         checkpoints.save(ckpt, kind=KIND, net=unet.config, config=asdict(cfg), model=control.state_dict(),
-                               ema=ema.module.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1,
-                               losses=losses, rng=checkpoints.rng_state())
+                         ema=ema.module.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1,
+                         losses=losses, rng=checkpoints.rng_state())
     return ema.module.eval(), losses
 
 
@@ -253,8 +253,8 @@ def control_figure(model: ControlledUNet, ddpm, x_test, c_test, n: int, k: int, 
     x = sample(ddpm, model, c, torch.randn(c.shape, device=c.device, generator=g), steps)
     rows = [torch.cat([c_test[i:i + 1] * 2 - 1, x[i * k:(i + 1) * k], x_test[i:i + 1]]) for i in range(n)]
     plots.save_labelled_grid(torch.cat(rows), path, k + 2, [f"test digit {i + 1}" for i in range(n)],
-                              f"ControlNet: samples steered by each edge map ({steps} DDIM steps)",
-                              f"columns: the edge map, {k} samples steered by it, the test digit it came from")
+                             f"ControlNet: samples steered by each edge map ({steps} DDIM steps)",
+                             f"columns: the edge map, {k} samples steered by it, the test digit it came from")
 
 
 def load(base_ckpt: str, device, data_dir: str, download: bool, ddim_steps: int, ckpt: str | None = None):
@@ -297,7 +297,7 @@ def main(argv=None) -> None:
         c_train = edge_maps(x_train, cfg.low, cfg.high, os.path.join(cfg.out, f"edges_train_{cfg.low}_{cfg.high}.pt"))
         control, losses = train(cfg, unet, ddpm, x_train, c_train, device)
         plots.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": plots.smooth(losses)},
-                           title="ControlNet: training loss of the control branch (the UNet frozen)")
+                          title="ControlNet: training loss of the control branch (the UNet frozen)")
     control_figure(ControlledUNet(unet, control.eval()).eval(), ddpm, x_test, c_test, min(cfg.n_digits, len(x_test)),
                    cfg.samples_per_edge, cfg.ddim_steps, common.generator(device, cfg.seed),
                    os.path.join(cfg.out, "control.png"))

@@ -349,12 +349,12 @@ def train(cfg: Config, model: UNet, ddpm: DDPM, x_train, device, same: tuple[str
               f"{len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
         losses += epoch_losses.tolist()
         checkpoints.save(ckpt, kind=KIND, net=model.config, config=asdict(cfg), model=model.state_dict(),
-                               ema=ema.module.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1,
-                               losses=losses, rng=checkpoints.rng_state())
+                         ema=ema.module.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1,
+                         losses=losses, rng=checkpoints.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
             sample_grid(cfg, ema.module.eval(), ddpm, device, f"samples_epoch{epoch + 1:03d}.png", f"epoch {epoch + 1}")
     plots.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": plots.smooth(losses)},
-                       title="training loss per step (running mean of 50)")
+                      title="training loss per step (running mean of 50)")
     return ema.module.eval(), ddpm
 
 
@@ -379,7 +379,7 @@ def load_trained(path: str, device) -> tuple[UNet, DDPM, dict]:
     """The EMA network (eval mode), the process and the whole state of a checkpoint written by `train`
     (state["net"]: the UNet's arguments)."""
     state = checkpoints.load(path, device, KIND, keys=("net", "ema", "config"),
-                                   hint="train one with `python ddpm_mnist.py` first")
+                             hint="train one with `python ddpm_mnist.py` first")
     c = state["config"]
     other = [f"--{k.replace('_', '-')} {c[k]}" for k in ("predict", "pad_to", "time_embed", "arch")
              if c.get(k) not in (None, 0, "eps", "add", "unet")]  # ddpm_figures.py's exercises
@@ -396,7 +396,7 @@ def sample_grid(cfg: Config, model, ddpm: DDPM, device, name: str, when: str) ->
     x = ddpm.ddim_sample(ddpm.eps_from(model, cfg.clip), (cfg.n_samples, c["channels"], c["image_size"],
                          c["image_size"]), cfg.ddim_steps, cfg.eta, generator=common.generator(device, cfg.seed))
     plots.save_labelled_grid(x, os.path.join(cfg.out, name), 8, [], f"DDIM, {cfg.ddim_steps} steps, eta {cfg.eta:g}: "
-                              f"{len(x)} samples of the EMA weights, {when}")
+                             f"{len(x)} samples of the EMA weights, {when}")
 
 
 def main(argv=None) -> tuple[UNet, DDPM]:

@@ -171,7 +171,7 @@ def load_base(base: str, path: str, device, data_dir: str, download: bool):
             return ddpm.ddim_sample(ddpm.eps_from(model, clip=True), x_T.shape, S, x_T=x_T)
         return unet, sample, state, ddpm.T                           # (clipped x0_hat: ddpm_mnist's default)
     state = checkpoints.load(path, device, rf.KIND, keys=("net", "ema", "config"), hint="train one with `python "
-                                   "rectified_flow.py` (it writes runs/rectified_flow/pixel/flow1.pt and flow2.pt)")
+                             "rectified_flow.py` (it writes runs/rectified_flow/pixel/flow1.pt and flow2.pt)")
     common.check(state["config"].get("space") == "pixel", f"'{path}' is a latent-space flow: its samples are "
                  "VAE latents, not images; pass a pixel-space one (`python rectified_flow.py` trains it)")
     flow = rf.VelocityUNet(**state["net"]).to(device)
@@ -206,8 +206,10 @@ def main(argv=None) -> dict:
                       generator=common.generator(device, cfg.seed))
     plain = sample(unet, x_T, cfg.steps)
     x = cached_sample(sample, cache, x_T, cfg.steps, cfg.interval, cfg.cache_schedule, cfg.power)
-    plots.save_grid(plain, os.path.join(cfg.out, "samples_plain.png"))
-    plots.save_grid(x, os.path.join(cfg.out, "samples.png"))
+    where = f"{BASE_NAME[cfg.base]}, {cfg.steps} steps"
+    plots.save_labelled_grid(plain, os.path.join(cfg.out, "samples_plain.png"), 8, [], f"uncached: {where}")
+    plots.save_labelled_grid(x, os.path.join(cfg.out, "samples.png"), 8, [], f"DeepCache, interval {cfg.interval}, "
+                             f"branch {cfg.branch}: {where}, the same noise")
     q = quality(x, plain)
     print(f"DeepCache on the {BASE_NAME[cfg.base]} ({cfg.steps} steps), interval {cfg.interval}, branch {cfg.branch}, "
           f"{cfg.cache_schedule}: PSNR {q['psnr']:.1f} dB, SSIM {q['ssim']:.4f} against the uncached samples; "

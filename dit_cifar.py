@@ -105,7 +105,8 @@ def class_grid(model: DiT, ddpm: DDPM, vae: VAE, scale: float, cfg: Config, name
     """OUT/name: 8 samples of every class, a row each, at w = --scale (--ddim-steps, noise fixed by --seed)."""
     y = torch.arange(model.null, device=model.pos_embed.device).repeat_interleave(8)
     x = sample(model, ddpm, vae, scale, y, cfg.scale, cfg.ddim_steps, cfg.seed)
-    plots.save_grid(x, os.path.join(cfg.out, name), nrow=8)
+    plots.save_labelled_grid(x, os.path.join(cfg.out, name), 8, [f"class {k}" for k in range(model.null)],
+                             f"DiT, w = {cfg.scale:g}, DDIM-{cfg.ddim_steps}: 8 samples per class")
 
 
 @torch.no_grad()
@@ -302,8 +303,8 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
         print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean.item():.4f}  test {test_losses[-1][1]:.4f}  "
               f"{seconds:.1f}s  {len(epoch_losses) * batch / seconds:.0f} img/s", flush=True)
         checkpoints.save(cfg.ckpt, kind=KIND, net=model.config, config=asdict(cfg), scale=scale,
-                               test_losses=test_losses, model=model.state_dict(), ema=ema.module.state_dict(),
-                               opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
+                         test_losses=test_losses, model=model.state_dict(), ema=ema.module.state_dict(),
+                         opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # progress grid
             class_grid(ema.module, ddpm, vae, scale, cfg, f"samples_epoch{epoch + 1:03d}_w{cfg.scale:g}.png")
     if world > 1:
@@ -316,7 +317,7 @@ def train(cfg: Config, z, y, z_test, y_test, vae: VAE, scale: float, rank: int, 
 def load_trained(ckpt: str, device) -> tuple[DiT, DDPM, dict]:
     """The EMA DiT and diffusion process of a checkpoint written by `train`."""
     state = checkpoints.load(ckpt, device, KIND, keys=("net", "ema", "config", "scale", "losses", "test_losses"),
-                                   hint="train with `python dit_cifar.py` first, or pass --ckpt")
+                             hint="train with `python dit_cifar.py` first, or pass --ckpt")
     model = DiT(**state["net"]).to(device)
     checkpoints.load_weights(model, state["ema"], ckpt)
     return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device), state

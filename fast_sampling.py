@@ -163,6 +163,20 @@ def samples_per_nfe(cfg: Config, model, ddpm: DDPM, device, shape) -> dict[int, 
                   for s in solvers_of(cfg)] for nfe in cfg.nfe}
 
 
+def calls(solver: str, nfe: int) -> int:
+    """The network calls `solver` makes with steps_for(solver, nfe) steps (Heun: 2 per step, 1 for the last)."""
+    steps = steps_for(solver, nfe)
+    return 2 * steps - 1 if solver == "Heun" else steps
+
+
+def save_strips(out: str, samples: dict[int, list[torch.Tensor]], solvers: list[str]) -> None:
+    """OUT/nfe{N}.png for every N of samples_per_nfe: a row per solver, named with its steps and network calls."""
+    for nfe, rows in samples.items():
+        plots.save_labelled_grid(torch.cat(rows).clamp(-1, 1), os.path.join(out, f"nfe{nfe}.png"), len(rows[0]),
+                                 [f"{s}\n{steps_for(s, nfe)} steps, NFE {calls(s, nfe)}" for s in solvers],
+                                 f"at most {nfe} network calls per sample: the same noise in every column")
+
+
 def main(argv=None) -> dict[int, list[torch.Tensor]]:
     """nfe{N}.png for every --nfe. -> samples_per_nfe's samples"""
     cfg = common.parse_config(Config, argv, description=__doc__.splitlines()[0])
@@ -171,9 +185,8 @@ def main(argv=None) -> dict[int, list[torch.Tensor]]:
     common.prepare_out(cfg.out)
     model, ddpm, shape = load_base(cfg, device)
     samples = samples_per_nfe(cfg, model, ddpm, device, shape)
-    for nfe, rows in samples.items():                    # one row per solver
-        plots.save_grid(torch.cat(rows).clamp(-1, 1), os.path.join(cfg.out, f"nfe{nfe}.png"), nrow=cfg.n_samples)
-    print(f"figures in {cfg.out}/ (labelled rows and FD against NFE: fast_sampling_figures.py)")
+    save_strips(cfg.out, samples, solvers_of(cfg))
+    print(f"figures in {cfg.out}/ (FD against NFE: fast_sampling_figures.py)")
     return samples
 
 

@@ -140,7 +140,7 @@ def train(cfg: Config, x_train, device, evaluator=None):
     step, start, losses, history = 0, 0, [], dict(d=[], fd=[], seconds=0.0)
     if cfg.resume:   # G, its EMA, both optimizers and the RNG come back; a changed network is refused
         state = checkpoints.resume(ckpt, device, KIND, G, ema, opt_g, cfg, same=("z_dim", "width"),
-                              keys=("disc", "disc_opt", "history"))
+                                   keys=("disc", "disc_opt", "history"))
         D.load_state_dict(state["disc"])
         opt_d.load_state_dict(state["disc_opt"])
         step, start, losses, history = state["step"], state["epoch"], state["losses"], state["history"]
@@ -185,19 +185,20 @@ def train(cfg: Config, x_train, device, evaluator=None):
             history["fd"].append((history["seconds"], epoch + 1, fd, classes))
             print(f"  after {history['seconds'] / 60:.1f} min of training: {evaluator.name} {fd:.2f}, {classes}")
         checkpoints.save(ckpt, kind=KIND, net=G.config, config=asdict(cfg), disc=D.state_dict(),
-                               disc_opt=opt_d.state_dict(), history=history, model=G.state_dict(),
-                               ema=ema.module.state_dict(), opt=opt_g.state_dict(), step=step, epoch=epoch + 1,
-                               losses=losses, rng=checkpoints.rng_state())
+                         disc_opt=opt_d.state_dict(), history=history, model=G.state_dict(),
+                         ema=ema.module.state_dict(), opt=opt_g.state_dict(), step=step, epoch=epoch + 1,
+                         losses=losses, rng=checkpoints.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
-            plots.save_grid(sample(ema.module.eval(), cfg.n_samples, common.generator(device, cfg.seed)),
-                             os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
+            plots.save_labelled_grid(sample(ema.module.eval(), cfg.n_samples, common.generator(device, cfg.seed)),
+                                     os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"), 8, [],
+                                     f"GAN: EMA generator after epoch {epoch + 1}, one pass each")
     return ema.module.eval(), dict(history, g=losses)
 
 
 def load_trained(path: str, device):
     """The EMA generator and the training history of a checkpoint written by `train`."""
     state = checkpoints.load(path, device, KIND, keys=("net", "ema", "history", "losses"),
-                                   hint="train with `python gan_mnist.py` first")
+                             hint="train with `python gan_mnist.py` first")
     G = Generator(**state["net"]).to(device)
     checkpoints.load_weights(G, state["ema"], path)
     return G.eval(), dict(state["history"], g=state["losses"])
@@ -231,10 +232,11 @@ def train_or_load(cfg: Config, device):
 
 def samples_and_losses(out: str, G, history: dict, n: int, seed: int, device) -> None:
     """samples.png (n images of the EMA generator) and loss.png (D's loss against G's)."""
-    plots.save_grid(sample(G, n, common.generator(device, seed)), os.path.join(out, "samples.png"))
+    plots.save_labelled_grid(sample(G, n, common.generator(device, seed)), os.path.join(out, "samples.png"), 8, [],
+                             f"GAN: {n} samples of the EMA generator, one network call each")
     plots.plot_curves(os.path.join(out, "loss.png"), {"D loss": plots.smooth(history["d"]),
                                                        "G loss": plots.smooth(history["g"])},
-                       logy=False, title="GAN: D's loss against G's (no loss says when a GAN is done)")
+                      logy=False, title="GAN: D's loss against G's (no loss says when a GAN is done)")
 
 
 # ----------------------------------------------------------------------------- main

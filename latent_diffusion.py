@@ -160,7 +160,7 @@ def check_vae_fits(vae: VAE, shape, path: str) -> None:
 def load_vae(path: str, device) -> tuple[VAE, float]:
     """-> (the trained VAE of `path` in eval mode, its latent scale factor s)."""
     state = checkpoints.load(path, device, VAE_KIND, keys=("net", "model", "scale"),
-                                   hint="train it with `python latent_diffusion.py`, or pass --vae")
+                             hint="train it with `python latent_diffusion.py`, or pass --vae")
     vae = VAE(**state["net"]).to(device)
     checkpoints.load_weights(vae, state["model"], path)
     return vae.eval().requires_grad_(False), float(state["scale"])
@@ -238,7 +238,7 @@ def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tu
     step, start, losses = 0, 0, []
     if cfg.resume:  # weights, EMA, optimizer and RNG come back; a changed process or network is refused
         state = checkpoints.resume(ckpt, device, UNET_KIND, model, ema, opt, cfg,
-                              same=("T", "schedule", "unet_base", "unet_res", "dataset"))
+                                   same=("T", "schedule", "unet_base", "unet_res", "dataset"))
         step, start, losses = state["step"], state["epoch"], state["losses"]
     net = torch.compile(model) if cfg.compile else model
     print(f"latent UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(z_train)} "
@@ -266,19 +266,20 @@ def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tu
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {epoch_losses.mean().item():.4f}  {seconds:.1f}s  "
               f"{n_batches * batch / seconds:.0f} latents/s", flush=True)
         checkpoints.save(ckpt, kind=UNET_KIND, net=model.config, config=asdict(cfg), scale=scale,
-                               model=model.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(),
-                               step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
+                         model=model.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(),
+                         step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # progress grid (own generator)
             z0 = ddpm.ddim_sample(ema.module.eval(), (cfg.n_samples, *z_train.shape[1:]), cfg.ddim_steps,
                                   generator=common.generator(device, cfg.seed))
-            plots.save_grid(decode(vae, z0, scale), os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"))
+            plots.save_labelled_grid(decode(vae, z0, scale), os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"),
+                                     8, [], f"latent DDIM-{cfg.ddim_steps}, decoded: EMA weights after epoch {epoch + 1}")
     return ema.module.eval(), ddpm
 
 
 def load_trained(path: str, device, vae_path: str) -> tuple[UNet, DDPM, VAE, float]:
     """The EMA UNet and diffusion process of `path`, and the VAE of `vae_path` it was trained on, with its s."""
     state = checkpoints.load(path, device, UNET_KIND, keys=("net", "ema", "config", "scale"),
-                                   hint="train first (drop --sample-only)")
+                             hint="train first (drop --sample-only)")
     vae, scale = load_vae(vae_path, device)
     common.check(abs(state["scale"] - scale) < 1e-6 * scale, f"'{path}' was trained with another VAE "
                  f"(scale {state['scale']:.4f}; '{vae_path}' has {scale:.4f}); pass the --vae it was trained with")
@@ -321,7 +322,8 @@ def vae_figure(vae: VAE, x_test, path: str) -> float:
     x_hat = decode(vae, encode_latents(vae, x_test), 1.0)
     mse = (x_hat - x_test).pow(2).mean().item()
     print(f"VAE test reconstruction error: {mse:.4f} MSE per pixel in [-1, 1] ({len(x_test)} test images)")
-    plots.save_grid(torch.cat([x_test[:10], x_hat[:10]]), path, nrow=10)
+    plots.save_labelled_grid(torch.cat([x_test[:10], x_hat[:10]]), path, 10, ["test image", "VAE output"],
+                             f"VAE reconstructions: test MSE {mse:.4f} per pixel in [-1, 1]")
     return mse
 
 
@@ -336,7 +338,8 @@ def main(argv=None) -> dict:
         c = model.config                                  # latents (c_z, h, w)
         z0 = ddpm.ddim_sample(model, (cfg.n_samples, c["channels"], c["image_size"], c["image_size"]), cfg.ddim_steps,
                               generator=common.generator(device, cfg.seed))
-        plots.save_grid(decode(vae, z0, scale), os.path.join(cfg.out, "samples.png"))
+        plots.save_labelled_grid(decode(vae, z0, scale), os.path.join(cfg.out, "samples.png"), 8, [],
+                                 f"latent DDIM-{cfg.ddim_steps}, decoded: EMA weights")
     recon_mse = vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
     print(f"figures in {cfg.out}/ (DDIM against DDPM, FD-LeNet: latent_figures.py)")
     return dict(recon_mse=recon_mse, scale=scale)

@@ -205,13 +205,14 @@ def train_flow(cfg: Config, stage: int, model: VelocityUNet, x1, x0, space: Spac
         print(f"Flow-{stage} epoch {epoch + 1}/{epochs}  loss {epoch_losses.mean().item():.4f}  {seconds:.1f}s  "
               f"{n_batches * batch / seconds:.0f} samples/s", flush=True)
         checkpoints.save(ckpt, kind=KIND, net=model.config, config=asdict(cfg), flow1_step=flow1_step,
-                               scale=space.scale, model=model.state_dict(), ema=ema.module.state_dict(),
-                               opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
+                         scale=space.scale, model=model.state_dict(), ema=ema.module.state_dict(),
+                         opt=opt.state_dict(), step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
         if stage == 1 and (epoch + 1) % cfg.sample_every == 0:             # progress grid (own generator)
             x0_grid = torch.randn((cfg.n_samples, *space.shape), device=device,
                                   generator=common.generator(device, cfg.seed))
-            plots.save_grid(space.to_images(euler_sample(ema.module.eval(), x0_grid, 50)),
-                             os.path.join(cfg.out, f"flow1_epoch{epoch + 1:03d}.png"))
+            plots.save_labelled_grid(space.to_images(euler_sample(ema.module.eval(), x0_grid, 50)),
+                                     os.path.join(cfg.out, f"flow1_epoch{epoch + 1:03d}.png"), 8, [],
+                                     f"Flow-1 after epoch {epoch + 1}: 50 Euler steps, {cfg.space} space, EMA weights")
     return ema.module.eval(), losses
 
 
@@ -256,7 +257,7 @@ def reflow(cfg: Config, x1, space: Space, device) -> tuple[VelocityUNet, Velocit
 def load_flow(path: str, device, space: Space) -> VelocityUNet:
     """The EMA velocity network of `path`, checked against the space (shape, VAE scale) it runs in."""
     state = checkpoints.load(path, device, KIND, keys=("net", "ema", "scale"),
-                                   hint="train first (drop --sample-only)")
+                             hint="train first (drop --sample-only)")
     u = state["net"]
     common.check((u["channels"], u["image_size"]) == space.shape[:2] and state["scale"] == space.scale,
                  f"'{path}' was trained in another space than {'x'.join(map(str, space.shape))} "
@@ -302,7 +303,9 @@ def main(argv=None) -> tuple[VelocityUNet, VelocityUNet]:
     n = min(8, cfg.n_samples)
     x0 = torch.randn((n, *space.shape), device=device, generator=common.generator(device, cfg.seed))
     rows = [space.to_images(euler_sample(flow, x0, steps)) for steps in (1, 50) for flow in (flow1, flow2)]
-    plots.save_grid(torch.cat(rows), os.path.join(cfg.out, "samples.png"), nrow=n)
+    plots.save_labelled_grid(torch.cat(rows), os.path.join(cfg.out, "samples.png"), n, ["Flow-1, 1 step",
+                             "Flow-2, 1 step", "Flow-1, 50 steps", "Flow-2, 50 steps"], f"Euler samples, {cfg.space} "
+                             "space, the same noise in every column")
     print(f"samples in {cfg.out}/ (figures against Euler steps, straightness, FD: flow_figures.py)")
     return flow1, flow2
 

@@ -207,7 +207,7 @@ def judge(cfg: Config, diffusion: Diffusion2D, model: MLP, losses: list[float], 
         test_loss = np.mean([diffusion.loss(model, x_test).item() for _ in range(20)])
     print(f"held-out loss {test_loss:.4f}")
     plots.plot_curves(os.path.join(cfg.out, "loss.png"), {"train loss": plots.smooth(losses, 100)},
-                       title="DDPM loss on 2D points, against training step")
+                      title="DDPM loss on 2D points, against training step")
     xs = diffusion.sample(model, cfg.n_samples, generator=torch.Generator().manual_seed(cfg.seed))
     ed_samples, ed_noise = energy_distance(xs[-1], x_test), energy_distance(xs[0], x_test)
     ed_floor = energy_distance(x_test[::2], x_test[1::2])

@@ -170,7 +170,7 @@ def files(tmp_path_factory, mnist_dir, image_folder, ddpm_ckpt):
     shutil.copy(ddpm_ckpt, root / "ddpm_out" / "ckpt.pt")
     (root / "file.txt").write_text("not a folder")
     checkpoints.save(str(root / "vae.pt"), kind="latent_diffusion.py VAE", net={"channels": 1},
-                           model={}, scale=1.0)
+                     model={}, scale=1.0)
     torch.save({"hello": 1}, root / "keyless.pt")
     (root / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(2000))
     torch.save(torch.zeros(0, 1, 28, 28), root / "empty.pt")

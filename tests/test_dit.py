@@ -135,7 +135,7 @@ def test_bad_input_is_one_line(run, image_folder, tmp_path):
     assert "patch size 3 does not divide the latent size 8" in msg
     other = VAE(channels=3, latent_channels=2, base=16)                 # latents (2, 8, 8), not (4, 8, 8)
     checkpoints.save(str(tmp_path / "vae2.pt"), kind=latent_diffusion.VAE_KIND, net=other.config,
-                           model=other.state_dict(), scale=1.0)
+                     model=other.state_dict(), scale=1.0)
     before = (run / "ckpt.pt").read_bytes()
     for flag in "--sample-only", "--resume":
         msg = one_line_error(["--dataset", image_folder, *tiny(run, flag, "--epochs", "3", "--vae", str(tmp_path / "vae2.pt"))])

@@ -33,7 +33,7 @@ from tools import report
 def load_trained(path: str, device) -> tuple[CondUNet, DDPM, dict]:
     """The EMA network and diffusion process of a checkpoint written by cfg.train."""
     state = checkpoints.load(path, device, KIND, keys=("net", "ema", "config"),
-                                   hint="train with `python cfg.py` first, or pass --ckpt")
+                             hint="train with `python cfg.py` first, or pass --ckpt")
     model = CondUNet(**state["net"]).to(device)
     checkpoints.load_weights(model, state["ema"], path)
     return model.eval(), DDPM(state["config"]["T"], state["config"]["schedule"]).to(device), state
@@ -80,8 +80,8 @@ def sweep(cfg: Config, model: CondUNet, ddpm: DDPM, device, evaluator=None) -> l
     for w in common.progress(cfg.scales, "guidance weights"):
         x = sample(model, ddpm, y, w, cfg.sampler, cfg.ddim_steps, cfg.eta, cfg.clip, x_T, gen())
         plots.save_labelled_grid(x[in_grid], os.path.join(cfg.out, f"cfg_w{w:g}.png"), cols,
-                                  [f"class {k}" for k in cfg.classes], f"CFG at w = {w:g} ({how})",
-                                  "samples: the same noise in every w's grid")
+                                 [f"class {k}" for k in cfg.classes], f"CFG at w = {w:g} ({how})",
+                                 "samples: the same noise in every w's grid")
         row = [w, evaluate.within_class_diversity(x, y) / div_real]
         if evaluator is not None:                        # cfg.eval more samples, in batches of 500
             g = common.generator(device, cfg.seed)   # one stream: x_T, then its z, batch after batch

@@ -35,7 +35,7 @@ from tools import report
 def load_classifier(path: str, base: dict, device) -> NoisyClassifier:
     """The EMA classifier of a checkpoint written by classifier_guidance.train; it must fit the base."""
     state = checkpoints.load(path, device, KIND, keys=("net", "ema", "base"),
-                                   hint="train with `python classifier_guidance.py` first, or pass --ckpt")
+                             hint="train with `python classifier_guidance.py` first, or pass --ckpt")
     check_fits_base(state, base, path)
     classifier = NoisyClassifier(**state["net"]).to(device)
     checkpoints.load_weights(classifier, state["ema"], path)
@@ -110,8 +110,8 @@ def sweep(cfg: Config, model, classifier, ddpm: DDPM, device, evaluator=None) ->
         x = sample(model, classifier, ddpm, y, s, sampler, cfg.ddim_steps, cfg.eta, cfg.sigma, cfg.clip, x_T, gen())
         how = f"DDIM-{cfg.ddim_steps}" if sampler == "ddim" else f"DDPM-{ddpm.T}, Sigma_t {cfg.sigma}"
         plots.save_labelled_grid(x[in_grid], os.path.join(cfg.out, f"guided_{sampler}_s{s:g}.png"), cols,
-                                  [f"class {k}" for k in cfg.classes], f"classifier guidance, s = {s:g} ({how})",
-                                  "samples: the same noise in every s's grid")
+                                 [f"class {k}" for k in cfg.classes], f"classifier guidance, s = {s:g} ({how})",
+                                 "samples: the same noise in every s's grid")
         own = (classifier(x, torch.zeros_like(y)).argmax(1) == y).float().mean().item()  # p_phi at t = 0
         row = [sampler, s, evaluate.within_class_diversity(x, y) / div_real, own]
         if evaluator is not None:                        # cfg.eval more samples, in batches of 500
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     ckpt = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     # stop now, not after training a base model, when there is nothing to sample with
     checkpoints.load(ckpt, device, KIND, keys=("net", "ema", "base"),
-                           hint="train with `python classifier_guidance.py` first, or pass --ckpt")
+                     hint="train with `python classifier_guidance.py` first, or pass --ckpt")
     common.check(os.path.isfile(cfg.base_ckpt), f"--base-ckpt '{cfg.base_ckpt}' not found; the sweep needs the base "
                  "model the classifier was trained for")
     model, ddpm, base = load_base(cfg, device)

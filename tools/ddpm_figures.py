@@ -172,7 +172,7 @@ def load_trained(path: str, device) -> tuple[ddpm_mnist.UNet, PredictDDPM, dict]
     """Any checkpoint of ddpm_mnist.py's `train`, the exercises' included: -> (EMA network in eval mode,
     its process, the whole state)."""
     state = checkpoints.load(path, device, ddpm_mnist.KIND, keys=("net", "ema", "config"),
-                                   hint="train one with `python -m tools.ddpm_figures` first")
+                             hint="train one with `python -m tools.ddpm_figures` first")
     c = state["config"]
     model = make_unet(**state["net"]).to(device)
     checkpoints.load_weights(model, state["ema"], path)
@@ -220,7 +220,7 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
     test_loss, per_t = test_loss_per_timestep(ddpm.eps_from(model), ddpm, pad(x_raw, cfg.pad_to), seed=cfg.seed)
     print(f"test loss {test_loss:.4f} (eps-MSE of the network, {min(len(x_raw), 2000)} test images)")
     plots.plot_curves(os.path.join(out, "loss_per_timestep.png"), {"test loss": per_t}, xlabel="t",
-                       ylabel="test eps-MSE", title=f"test eps-MSE per t (mean {test_loss:.4f}); t = 0: clean data")
+                      ylabel="test eps-MSE", title=f"test eps-MSE per t (mean {test_loss:.4f}); t = 0: clean data")
     ab = ddpm.alpha_bar.cpu().double()
     logsnr = [math.log(ab[int(t)] / (1 - ab[int(t)])) for t, _ in per_t]  # log(alpha_bar / (1 - alpha_bar)), bin centre
     record = dict(config={k: getattr(cfg, k) for k in ("schedule", "cosine_clip", "predict", "T", "time_embed")},
@@ -247,7 +247,7 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
           f"{z[4:6].flatten(1).norm(dim=1).mean():.1f} spherical, {z[14:16].flatten(1).norm(dim=1).mean():.1f} linear")
     x = ddpm.ddim_sample(eps_model, z.shape, S, x_T=z)
     plots.save_labelled_grid(x, os.path.join(out, "interpolation.png"), 10, ["spherical", "linear"],
-                              f"from one noise vector to another (columns: weight 0 to 1), decoded by DDIM-{S}")
+                             f"from one noise vector to another (columns: weight 0 to 1), decoded by DDIM-{S}")
     if cfg.ddpm_grid:
         # 3 runs from the same k x_T: DDPM draws fresh noise z at every step (the 3 copies in one batch
         # draw different z, as 3 seeds would), DDIM with eta = 0 has none: the same digit each run.
@@ -258,9 +258,9 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
         print(f"  DDPM runs differ by {(stoch[:k] - stoch[k:2 * k]).abs().mean():.3f} per pixel, "
               f"DDIM runs by {(det[0] - det[1]).abs().mean():.3f}")
         plots.save_labelled_grid(torch.cat([torch.cat([stoch[k * r:k * (r + 1)], det[r]]) for r in range(3)]),
-                                  os.path.join(out, "stochastic_vs_deterministic.png"), 2 * k, ["run 1", "run 2", "run 3"],
-                                  f"the same {k} noise images, 3 runs: DDPM-{T} (left {k}: new z each run), "
-                                  f"DDIM-{S}, eta 0 (right {k})")
+                                 os.path.join(out, "stochastic_vs_deterministic.png"), 2 * k, ["run 1", "run 2", "run 3"],
+                                 f"the same {k} noise images, 3 runs: DDPM-{T} (left {k}: new z each run), "
+                                 f"DDIM-{S}, eta 0 (right {k})")
 
     sweep, m = sorted({s for s in cfg.sweep_steps if 1 <= s <= T}), min(8, n)
     if sweep:  # the same m noise images through each step count: one row each, and its wall time
@@ -282,10 +282,10 @@ def make_figures(cfg: Config, model, ddpm: PredictDDPM, device) -> dict:
             print(f"DDPM {T:4d} steps: {sec:.2f}s per batch of {m}")
         names = [f"DDIM-{s}" for s in sweep] + [f"DDPM-{T}"] * cfg.ddpm_grid
         plots.save_labelled_grid(torch.cat(rows), os.path.join(out, "ddim_sweep.png"), m, names,
-                                  f"the same {m} noise images through each sampler and step count")
+                                 f"the same {m} noise images through each sampler and step count")
         report.write_table(os.path.join(out, "ddim_sweep.md"), ["sampler", "steps", f"seconds per batch of {m}"], table)
         plots.plot_curves(os.path.join(out, "ddim_sweep_time.png"), curves, xlabel="steps",
-                           ylabel="seconds per batch", title=f"sampling steps vs wall time ({m} images)")
+                          ylabel="seconds per batch", title=f"sampling steps vs wall time ({m} images)")
     rows = []
     if cfg.eval:  # opt-in: the same sweep, measured (FD in a cached classifier's features, see evaluate.py)
         from tools import evaluate

@@ -55,8 +55,8 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, state: dict, x_tes
         x, seconds = report.timed(device, lambda: dit_cifar.sample(model, ddpm, vae, scale, y, w, cfg.ddim_steps,
                                                                    cfg.seed))
         plots.save_labelled_grid(x, os.path.join(cfg.out, f"cfg_w{w:g}.png"), cfg.n_per_class, names,
-                                  f"{state['config']['model']}, classifier-free guidance w = {w:g}",
-                                  "each column: the same noise z_T for every w")
+                                 f"{state['config']['model']}, classifier-free guidance w = {w:g}",
+                                 "each column: the same noise z_T for every w")
         print(f"w = {w:g}: {len(y)} images ({cfg.ddim_steps} DDIM steps, then the decoder) in {seconds:.2f}s")
     rows, metric = [], ""
     if cfg.eval > 0:

@@ -307,7 +307,7 @@ class Evaluator:
         acc = (predict(net, self.x_test, self.device) == self.y_test).float().mean().item()
         print(f"classifier: test accuracy {100 * acc:.2f}% ({len(self.x_test)} images), {time.perf_counter() - t0:.0f}s")
         checkpoints.save(self.path, kind=KIND, net=net.config, model=net.state_dict(),
-                               config=dict(dataset=self.dataset, epochs=epochs), test_accuracy=acc)
+                         config=dict(dataset=self.dataset, epochs=epochs), test_accuracy=acc)
         return net
 
     def _update(self, metric, x, real: bool) -> None:

@@ -1,6 +1,6 @@
 """The figures and measurements of fast_sampling.py. `python -m tools.fast_sampling_figures` takes its flags,
 samples the same solvers from the same noise, and writes:
-- nfe{N}.png: one row of samples per solver, labelled with its steps and network calls (NFE),
+- nfe{N}.png: the lesson's grids (a row per solver, named with its steps and network calls),
 - with --eval N: N samples per solver and NFE scored with evaluate.py (FD-LeNet, classes found, seconds)
   into nfe_table.md and fd_vs_nfe.png, beside DDPM through all T steps (--reference: N x T UNet calls).
 
@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass, field
-
-import torch
 
 import common
 import plots
@@ -28,26 +26,6 @@ class Config(fast_sampling.Config):
                       "evaluate.py (FD-LeNet, classes found); 0 = off"})
     reference: bool = field(default=True, metadata={"help": "DDPM through all T steps as the reference row "
                             "(--eval N: N x T UNet calls)"})
-
-
-def calls(solver: str, nfe: int) -> int:
-    """The network calls `solver` makes with steps_for(solver, nfe) steps (Heun: 2 per step, 1 for the last)."""
-    steps = steps_for(solver, nfe)
-    return 2 * steps - 1 if solver == "Heun" else steps
-
-
-def strips(path: str, rows: list[torch.Tensor], solvers: list[str], nfe: int) -> None:
-    """nfe{N}.png: one row of samples per solver, from the same noise, labelled with the solver and its calls."""
-    from torchvision.utils import make_grid
-    size = (max(6.5, 2 + 0.6 * len(rows[0])), 0.75 * len(rows) + 0.6)          # room for the labels at the left
-    fig, axes = plots.figure(len(rows), 1, figsize=size, squeeze=False)
-    for ax, x, s in zip(axes[:, 0], rows, solvers):
-        ax.imshow(make_grid((x.float().clamp(-1, 1).cpu() + 1) / 2, nrow=len(x), padding=2).permute(1, 2, 0).numpy())
-        ax.set(xticks=[], yticks=[])
-        ax.set_ylabel(f"{s}\n{steps_for(s, nfe)} steps, NFE {calls(s, nfe)}", rotation=0, ha="right", va="center",
-                      fontsize=8)
-    fig.suptitle(f"the same noise, at most {nfe} network calls per sample: one row per solver", fontsize=10)
-    plots.save_figure(fig, path, dpi=100, grid=False, legend=0)
 
 
 def fd_vs_nfe(path: str, rows: list[dict], solvers: list[str], metric: str, n: int, reference: float | None,
@@ -105,8 +83,7 @@ def main(argv=None) -> list[dict]:
     common.setup_speed(device)
     common.prepare_out(cfg.out)
     model, ddpm, shape = fast_sampling.load_base(cfg, device)
-    for nfe, rows in fast_sampling.samples_per_nfe(cfg, model, ddpm, device, shape).items():
-        strips(os.path.join(cfg.out, f"nfe{nfe}.png"), rows, fast_sampling.solvers_of(cfg), nfe)
+    fast_sampling.save_strips(cfg.out, fast_sampling.samples_per_nfe(cfg, model, ddpm, device, shape), fast_sampling.solvers_of(cfg))
     rows = score(cfg, model, ddpm, device, shape) if cfg.eval else []
     for r in rows:
         print(f"{r['sampler']:18s} NFE {r['nfe']:5d}  {r['seconds']:7.1f}s  {r['fd']:8.2f}  {r['classes']}")

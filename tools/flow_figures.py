@@ -46,8 +46,9 @@ def make_figures(cfg: Config, flows: dict, space, device) -> dict:
         x_ref, path = rf.euler_sample(model, x0, ref_steps, return_path=True)
         S, dev = rf.straightness(path)
         print(f"{name}: straightness S = {S:.4f}, deviation from the chord {dev:.4f} ({ref_steps} steps)")
-        plots.save_grid(torch.cat([space.to_images(x0[:8]), space.to_images(x_ref[:8])]),
-                         os.path.join(cfg.out, f"noise_vs_{name.lower()}.png"), nrow=8)
+        plots.save_labelled_grid(torch.cat([space.to_images(x0[:8]), space.to_images(x_ref[:8])]),
+                                 os.path.join(cfg.out, f"noise_vs_{name.lower()}.png"), 8,
+                                 ["noise x0", f"{ref_steps} steps"], f"{name}, {cfg.space} space: each noise and its image")
         for steps in cfg.steps:
             x, seconds = report.timed(device, lambda: rf.euler_sample(model, x0, steps))   # decoding not included
             err = (x - x_ref).pow(2).mean().item()
@@ -71,8 +72,8 @@ def make_figures(cfg: Config, flows: dict, space, device) -> dict:
     loss = {"Flow-1": plots.smooth(losses[0]),                     # Flow-2's steps follow Flow-1's
             "Flow-2 (reflow)": [(len(losses[0]) + i, v) for i, v in plots.smooth(losses[1])]}
     plots.plot_curves(os.path.join(cfg.out, "loss.png"), loss, ylabel="MSE to x1 - x0, mean of 50 steps",
-                       logy=axis_scale(v for c in loss.values() for _, v in c) == "log",
-                       title=f"{cfg.space} space: training loss, Flow-1 then Flow-2")
+                      logy=axis_scale(v for c in loss.values() for _, v in c) == "log",
+                      title=f"{cfg.space} space: training loss, Flow-1 then Flow-2")
     scored = []
     if cfg.eval:  # opt-in: FD in a cached classifier's features (see evaluate.py)
         from tools import evaluate

@@ -43,9 +43,9 @@ def make_figures(cfg: Config, G, history: dict, device, evaluator=None) -> dict:
         with open(os.path.join(cfg.out, "fd_vs_time.json"), "w") as f:
             json.dump(history["fd"], f)
         plots.plot_curves(os.path.join(cfg.out, "fd_vs_time.png"),
-                           {"GAN": [(s / 60, fd) for s, _, fd, _ in history["fd"]]}, xlabel="training minutes",
-                           ylabel=evaluator.name, logy=False,
-                           title=f"GAN: {evaluator.name} of {cfg.eval} samples against training time")
+                          {"GAN": [(s / 60, fd) for s, _, fd, _ in history["fd"]]}, xlabel="training minutes",
+                          ylabel=evaluator.name, logy=False,
+                          title=f"GAN: {evaluator.name} of {cfg.eval} samples against training time")
     return results
 
 

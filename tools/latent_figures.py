@@ -63,7 +63,7 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, x_test, device) ->
     recon_mse = ld.vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
     curve = plots.smooth(checkpoints.load(os.path.join(cfg.out, "ckpt.pt"), "cpu")["losses"])
     plots.plot_curves(os.path.join(cfg.out, "loss.png"), {"latent DDPM": curve}, ylabel="eps-MSE, mean of 50 steps",
-                       logy=axis_scale(v for _, v in curve) == "log", title="latent UNet: training loss")
+                      logy=axis_scale(v for _, v in curve) == "log", title="latent UNet: training loss")
     c = model.config
     shape = (cfg.n_samples, c["channels"], c["image_size"], c["image_size"])   # (N, c_z, h, w)
     z_T = torch.randn(shape, device=device, generator=common.generator(device, cfg.seed))
@@ -82,8 +82,8 @@ def make_figures(cfg: Config, model, ddpm, vae, scale: float, x_test, device) ->
         names += [f"{name}-{steps}"] * (len(x) // nrow)
         print(f"{name} {steps} steps: {seconds:.2f}s for {len(x)} latents, + {decode_seconds:.2f}s to decode them")
     plots.save_labelled_grid(torch.cat(images), os.path.join(cfg.out, "ddim_vs_ddpm.png" if cfg.ddpm else "ddim.png"),
-                              nrow, names, "decoded latent samples: " + " vs ".join(dict.fromkeys(names)),
-                              xlabel="from the same latent noise z_T, image for image" if cfg.ddpm else "")
+                             nrow, names, "decoded latent samples: " + " vs ".join(dict.fromkeys(names)),
+                             xlabel="from the same latent noise z_T, image for image" if cfg.ddpm else "")
     scored = []
     if cfg.eval:  # opt-in: FD in a cached classifier's features (see evaluate.py)
         from tools import evaluate
