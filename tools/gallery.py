@@ -3,14 +3,14 @@ copied under docs/gallery/, and one table, docs/results.md, gives for every less
 the data, the training time and the measured result (evaluate.py's FD and class accuracy, or the
 lesson's own measurement: edge F1, error against many steps, PSNR/SSIM against the uncached run).
 
-    python -m tools.gallery --profile cpu --data-dir ../shared/data    # every lesson's CPU recipe: 63 min on 2 cores
+    python -m tools.gallery --profile cpu --data-dir ../shared/data    # every lesson's CPU recipe: 76 min on 2 cores
     python -m tools.gallery --profile gpu --data-dir ../shared/data --only ddpm   # the defaults on one GPU, a part
     python -m tools.gallery --profile cpu --data-dir ../shared/data --only cfg latent   # some parts again
 
 Profiles:
 - `cpu`: each lesson's CPU recipe (below), settings chosen so that the network learns in minutes on
-  a 2-core CPU with MNIST-8k: ddpm_mnist.py trains in 14 minutes, and the nine default parts took
-  63 minutes in all, evaluation included (measured on a 2-core Xeon).
+  a 2-core CPU with MNIST-8k: ddpm_mnist.py trains in 17 minutes, and the nine default parts took
+  76 minutes in all, evaluation included (measured on a 2-core AMD EPYC).
 - `gpu`: each script's defaults, the settings meant for one GPU, scored on more samples.
 - `smoke`: tiny sizes, a few steps: the test suite's check that every part runs and writes its rows.
 Every part runs the scripts themselves, through their `main(argv)` with the flags listed here, so
