@@ -59,7 +59,6 @@ OTHER_SOURCES = {
     ("docs/ddpm_mnist.md", "min", "35"): "python ddpm_mnist.py --help (--ddpm-grid)",
     **{("docs/ddpm_mnist.md", "fd", v): "python -m tools.evaluate --references --dataset mnist --data-dir ../shared/data"
        for v in ("6.6", "78.2")},
-    ("docs/fast_sampling.md", "fd", "57.4"): "results.md's summary row (its table rounds 57.45 twice, to 57.5)",
     **{(page, k, v): "python -m tools.ddpm_figures --sample-only --out runs/cpu --eval 500 "
        "--sweep-steps 10 20 50 100 (run by hand, not a gallery part)" for page in ("docs/ddpm_mnist.md",)
        for k, v in [('fd', '25.6'), ('fd', '35.2'), ('fd', '37.5'), ('fd', '39.9'), ('fd', '48.9'), ('s', '30.5'), ('s', '638'), ('share', '11.8'), ('share', '12.4'), ('share', '12.8'), ('share', '13.0'), ('share', '13.4'), ('share', '5.0'), ('share', '5.2'), ('share', '5.6'), ('share', '6.0'), ('share', '6.4'), ('share', '99.35')]},
