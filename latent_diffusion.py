@@ -318,11 +318,13 @@ def train_or_load(cfg: Config, device) -> tuple[UNet, DDPM, VAE, float, torch.Te
 
 @torch.no_grad()
 def vae_figure(vae: VAE, x_test, path: str) -> float:
-    """Originals (top row) over reconstructions (bottom row) saved at `path`; -> test MSE per pixel."""
+    """10 originals spread over the test set (image folders are sorted by class) over their reconstructions,
+    saved at `path`; -> the test MSE per pixel."""
     x_hat = decode(vae, encode_latents(vae, x_test), 1.0)
     mse = (x_hat - x_test).pow(2).mean().item()
     print(f"VAE test reconstruction error: {mse:.4f} MSE per pixel in [-1, 1] ({len(x_test)} test images)")
-    plots.save_labelled_grid(torch.cat([x_test[:10], x_hat[:10]]), path, 10, ["test image", "VAE output"],
+    i = torch.linspace(0, len(x_test) - 1, 10, device=x_test.device).long()
+    plots.save_labelled_grid(torch.cat([x_test[i], x_hat[i]]), path, 10, ["test image", "VAE output"],
                              f"VAE reconstructions: test MSE {mse:.4f} per pixel in [-1, 1]")
     return mse
 
