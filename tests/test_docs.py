@@ -85,8 +85,14 @@ OTHER_SOURCES = {
        ("diversity", "0.976"), ("diversity", "1.237"), ("fd", "21.3"), ("fd", "93.4"), ("accuracy", "0.288"),
        ("accuracy", "0.990"), ("diversity", "0.907"), ("diversity", "1.219"), ("fd", "33.1"), ("fd", "94.6"),
        ("min", "4.9"))},
+    **{("docs/cfg.md", k, v): "python cfg.py ... --cond input --epochs 60 --out runs/cfg_input60, then python -m "
+       "tools.cfg_sweep ... --eval 500 (tradeoff.md; run by hand, 2-core AMD EPYC)" for k, v in (
+       ("accuracy", "0.094"), ("diversity", "1.183"), ("fd", "53.7"), ("accuracy", "0.848"), ("diversity", "1.081"),
+       ("fd", "21.1"), ("accuracy", "0.996"), ("diversity", "0.971"), ("fd", "18.0"), ("accuracy", "1.000"),
+       ("diversity", "0.934"), ("fd", "28.7"))},
     **{("docs/course.md", k, v): "docs/cfg.md's commands (input maps against cross-attention, run by hand)"
-       for k, v in (("accuracy", "0.966"), ("accuracy", "0.218"), ("diversity", "1.237"), ("diversity", "0.976"))},
+       for k, v in (("accuracy", "0.966"), ("accuracy", "0.218"), ("diversity", "1.237"), ("diversity", "0.976"),
+                    ("accuracy", "0.996"))},
     **{("docs/deepcache.md", k, v): "python -m tools.deepcache_sweep --base ddim --base-ckpt runs/cpu/ckpt.pt "
        "--sweep-steps 100 ... --out runs/deepcache_100 (speed_quality.md; run by hand)" for k, v in (
        ("min", "2.5"), ("psnr", "38.4"), ("speedup", "1.60"), ("ssim", "0.9945"), ("psnr", "32.1"), ("speedup", "1.93"),
