@@ -26,7 +26,7 @@ def new_or_resume(ckpt: str, resume: bool, overwrite: bool) -> None:
         common.check(os.path.isfile(ckpt), f"--resume: there is no checkpoint '{ckpt}' to continue; drop --resume")
     else:
         common.check(overwrite or not os.path.exists(ckpt), f"'{ckpt}' already holds a checkpoint; pass --resume "
-              "to continue it, --out to train a new one elsewhere, or --overwrite to replace it")
+                     "to continue it, --out to train a new one elsewhere, or --overwrite to replace it")
 
 def save(path: str, **state) -> None:
     """torch.save to a temporary file, then rename: an interruption never leaves a half-written `path`."""
@@ -38,21 +38,21 @@ def save(path: str, **state) -> None:
         common.die(f"cannot write checkpoint '{path}' ({e.strerror}); pass a --out you can write to")
 
 def load(path: str, device: torch.device | str = "cpu", kind: str | None = None,
-                    keys: tuple[str, ...] = (), hint: str = "train first, or pass the right path") -> dict:
+         keys: tuple[str, ...] = (), hint: str = "train first, or pass the right path") -> dict:
     """torch.load, weights_only=True (no pickled code runs); `kind`: who must have written it, `keys`: its entries."""
     common.check(os.path.isfile(path), f"checkpoint '{path}' not found; {hint}")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         common.die(f"cannot read checkpoint '{path}' ({type(e).__name__}: it is damaged or not a checkpoint); "
-            "pass another file, or train again")
+                   "pass another file, or train again")
     common.check(isinstance(state, dict), f"'{path}' is not a checkpoint of this codebase; pass another file")
     found = state.get("kind")
     common.check(kind is None or found == kind, f"'{path}' holds " + (f"a {found} checkpoint" if found else
-          "no checkpoint of this codebase") + f", not a {kind} one; pass a {kind} checkpoint")
+                 "no checkpoint of this codebase") + f", not a {kind} one; pass a {kind} checkpoint")
     missing = [k for k in keys if k not in state]
     common.check(not missing, f"'{path}' lacks {', '.join(missing)}; it is not a finished {kind or 'training'} "
-          "checkpoint: pass another file, or train again")
+                 "checkpoint: pass another file, or train again")
     return state
 
 def load_weights(model: torch.nn.Module, state_dict: dict, path: str) -> None:
@@ -63,8 +63,8 @@ def load_weights(model: torch.nn.Module, state_dict: dict, path: str) -> None:
         n = sum(v.numel() for v in state_dict.values())
         have = sum(v.numel() for v in model.state_dict().values())
         common.die(f"the weights in '{path}' ({len(state_dict)} tensors, {n / 1e6:.2f}M numbers) do not fit the "
-            f"network built for them ({have / 1e6:.2f}M numbers{', ' + str(getattr(model, 'config', ''))}); "
-            "use the settings it was trained with")
+                   f"network built for them ({have / 1e6:.2f}M numbers{', ' + str(getattr(model, 'config', ''))}); "
+                   "use the settings it was trained with")
 
 def rng_state() -> dict:
     """CPU and GPU random states, so a resumed run draws the t, noise and dropout an uninterrupted one would."""
@@ -78,7 +78,7 @@ def resume(path: str, device, kind: str, model, ema, opt, cfg=None, same: tuple[
     for k in same:
         new, old = getattr(cfg, k), state.get("config", {}).get(k)
         common.check(old is None or old == new, f"--{k.replace('_', '-')} is {new} but '{path}' was trained with "
-              f"{old}; resume with the same value, or train a new model into another --out")
+                     f"{old}; resume with the same value, or train a new model into another --out")
     load_weights(model, state["model"], path)
     if ema is not None:
         ema.module.load_state_dict(state["ema"])
@@ -95,6 +95,6 @@ def check_finite(loss: torch.Tensor, step: int, ckpt: str) -> None:
     if not torch.isfinite(loss):
         if os.path.isfile(ckpt):
             common.die(f"loss became {loss.item()} at step {step}; '{ckpt}' still holds the last good epoch: "
-                "continue from it with --resume and a lower --lr")
+                       "continue from it with --resume and a lower --lr")
         common.die(f"loss became {loss.item()} at step {step}, before any checkpoint was written; "
-            "start again with a lower --lr")
+                   "start again with a lower --lr")

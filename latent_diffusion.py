@@ -166,7 +166,8 @@ def load_vae(path: str, device) -> tuple[VAE, float]:
     return vae.eval().requires_grad_(False), float(state["scale"])
 
 
-def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: bool = False, **train_args) -> tuple[VAE, float]:
+def ensure_vae(path: str, x_train, device, *, resume: bool = False, overwrite: bool = False,
+               **train_args) -> tuple[VAE, float]:
     """The finished VAE at `path` (with its scale factor s), or else `train_vae` there. An unfinished one
     continues with `resume`, is replaced with `overwrite`, else stops in one line. -> (vae, s)"""
     common.check(path and not os.path.isdir(path), f"--vae '{path}' is not a file path; pass one such as vae.pt")
