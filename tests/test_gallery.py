@@ -75,3 +75,38 @@ def test_the_cifar_parts_need_no_mnist(image_folder, tmp_path, monkeypatch):
         assert row["data"] == "CIFAR-10 (JPEG q75)" and "FD-CNN" in row["result"] and row["figures"]
     assert "at w = 1, 3, 5, 7.5 (chance 0.33)" in runs["dit"]["result"]   # the fixture's 3 classes
     assert "| dit_cifar.py | smoke |" in open("docs/results.md").read()
+
+
+def test_the_benchmark_counts_a_training_steps_flops_and_profiles_it(tmp_path):
+    """benchmark.py's FLOPs per training image are forward and backward (about 3 forward passes: the backward
+    computes each layer's input and weight gradients), which gives the fraction of the GPU's peak; --trace
+    writes where a step's time went."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    import ddpm_mnist
+    from tools import benchmark
+    trace = tmp_path / "trace.txt"
+    res = benchmark.main(["--device", "cpu", "--preset", "tiny", "--batch-size", "8", "--train-steps", "1",
+                          "--repeats", "1", "--warmup", "0", "--T", "10", "--ddim-steps", "2", "--sample-batch", "2",
+                          "--trace", str(trace), "--trace-steps", "1", "--peak-tflops", "1"])
+    model = ddpm_mnist.UNet(28, 1, **ddpm_mnist.PRESETS["tiny"])
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long))
+    assert 2.5 < res["flops_per_image"] / forward.get_total_flops() <= 3.0
+    assert res["peak_fraction"] == pytest.approx(res["flops_per_image"] * res["images_per_s"] / 1e12)
+    assert 0.3 < res["matrix_share"] < 1 and "convolution_backward" in trace.read_text()
+
+
+def test_the_gpu_script_names_real_parts():
+    """tools/gpu_part.sh (the GPU results, run on a lent machine, rehearsed with PROFILE=smoke) parses as bash,
+    and every gallery part and recipe it names exists: a renamed part would cost a GPU session."""
+    import re
+    import subprocess
+    path = os.path.join(os.path.dirname(gallery.__file__), "gpu_part.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path).read()
+    parts = [p for line in re.findall(r"^\s*(?:\d\) )?gallery ([\w ]+?)\s*(?:;;)?$", text, re.M) for p in line.split()]
+    recipes = re.findall(r"\$\(recipe (\w+)\)", text)
+    assert len(parts) >= 10 and recipes
+    assert set(parts) <= set(gallery.PARTS + gallery.EXTRA), set(parts) - set(gallery.PARTS + gallery.EXTRA)
+    assert all(r in gallery.RECIPES[p] for r in recipes for p in ("gpu", "smoke")), recipes
