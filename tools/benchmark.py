@@ -94,8 +94,8 @@ def main(argv=None) -> dict:
             ddpm.loss(model, x0).backward()
     opt.zero_grad(set_to_none=True)
     flops = counter.get_total_flops() / cfg.batch_size  # per training image
-    peak = cfg.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)),
-                                    0.0) if device.type == "cuda" else 0.0)
+    tflops, name = flops * ips / 1e12, torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
     matrix_share = profile_steps(cfg.trace, lambda: train_steps(cfg.trace_steps), device) if cfg.trace else None
 
     model.eval()
@@ -108,7 +108,6 @@ def main(argv=None) -> dict:
     ddpm_sec = timed(lambda: ddpm.ddpm_sample(eps, shape), device, max(1, cfg.repeats // 2))
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {name}, torch {torch.__version__}, UNet '{cfg.preset}' {params:.2f}M params, "
           f"amp={cfg.amp and device.type == 'cuda'} channels_last={fmt == torch.channels_last} compile={cfg.compile}")
     print(f"{'what':34s} {'value':>12s}")
@@ -117,9 +116,9 @@ def main(argv=None) -> dict:
             f"DDIM-{cfg.ddim_steps} sampling, batch {cfg.sample_batch} (s)": f"{ddim:.3f}",
             f"DDPM-{cfg.T} sampling, batch {cfg.sample_batch} (s)": f"{ddpm_sec:.3f}",
             "training GFLOP per image": f"{flops / 1e9:.3f}",
-            "achieved TFLOP/s": f"{flops * ips / 1e12:.2f}"}
+            "achieved TFLOP/s": f"{tflops:.2f}"}
     if peak:
-        rows[f"fraction of {peak:g} TFLOP/s peak"] = f"{flops * ips / 1e12 / peak:.1%}"
+        rows[f"fraction of {peak:g} TFLOP/s peak"] = f"{tflops / peak:.1%}"
     if matrix_share is not None:
         rows["device time in conv/matmul/attn"] = f"{matrix_share:.0%}"
     for k, v in rows.items():
@@ -127,7 +126,7 @@ def main(argv=None) -> dict:
     if cfg.trace:
         print(f"the profile of {cfg.trace_steps} training steps: {cfg.trace}")
     return {"images_per_s": ips, "ddim_s": ddim, "ddpm_s": ddpm_sec, "flops_per_image": flops,
-            "peak_fraction": flops * ips / 1e12 / peak if peak else None, "matrix_share": matrix_share}
+            "peak_fraction": tflops / peak if peak else None, "matrix_share": matrix_share}
 
 
 def profile_steps(path: str, steps, device) -> float:

@@ -26,34 +26,34 @@ mkdir -p "$out" runs/bench
 
 left() { echo $((deadline - SECONDS > 5 ? deadline - SECONDS : 5)); }
 run() { echo "+ $*"; timeout -s INT "$(left)" "$@"; }
-gallery() { run python -m tools.gallery --profile "$profile" --data-dir .data --no-download --cifar .data/cifar10 \
+gallery() { run python3 -m tools.gallery --profile "$profile" --data-dir .data --no-download --cifar .data/cifar10 \
             --only "$@"; }
-recipe() { python -c "from tools.gallery import RECIPES; print(' '.join(RECIPES['$profile']['$1']))"; }
+recipe() { python3 -c "from tools.gallery import RECIPES; print(' '.join(RECIPES['$profile']['$1']))"; }
 base() {   # the ddpm part's network, trained as that part trains it, when it is not here yet
-  [ -f "runs/gallery/$profile/ddpm/ckpt.pt" ] || run python -m tools.ddpm_figures $(recipe ddpm) --data-dir .data \
+  [ -f "runs/gallery/$profile/ddpm/ckpt.pt" ] || run python3 -m tools.ddpm_figures $(recipe ddpm) --data-dir .data \
       --no-download --out "runs/gallery/$profile/ddpm"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-  python -c "import torch, torchvision, torchmetrics, cv2, matplotlib; print('torch', torch.__version__,
+  python3 -c "import torch, torchvision, torchmetrics, cv2, matplotlib; print('torch', torch.__version__,
   'torchvision', torchvision.__version__, 'torchmetrics', torchmetrics.__version__, 'opencv', cv2.__version__,
   'matplotlib', matplotlib.__version__, 'cuda', torch.cuda.is_available())"; } > "$out/versions.txt" 2>&1
 
 { cat "$out/versions.txt"
   case $part in
     1) bench=(${BENCH:-})       # the rehearsal passes tiny sizes here
-       run python -m tools.benchmark "${bench[@]}" --trace runs/bench/trace_plain.txt | tee runs/bench/plain.txt
-       run python -m tools.benchmark "${bench[@]}" --compile | tee runs/bench/compile.txt
+       run python3 -m tools.benchmark "${bench[@]}" --trace runs/bench/trace_plain.txt | tee runs/bench/plain.txt
+       run python3 -m tools.benchmark "${bench[@]}" --compile | tee runs/bench/compile.txt
        gallery ddpm ;;
     2) base
        gallery cfg classifier_guidance controlnet
        input=runs/gallery/$profile/cfg_input    # the label as input maps: the second conditioning
-       run python cfg.py $(recipe cfg) --cond input --data-dir .data --no-download --out "$input" --overwrite &&
-         run python -m tools.cfg_sweep --out "$input" $(recipe cfg_eval) --data-dir .data --no-download
+       run python3 cfg.py $(recipe cfg) --cond input --data-dir .data --no-download --out "$input" --overwrite &&
+         run python3 -m tools.cfg_sweep --out "$input" $(recipe cfg_eval) --data-dir .data --no-download
        cp "$input/tradeoff.png" "docs/gallery/${profile}_cfg_input_tradeoff.png" ;;
     3) base
        gallery latent rf_pixel rf_latent deepcache_ddim deepcache_rf ;;
-    4) for z in .data/cifar10-jpg/*.zip; do unzip -q -o "$z" -d .data/cifar10; done
+    4) for z in .data/cifar10-jpg/*.zip; do python3 -m zipfile -e "$z" .data/cifar10; done
        gallery dit
        gallery ddpm_cifar ;;
     *) echo "no part '$part': 1, 2, 3 or 4" ;;
