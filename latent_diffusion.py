@@ -269,12 +269,19 @@ def train(cfg: Config, z_train, vae: VAE, scale: float, ckpt: str, device) -> tu
         checkpoints.save(ckpt, kind=UNET_KIND, net=model.config, config=asdict(cfg), scale=scale,
                          model=model.state_dict(), ema=ema.module.state_dict(), opt=opt.state_dict(),
                          step=step, epoch=epoch + 1, losses=losses, rng=checkpoints.rng_state())
-        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:   # progress grid (own generator)
-            z0 = ddpm.ddim_sample(ema.module.eval(), (cfg.n_samples, *z_train.shape[1:]), cfg.ddim_steps,
-                                  generator=common.generator(device, cfg.seed))
-            plots.save_labelled_grid(decode(vae, z0, scale), os.path.join(cfg.out, f"samples_epoch{epoch + 1:03d}.png"),
-                                     8, [], f"latent DDIM-{cfg.ddim_steps}, decoded: EMA weights after epoch {epoch + 1}")
+        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
+            sample_grid(cfg, ema.module.eval(), ddpm, vae, scale, device, f"samples_epoch{epoch + 1:03d}.png",
+                        f" after epoch {epoch + 1}")
     return ema.module.eval(), ddpm
+
+
+def sample_grid(cfg: Config, model: UNet, ddpm: DDPM, vae: VAE, scale: float, device, name: str, when: str = ""):
+    """OUT/name: --n-samples latent DDIM samples of `model`, decoded; noise fixed by --seed, own generator."""
+    c = model.config                                      # latents (c_z, h, w)
+    z0 = ddpm.ddim_sample(model, (cfg.n_samples, c["channels"], c["image_size"], c["image_size"]), cfg.ddim_steps,
+                          generator=common.generator(device, cfg.seed))
+    plots.save_labelled_grid(decode(vae, z0, scale), os.path.join(cfg.out, name), 8, [],
+                             f"latent DDIM-{cfg.ddim_steps}, decoded: EMA weights{when}")
 
 
 def load_trained(path: str, device, vae_path: str) -> tuple[UNet, DDPM, VAE, float]:
@@ -338,11 +345,7 @@ def main(argv=None) -> dict:
     common.setup_speed(device)
     model, ddpm, vae, scale, x_test = train_or_load(cfg, device)
     if cfg.sample_only:                                   # training drew its grids as it went (same noise)
-        c = model.config                                  # latents (c_z, h, w)
-        z0 = ddpm.ddim_sample(model, (cfg.n_samples, c["channels"], c["image_size"], c["image_size"]), cfg.ddim_steps,
-                              generator=common.generator(device, cfg.seed))
-        plots.save_labelled_grid(decode(vae, z0, scale), os.path.join(cfg.out, "samples.png"), 8, [],
-                                 f"latent DDIM-{cfg.ddim_steps}, decoded: EMA weights")
+        sample_grid(cfg, model, ddpm, vae, scale, device, "samples.png")
     recon_mse = vae_figure(vae, x_test, os.path.join(cfg.out, "vae_reconstructions.png"))
     print(f"figures in {cfg.out}/ (DDIM against DDPM, FD-LeNet: latent_figures.py)")
     return dict(recon_mse=recon_mse, scale=scale)
