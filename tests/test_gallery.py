@@ -26,8 +26,10 @@ def test_the_smoke_gallery_writes_every_row(mnist_dir, tmp_path, monkeypatch):
                           "--docs", "docs", "--only", "deepcache_ddim"])
     assert again.keys() == runs.keys() and again["ddpm"] == runs["ddpm"]
     extra = gallery.main(["--profile", "smoke", "--data-dir", mnist_dir, "--no-download", "--device", "cpu",
-                          "--docs", "docs", "--only", "exercises", "fast_sampling", "gan"])
+                          "--docs", "docs", "--only", "exercises", "cfg_input", "fast_sampling", "gan"])
     assert len(extra["exercises"]["figures"]) == 2 and len(extra["fast_sampling"]["figures"]) == 3
+    assert extra["cfg_input"]["lesson"] == "cfg.py --cond input" and "smoke_cfg_input_tradeoff.png" in str(
+        extra["cfg_input"]["figures"]) and extra["cfg_input"]["figures"] != extra["cfg"]["figures"]
     assert len(extra["gan"]["figures"]) == 2 and "GAN" in extra["gan"]["details"]
     assert "exercises" in open("docs/results.md").read()
     # --rescore: the same runs scored again, nothing trained; the rows keep their training times

@@ -14,8 +14,9 @@ Profiles:
 - `gpu`: each script's defaults, the settings meant for one GPU, scored on more samples.
 - `smoke`: tiny sizes, a few steps: the test suite's check that every part runs and writes its rows.
 Every part runs the scripts themselves, through their `main(argv)` with the flags listed here, so
-each recipe is a command a reader can type. Five extra parts run only when named in --only: the
-course exercises' comparisons (exercises), fast_sampling.py's solvers against network calls,
+each recipe is a command a reader can type. Six extra parts run only when named in --only: the
+course exercises' comparisons (exercises), cfg.py with the label as input maps (cfg_input, the cfg
+part's recipe and scoring), fast_sampling.py's solvers against network calls,
 gan_mnist.py against the DDPM recipe (gan; --resume continues its GAN runs after an interruption), and
 CIFAR-10 from --cifar: pixel DDPM (ddpm_cifar, 26 min on 2 cores) and the DiT on its VAE's latents
 (dit, 33 min: 28.7 training, 4.0 scoring), both scored by evaluate.py's CNN on a CPU:
@@ -48,7 +49,7 @@ from tools import compare_runs, report
 
 PARTS = ("ddpm", "cfg", "classifier_guidance", "controlnet", "deepcache_ddim", "latent", "rf_pixel", "rf_latent",
          "deepcache_rf")
-EXTRA = ("exercises", "fast_sampling", "gan", "ddpm_cifar", "dit")   # run only when named in --only
+EXTRA = ("exercises", "cfg_input", "fast_sampling", "gan", "ddpm_cifar", "dit")   # run only when named in --only
 
 
 @dataclass
@@ -154,6 +155,8 @@ RECIPES = {  # profile -> the flags of each command (a part adds --out, --data-d
         dit_eval=["--ddim-steps", "2", "--n-per-class", "2", "--eval", "6"],
     ),
 }
+for _recipe in RECIPES.values():                 # the second conditioning: the cfg recipe, the label as input maps
+    _recipe["cfg_input"] = _recipe["cfg"] + ["--cond", "input"]
 
 
 # ----------------------------------------------------------------------------- running the scripts
@@ -241,17 +244,22 @@ def ddpm(g: Gallery) -> dict:
                                                                "samples_epoch005.png", "samples_epoch025.png"))
 
 
-def cfg(g: Gallery) -> dict:
+def cfg(g: Gallery, part: str = "cfg") -> dict:
     """cfg.py: train, then (cfg_sweep.py) class accuracy, within-class diversity and FD-LeNet against w."""
-    _, train_s = g.train("cfg", "cfg")
-    rows, eval_s = g.run("tools.cfg_sweep", "--out", g.out("cfg"), *g.recipe["cfg_eval"])
+    _, train_s = g.train("cfg", part)
+    rows, eval_s = g.run("tools.cfg_sweep", "--out", g.out(part), *g.recipe["cfg_eval"])
     at = {r[0]: r for r in rows}
     w = 3.0 if 3.0 in at else rows[-1][0]
     result = (f"class accuracy {at[w][2]:.3f} at w = {w:g} ({rows[0][2]:.3f} at w = {rows[0][0]:g}, {rows[-1][2]:.3f} "
               f"at w = {rows[-1][0]:g}); diversity {rows[0][1]:.2f} to {rows[-1][1]:.2f} (real = 1)")
-    return dict(lesson="cfg.py", train_s=train_s, eval_s=eval_s, result=result,
-                details=table(["w", "diversity (real = 1)", "class accuracy (LeNet)", "FD-LeNet"], rows),
-                figures=g.figures("cfg", "cfg_w*.png", "tradeoff.png"))
+    return dict(lesson="cfg.py" if part == "cfg" else "cfg.py --cond input", train_s=train_s, eval_s=eval_s,
+                result=result, details=table(["w", "diversity (real = 1)", "class accuracy (LeNet)", "FD-LeNet"], rows),
+                figures=g.figures(part, "cfg_w*.png", "tradeoff.png"))
+
+
+def cfg_input(g: Gallery) -> dict:
+    """cfg.py with the label as input maps instead of cross-attention: the cfg part's recipe and scoring."""
+    return cfg(g, "cfg_input")
 
 
 def classifier_guidance(g: Gallery) -> dict:

@@ -4,7 +4,7 @@
 #     PROFILE=smoke OUT=/tmp/o bash tools/gpu_part.sh 1    # its rehearsal on a CPU at tiny sizes
 # Parts (gallery parts, --profile gpu: each script's defaults):
 #   1  tools.benchmark (plain, --compile, and one profiled training step), then ddpm
-#   2  cfg (cross-attention; input maps as cfg_input), classifier_guidance, controlnet
+#   2  cfg (cross-attention), classifier_guidance, controlnet, cfg_input (the label as input maps)
 #   3  latent, rf_pixel, rf_latent, deepcache_ddim, deepcache_rf
 #   4  dit on CIFAR-10, then ddpm_cifar if time is left
 # Parts 2 and 3 train the ddpm base first (ddpm_figures.py, the ddpm recipe) when the machine has none.
@@ -46,11 +46,7 @@ base() {   # the ddpm part's network, trained as that part trains it, when it is
        run python3 -m tools.benchmark "${bench[@]}" --compile | tee runs/bench/compile.txt
        gallery ddpm ;;
     2) base
-       gallery cfg classifier_guidance controlnet
-       input=runs/gallery/$profile/cfg_input    # the label as input maps: the second conditioning
-       run python3 cfg.py $(recipe cfg) --cond input --data-dir .data --no-download --out "$input" --overwrite &&
-         run python3 -m tools.cfg_sweep --out "$input" $(recipe cfg_eval) --data-dir .data --no-download
-       cp "$input/tradeoff.png" "docs/gallery/${profile}_cfg_input_tradeoff.png" ;;
+       gallery cfg classifier_guidance controlnet cfg_input ;;
     3) base
        gallery latent rf_pixel rf_latent deepcache_ddim deepcache_rf ;;
     4) for z in .data/cifar10-jpg/*.zip; do python3 -m zipfile -e "$z" .data/cifar10; done
@@ -61,5 +57,5 @@ base() {   # the ddpm part's network, trained as that part trains it, when it is
 } 2>&1 | tee "$out/log.txt"
 
 tar czf "$out/results.tar.gz" docs/results.md $(ls docs/gallery/"$profile"_* docs/gallery/results_"$profile".json \
-    runs/bench/* "runs/gallery/$profile"/cfg_input/*.md 2>/dev/null)
+    runs/bench/* 2>/dev/null)
 ls -la "$out"
